@@ -1,0 +1,43 @@
+"""The HTTP application: proxy, control API, metrics and llmuxd's own health, on one port."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..switcher import Switcher
+from .control import Control
+from .errors import error_middleware
+from .proxy import Proxy
+
+
+def build_app(switcher: Switcher) -> web.Application:
+    limit = switcher.config.max_request_bytes
+    app = web.Application(middlewares=[error_middleware], client_max_size=limit + 1)
+    proxy = Proxy(switcher, limit)
+    app.router.add_routes(proxy.routes())
+    app.router.add_routes(Control(switcher).routes())
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "active_model": switcher.active})
+
+    app.router.add_routes([_metrics_route(switcher), web.get("/health", health)])
+
+    async def close_proxy(app: web.Application) -> None:
+        await proxy.close()
+
+    app.on_cleanup.append(close_proxy)
+    return app
+
+
+def build_metrics_app(switcher: Switcher) -> web.Application:
+    """For ``metrics_port``: /metrics alone, as llmux serves it."""
+    app = web.Application()
+    app.router.add_routes([_metrics_route(switcher)])
+    return app
+
+
+def _metrics_route(switcher: Switcher) -> web.RouteDef:
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=switcher.metrics.render(), headers={"Content-Type": switcher.metrics.content_type})
+
+    return web.get("/metrics", metrics)

@@ -1,0 +1,151 @@
+"""A vLLM server process (or anything speaking its HTTP protocol): spawn, health, sleep, wake."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+
+from ..config import Config, WeightsEviction
+from ..isolation.tree import ProcessTree
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(Exception):
+    """A call to the backend failed; the message says which and why."""
+
+
+def served_name(name: str, extra_args: list[str]) -> str:
+    """The name the backend knows the model by: llmuxd's name unless extra_args set one."""
+    for i, arg in enumerate(extra_args):
+        if arg == "--served-model-name" and i + 1 < len(extra_args):
+            return extra_args[i + 1]
+        if arg.startswith("--served-model-name="):
+            return arg.split("=", 1)[1]
+    return name
+
+
+class VllmBackend:
+    """One model's server.  ``on_exit`` is called when the process tree's root exits without
+    llmuxd having asked it to."""
+
+    HEALTH_POLL_SECS = 0.1
+
+    def __init__(self, name: str, config: Config, on_exit: Callable[[int], None]):
+        self.name = name
+        self.cfg = config.models[name]
+        self.config = config
+        self.eviction = config.eviction_for(name)
+        self.served_name = served_name(name, self.cfg.extra_args)
+        self.url = f"http://127.0.0.1:{self.cfg.port}"
+        self.log_path = Path(config.log_dir) / f"{name}.log"
+        self.tree = ProcessTree(name, self.log_path)
+        self._on_exit = on_exit
+        self._expect_exit = False
+        self._monitor: asyncio.Task | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- process -------------------------------------------------------------------------
+    def argv(self) -> list[str]:
+        argv = [*self.config.vllm_command.split(), "serve", self.cfg.model_path, "--port", str(self.cfg.port)]
+        if self.served_name == self.name:
+            argv += ["--served-model-name", self.name]
+        wants_sleep = self.eviction.weights is not WeightsEviction.RETAIN
+        if self.cfg.enable_sleep_mode if self.cfg.enable_sleep_mode is not None else wants_sleep:
+            argv.append("--enable-sleep-mode")
+        return argv + list(self.cfg.extra_args)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep, /wake_up, /collective_rpc, /reset_prefix_cache
+        env.pop("NOTIFY_SOCKET", None)  # the daemon's, not the backend's
+        env.pop("WATCHDOG_USEC", None)
+        env.pop("WATCHDOG_PID", None)
+        return env
+
+    @property
+    def running(self) -> bool:
+        return self.tree.proc is not None and self.tree.proc.returncode is None
+
+    def pids(self) -> list[int]:
+        return self.tree.pids()
+
+    async def start(self) -> None:
+        argv = self.argv()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(f"\n--- llmuxd: starting {' '.join(argv)} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._expect_exit = False
+        pid = await self.tree.spawn(argv, self.env())
+        log.info("%s: spawned pid %d: %s (log %s)", self.name, pid, " ".join(argv), self.log_path)
+        self._monitor = asyncio.create_task(self._watch(), name=f"watch-{self.name}")
+
+    async def _watch(self) -> None:
+        code = await self.tree.wait()
+        if not self._expect_exit:
+            self._on_exit(code)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Poll /health until 200; fail at once if the process exits, or after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if not self.running:
+                code = self.tree.proc.returncode if self.tree.proc else None
+                raise BackendError(f"backend exited with code {code} during start-up; see {self.log_path}")
+            try:
+                async with self._http().get(self.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            if loop.time() >= deadline:
+                raise BackendError(f"backend did not become healthy within {timeout:g} s; see {self.log_path}")
+            await asyncio.sleep(self.HEALTH_POLL_SECS)
+
+    async def stop(self, grace_secs: float = 10.0) -> None:
+        self._expect_exit = True
+        await self.tree.kill(grace_secs)
+        if self._monitor:
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
+
+    async def close(self) -> None:
+        if self._session:
+            await self._session.close()
+            self._session = None
+
+    # -- vLLM dev-mode endpoints --------------------------------------------------------------
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        return self._session
+
+    async def _post(self, path: str, json: dict | None = None) -> object:
+        timeout = aiohttp.ClientTimeout(total=self.config.policy.startup_timeout_secs)
+        try:
+            async with self._http().post(self.url + path, json=json, timeout=timeout) as r:
+                body = await r.text()
+                if r.status != 200:
+                    raise BackendError(f"POST {path} answered {r.status}: {body[:300]}")
+                return body
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise BackendError(f"POST {path} failed: {e!r}") from None
+
+    async def sleep(self, level: int) -> None:
+        await self._post(f"/sleep?level={level}")
+
+    async def wake_up(self) -> None:
+        await self._post("/wake_up")
+
+    async def reload_weights(self) -> None:
+        await self._post("/collective_rpc", {"method": "reload_weights"})
+
+    async def reset_prefix_cache(self) -> None:
+        await self._post("/reset_prefix_cache")

@@ -1,0 +1,160 @@
+"""``llmuxd`` command line: the daemon (``serve``) and a client for a running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+
+def _daemon_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return args.url.rstrip("/")
+    port = 3000
+    try:
+        port = load_config(args.config).port
+    except ConfigError:
+        pass
+    return f"http://127.0.0.1:{port}"
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(_daemon_url(args) + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read())["error"]["message"]
+        except Exception:  # noqa: BLE001
+            msg = e.reason
+        raise SystemExit(f"llmuxd: {method} {path} failed ({e.code}): {msg}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise SystemExit(f"llmuxd: cannot reach the daemon at {_daemon_url(args)}: {getattr(e, 'reason', e)}") from None
+
+
+def _fmt_secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}s"
+
+
+def print_status(status: dict) -> None:
+    sw = status.get("switching")
+    print(f"active: {status['active_model'] or '-'}   queue: {status['queue_depth']}"
+          + (f"   switching: {sw['from'] or '-'} -> {sw['to']}" if sw else ""))
+    rows = [("MODEL", "STATE", "EVICTION", "PORT", "PIDS", "IN-FLIGHT", "LAST WAKE", "LAST SLEEP")]
+    for name, m in status["models"].items():
+        ev = f"{m['eviction']['weights']}+{m['eviction']['process']}"
+        wake = _fmt_secs(m["last_wake_secs"]) + (f" ({m['last_wake_kind']})" if m.get("last_wake_kind") else "")
+        rows.append((name, m["state"], ev, str(m["port"]), ",".join(map(str, m["pids"])) or "-",
+                     str(m["in_flight"]), wake, _fmt_secs(m["last_sleep_secs"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for name, m in status["models"].items():
+        if m.get("last_error"):
+            print(f"{name}: last error: {m['last_error']}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import serve
+    from .log import setup_logging
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if updates:
+        config = config.model_copy(update=updates)
+    setup_logging(args.log_level)
+    try:
+        asyncio.run(serve(config))
+    except OSError as e:
+        print(f"llmuxd: cannot serve: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    print(f"{args.config}: ok, {len(config.models)} model(s)")
+    for n in config.models:
+        print(f"  {n}: {config.models[n].model_path} on port {config.models[n].port}, eviction {config.eviction_for(n)}")
+    for note in config.ignored_settings():
+        print(f"  note: {note}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _call(args, "GET", "/control/status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print_status(status)
+    return 0
+
+
+def cmd_transition(args: argparse.Namespace) -> int:
+    result = _call(args, "POST", f"/control/{args.command}", {"model": args.model})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['model']}: {result['state']} ({result['duration_secs']:.3f} s)")
+        if result.get("last_error"):
+            print(f"{result['model']}: {result['last_error']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmuxd", description="Multiplex vLLM model servers on one GPU behind one port.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                        help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", parents=[common], help="run the daemon in the foreground (logs to stderr)")
+    s.add_argument("--host", help="listen address (default: config's host)")
+    s.add_argument("--port", type=int, help="listen port (default: config's port)")
+    s.add_argument("--log-level", default="INFO")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check-config", parents=[common], help="validate the config file and print what it says")
+    c.set_defaults(func=cmd_check_config)
+
+    def client(name: str, help: str, func, model: bool = False) -> None:
+        cp = sub.add_parser(name, parents=[common], help=help)
+        if model:
+            cp.add_argument("model")
+        cp.add_argument("--url", help="daemon URL (default: http://127.0.0.1:<config port>)")
+        cp.add_argument("--json", action="store_true", help="print the raw JSON answer")
+        cp.add_argument("--timeout", type=float, default=3600)
+        cp.set_defaults(func=func)
+
+    client("status", "show the running daemon's models", cmd_status)
+    client("sleep", "evict a model per its policy; returns when done", cmd_transition, model=True)
+    client("wake", "make a model the awake one; returns when done", cmd_transition, model=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Isolation of model process trees (sessions now; cgroups, namespaces, seccomp)."""

@@ -1,0 +1,283 @@
+"""The controller: admits requests, queues switches, runs one transition at a time.
+
+Every verb a transport offers (proxying a request, sleep, wake, status) is a method here; the
+HTTP API and D-Bus only translate.  All transitions run in one worker task, in arrival order,
+so control calls and request-driven switches never interleave, and a switch continues when the
+client that caused it goes away.
+
+Admission rules (one model awake at a time, all models share one GPU):
+* a request for the awake model is served at once, unless that model is being evicted;
+* otherwise it waits (up to ``request_timeout_secs``) for its model's activation; concurrent
+  requests for one model share one activation;
+* when an activation completes, every request waiting for that model is admitted *before* the
+  worker can look at the next switch, so the next eviction drains them first (no thrash loop);
+* a freshly woken model stays awake ``min_active_secs`` before a switch may evict it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+from .config import Config
+from .errors import QueueTimeout, ShuttingDown, SwitchFailed, TransitionFailed, UnknownModel
+from .metrics import Metrics
+from .orchestrator import Model, State, TransitionError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    what: str  # "activate <model>" / "sleep <model>"
+    run: Callable[[], Awaitable[dict]]
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Switcher:
+    def __init__(self, config: Config, metrics: Metrics | None = None, extra_listeners: list | None = None):
+        self.config = config
+        self.policy = config.policy
+        self.metrics = metrics or Metrics(list(config.models))
+        listeners = [self.metrics, self, *(extra_listeners or [])]
+        self.models = {name: Model(name, config, listeners) for name in config.models}
+        self.active: str | None = None
+        self.switching: tuple[str | None, str] | None = None
+        self._evicting: str | None = None
+        self._in_flight = {name: 0 for name in self.models}
+        self._idle = {name: asyncio.Event() for name in self.models}
+        for ev in self._idle.values():
+            ev.set()
+        self._waiting: dict[str, list[asyncio.Future]] = {name: [] for name in self.models}
+        self._activation: dict[str, _Job] = {}
+        self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
+        self._worker: asyncio.Task | None = None
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._work(), name="switcher")
+
+    async def close(self) -> None:
+        """Stop taking work, fail what waits, stop every model tree."""
+        self._closing = True
+        if self._worker:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            if not job.done.done():
+                job.done.set_exception(ShuttingDown("llmuxd is shutting down"))
+        for name, futs in self._waiting.items():
+            self._settle(name, ShuttingDown("llmuxd is shutting down"))
+        await asyncio.gather(*(m.stop() for m in self.models.values()), return_exceptions=True)
+        await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
+
+    # -- the request path --------------------------------------------------------------------
+    def model(self, name: str) -> Model:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModel(name, list(self.models)) from None
+
+    @contextlib.asynccontextmanager
+    async def serving(self, name: str) -> AsyncIterator[Model]:
+        """Hold the model awake for the duration of one request."""
+        model = self.model(name)
+        await self._admit(name)
+        try:
+            yield model
+        finally:
+            self._release(name)
+
+    def _admissible(self, name: str) -> bool:
+        return self.active == name and self.models[name].state is State.AWAKE and self._evicting != name
+
+    async def _admit(self, name: str) -> None:
+        if self._closing:
+            raise ShuttingDown("llmuxd is shutting down")
+        if self._admissible(name):
+            self._take(name)
+            return
+        started = time.monotonic()
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[name].append(fut)
+        self.metrics.queued.labels(name).inc()
+        self._request_activation(name)
+        try:
+            done, _ = await asyncio.wait({fut}, timeout=self.policy.request_timeout_secs)
+        except asyncio.CancelledError:  # the client went away; the switch goes on without it
+            self._forget(name, fut)
+            raise
+        self.metrics.queue_wait.labels(name).observe(time.monotonic() - started)
+        if not done:
+            self._forget(name, fut)
+            raise QueueTimeout(
+                f"timed out after {self.policy.request_timeout_secs:g} s waiting for model '{name}'", model=name
+            )
+        fut.result()  # admitted (in-flight already counted) or raises the activation's error
+
+    def _forget(self, name: str, fut: asyncio.Future) -> None:
+        """A waiter gives up: drop its place, or hand back the admission it just got."""
+        if fut in self._waiting[name]:
+            self._waiting[name].remove(fut)
+            self.metrics.queued.labels(name).dec()
+        elif fut.done() and not fut.cancelled() and fut.exception() is None:
+            self._release(name)
+        fut.cancel()
+
+    def _take(self, name: str) -> None:
+        self._in_flight[name] += 1
+        self._idle[name].clear()
+        self.metrics.in_flight.labels(name).inc()
+
+    def _release(self, name: str) -> None:
+        self._in_flight[name] -= 1
+        self.metrics.in_flight.labels(name).dec()
+        if self._in_flight[name] == 0:
+            self._idle[name].set()
+
+    def _settle(self, name: str, error: Exception | None) -> None:
+        """Admit (error None) or fail every request waiting for ``name``."""
+        waiting, self._waiting[name] = self._waiting[name], []
+        for fut in waiting:
+            self.metrics.queued.labels(name).dec()
+            if fut.done():
+                continue
+            if error is None:
+                self._take(name)
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+    # -- control verbs ------------------------------------------------------------------------
+    async def wake(self, name: str) -> dict:
+        self.model(name)
+        return await asyncio.shield(self._request_activation(name).done)
+
+    async def sleep(self, name: str) -> dict:
+        self.model(name)
+        job = _Job(f"sleep {name}", lambda: self._sleep_job(name))
+        self._enqueue(job)
+        return await asyncio.shield(job.done)
+
+    def status(self) -> dict:
+        models = {}
+        for name, m in self.models.items():
+            models[name] = {**m.status(), "in_flight": self._in_flight[name], "waiting": len(self._waiting[name])}
+        return {
+            "active_model": self.active,
+            "switching": {"from": self.switching[0], "to": self.switching[1]} if self.switching else None,
+            "queue_depth": sum(len(w) for w in self._waiting.values()),
+            "models": models,
+        }
+
+    # -- the worker ------------------------------------------------------------------------------
+    def _enqueue(self, job: _Job) -> None:
+        if self._closing:
+            raise ShuttingDown("llmuxd is shutting down")
+        self._jobs.put_nowait(job)
+
+    def _request_activation(self, name: str) -> _Job:
+        job = self._activation.get(name)
+        if job is None:
+            job = self._activation[name] = _Job(f"activate {name}", lambda: self._activate_job(name))
+            self._enqueue(job)
+        return job
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            try:
+                result = await job.run()
+            except asyncio.CancelledError:
+                job.done.cancel()
+                raise
+            except Exception as e:  # noqa: BLE001 - every failure goes to the job's waiters
+                if not isinstance(e, (SwitchFailed, TransitionFailed)):
+                    log.exception("%s failed", job.what)
+                job.done.set_exception(e)
+            else:
+                job.done.set_result(result)
+            # Nobody may be left waiting on a consumed future without a reference.
+            job.done.exception() if job.done.done() and not job.done.cancelled() else None
+
+    async def _activate_job(self, name: str) -> dict:
+        model = self.models[name]
+        previous = self.active
+        started = time.monotonic()
+        try:
+            if self.active == name and model.state is State.AWAKE:
+                result = {"model": name, "state": model.state.value, "duration_secs": 0.0}
+            else:
+                self.switching = (previous, name)
+                if self.active is not None:
+                    await self._evict(self.active, for_switch=True)
+                for other in self.models.values():  # one model on the GPU at a time
+                    if other.name != name and other.state is State.AWAKE:
+                        await self._evict(other.name, for_switch=True)
+                try:
+                    await model.wake()
+                except TransitionError as e:
+                    raise SwitchFailed(f"model '{name}' could not be started: {e}", model=name) from None
+                self.active = name
+                secs = time.monotonic() - started
+                self.metrics.switches.labels(previous or "", name, "ok").inc()
+                log.info(
+                    "switched %s -> %s in %.3f s (%s)", previous, name, secs, model.last_wake_kind,
+                    extra={"MODEL": name, "EVENT": "switch", "DURATION_S": f"{secs:.3f}"},
+                )
+                result = {"model": name, "state": model.state.value, "duration_secs": secs}
+        except Exception as e:
+            self.metrics.switches.labels(previous or "", name, "error").inc()
+            self._activation.pop(name, None)
+            self._settle(name, e if isinstance(e, SwitchFailed) else SwitchFailed(str(e), model=name))
+            raise
+        finally:
+            self.switching = None
+        # Admit everyone who waited for this model before anything else can run.
+        self._activation.pop(name, None)
+        self._settle(name, None)
+        return result
+
+    async def _sleep_job(self, name: str) -> dict:
+        secs = await self._evict(name, for_switch=False)
+        m = self.models[name]
+        return {"model": name, "state": m.state.value, "duration_secs": secs, "last_error": m.last_error}
+
+    async def _evict(self, name: str, *, for_switch: bool) -> float:
+        model = self.models[name]
+        if model.state is not State.AWAKE:
+            if self.active == name:
+                self.active = None
+            return 0.0
+        if for_switch and model.awake_since is not None:
+            remaining = self.policy.min_active_secs - (time.monotonic() - model.awake_since)
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+        self._evicting = name
+        try:
+            if self.policy.drain_before_switch:
+                started = time.monotonic()
+                await self._idle[name].wait()
+                self.metrics.phase_done(name, "drain", time.monotonic() - started)
+            return await model.sleep()
+        finally:
+            self._evicting = None
+            if self.active == name:
+                self.active = None
+
+    # -- orchestrator Listener ------------------------------------------------------------------
+    def state_changed(self, model: str, old: State, new: State) -> None:
+        if new is State.STOPPED and self.active == model:
+            self.active = None
+
+    def phase_done(self, model: str, phase: str, seconds: float) -> None:
+        pass
+
+    def escalated(self, model: str, reason: str) -> None:
+        pass

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up of everything llmuxd and its tests need on Debian 12 (as root).
+# Re-running it is cheap: each step checks whether it is already done.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+APT_PKGS=(python3-venv python3-dev gcc libsystemd-dev pkg-config curl procps iproute2 dbus)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The venv is made with Debian's own python3 so that the same interpreter exists inside the
+# test containers (they bind this checkout at the same path; venv shebangs are absolute).
+VENV="$ROOT/.venv"
+stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [[ ! -f "$stamp" ]]; then
+  log "creating the Python environment in $VENV"
+  [[ -x "$VENV/bin/python" ]] || /usr/bin/python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -U pip
+  "$VENV/bin/pip" install -q -e ".[test]"
+  rm -f "$VENV"/.installed-*; touch "$stamp"
+fi
+log "Python environment ready: $VENV"

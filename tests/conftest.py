@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness import SIM, LlmuxdProcess, free_ports
+
+MODELS = {"m1": ("test-org/tiny-a", 1), "m2": ("test-org/tiny-b", 2)}
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory) -> Path:
+    """A HuggingFace cache holding two tiny simulated models (different seeds)."""
+    home = tmp_path_factory.mktemp("hf")
+    for repo, seed in MODELS.values():
+        subprocess.run([SIM, "make-model", repo, "--seed", str(seed), "--hf-home", str(home)], check=True,
+                       capture_output=True)
+    return home
+
+
+@pytest.fixture
+def sim_env(tmp_path, hf_home) -> dict[str, str]:
+    env = dict(os.environ)
+    home = tmp_path / "home"
+    home.mkdir()
+    env.update(HOME=str(home), HF_HOME=str(hf_home), HF_HUB_OFFLINE="1",
+               LLMUXD_SIM_GPU_DIR=str(tmp_path / "gpu"))
+    return env
+
+
+def model_entry(name: str, port: int, weights="offload", process="keep_running", extra=()) -> dict:
+    return {"model_path": MODELS.get(name, MODELS["m1"])[0], "port": port,
+            "eviction": {"weights": weights, "process": process}, "extra_args": list(extra)}
+
+
+@pytest.fixture
+def make_daemon(tmp_path, sim_env):
+    """Factory: ``make_daemon(models={name: entry}, **top_level)`` -> started LlmuxdProcess."""
+    daemons: list[LlmuxdProcess] = []
+
+    def make(models: dict | None = None, env: dict | None = None, start: bool = True, **top) -> LlmuxdProcess:
+        ports = free_ports(4)
+        if models is None:
+            models = {"m1": model_entry("m1", ports[1]), "m2": model_entry("m2", ports[2])}
+        config = {
+            "models": models, "port": ports[0], "host": "127.0.0.1", "vllm_command": SIM,
+            "log_dir": str(tmp_path / "logs"),
+            "policy": {"request_timeout_secs": 60, "min_active_secs": 0, "startup_timeout_secs": 30},
+        }
+        for k, v in top.items():
+            config[k] = {**config.get(k, {}), **v} if isinstance(v, dict) and k == "policy" else v
+        workdir = tmp_path / f"llmuxd{len(daemons)}"
+        workdir.mkdir()
+        d = LlmuxdProcess(workdir, config, {**sim_env, **(env or {})})
+        daemons.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in daemons:
+        d.stop()

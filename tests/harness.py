@@ -1,0 +1,124 @@
+"""Test harness: real llmuxd daemons on real ports, with real simulator backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+LLMUXD = str(VENV_BIN / "llmuxd")
+SIM = str(VENV_BIN / "llmuxd-vllm-sim")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class LlmuxdProcess:
+    """``llmuxd serve`` as a child process with its own config and environment."""
+
+    def __init__(self, workdir: Path, config: dict, env: dict[str, str]):
+        self.workdir = workdir
+        self.config = config
+        self.env = env
+        self.port = config["port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = workdir / "config.json"
+        self.log_path = workdir / "llmuxd.log"
+        self.proc: subprocess.Popen | None = None
+        self.backend_pids: set[int] = set()  # every backend pid ever seen, checked at stop
+        self.leftovers: list[int] = []  # backend pids still alive after llmuxd stopped
+
+    def start(self, timeout: float = 20) -> "LlmuxdProcess":
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [LLMUXD, "serve", "--config", str(self.config_path)], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=log, env=self.env, start_new_session=True,
+        )
+        log.close()
+
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"llmuxd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(self.url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout, what="llmuxd /health")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def status(self) -> dict:
+        st = httpx.get(self.url + "/control/status", timeout=10).json()
+        for m in st["models"].values():
+            self.backend_pids.update(m["pids"])
+        return st
+
+    def control(self, verb: str, model: str, timeout: float = 60) -> httpx.Response:
+        r = httpx.post(f"{self.url}/control/{verb}", json={"model": model}, timeout=timeout)
+        self.status()
+        return r
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.status()
+            except httpx.HTTPError:
+                pass
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.leftovers = [p for p in sorted(self.backend_pids) if pid_alive(p)]
+        for pid in self.leftovers:  # never leave a backend behind, even when a test failed
+            if pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return self.proc.returncode
