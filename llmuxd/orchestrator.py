@@ -85,6 +85,7 @@ class Model:
             "state": self.state.value,
             "eviction": {"weights": self.eviction.weights.value, "process": self.eviction.process.value},
             "port": self.config.models[self.name].port,
+            "pid": self.backend.tree.root_pid if self.backend.running else None,
             "pids": self.backend.pids() if self.state is not State.STOPPED else [],
             "last_wake_secs": self.last_wake_secs,
             "last_wake_kind": self.last_wake_kind,

@@ -61,3 +61,21 @@ def make_daemon(tmp_path, sim_env):
     yield make
     for d in daemons:
         d.stop()
+
+
+@pytest.fixture(scope="session")
+def expected(hf_home):
+    """``expected(model, prompt, max_tokens)``: the answer the simulated model gives, computed from
+    its weights file independently of any server (so a mixed-up or garbage answer is caught)."""
+    from llmuxd.sim import model as simmodel
+
+    digests = {}
+    for name, (repo, _) in MODELS.items():
+        snap = next((hf_home / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots").iterdir())
+        digests[name] = simmodel.weights_digest(simmodel.read_weights(snap))
+
+    def answer(model: str, prompt: str | list, max_tokens: int = 16) -> str:
+        text = simmodel.render_chat(prompt) if isinstance(prompt, list) else prompt
+        return "".join(simmodel.generate(digests[model], text, max_tokens))
+
+    return answer
