@@ -6,12 +6,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
-from .orchestrator import State
+from .orchestrator import Listener, State
 
 _PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
-class Metrics:
+class Metrics(Listener):
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, models: list[str]):
@@ -45,7 +45,6 @@ class Metrics:
         for s in State:
             self.state.labels(model, s.value).set(1 if s is state else 0)
 
-    # Listener interface (see orchestrator.Listener)
     def state_changed(self, model: str, old: State, new: State) -> None:
         self._set_state(model, new)
 

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from enum import Enum
-from typing import Protocol
 
 from .backends.vllm import BackendError, VllmBackend
 from .config import Config, ProcessEviction, WeightsEviction
@@ -29,10 +28,21 @@ class State(str, Enum):
     STOPPING = "stopping"
 
 
-class Listener(Protocol):
-    def state_changed(self, model: str, old: State, new: State) -> None: ...
-    def phase_done(self, model: str, phase: str, seconds: float) -> None: ...
-    def escalated(self, model: str, reason: str) -> None: ...
+class Listener:
+    """Receives the controller's events (metrics, D-Bus signals, sd_notify STATUS).  Override
+    what you need; callbacks run on the event loop and must not block."""
+
+    def state_changed(self, model: str, old: State, new: State) -> None:
+        pass
+
+    def phase_done(self, model: str, phase: str, seconds: float) -> None:
+        pass
+
+    def escalated(self, model: str, reason: str) -> None:
+        pass
+
+    def active_changed(self, active: str | None, switching: tuple[str | None, str] | None) -> None:
+        """The active model or the switch in progress changed."""
 
 
 class TransitionError(Exception):

@@ -26,7 +26,7 @@ from typing import AsyncIterator, Awaitable, Callable
 from .config import Config
 from .errors import QueueTimeout, ShuttingDown, SwitchFailed, TransitionFailed, UnknownModel
 from .metrics import Metrics
-from .orchestrator import Model, State, TransitionError
+from .orchestrator import Listener, Model, State, TransitionError
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,15 @@ class _Job:
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-class Switcher:
-    def __init__(self, config: Config, metrics: Metrics | None = None, extra_listeners: list | None = None):
+class Switcher(Listener):
+    def __init__(self, config: Config, metrics: Metrics | None = None):
         self.config = config
         self.policy = config.policy
         self.metrics = metrics or Metrics(list(config.models))
-        listeners = [self.metrics, self, *(extra_listeners or [])]
-        self.models = {name: Model(name, config, listeners) for name in config.models}
-        self.active: str | None = None
-        self.switching: tuple[str | None, str] | None = None
+        self._listeners: list[Listener] = [self.metrics, self]  # shared with every Model
+        self.models = {name: Model(name, config, self._listeners) for name in config.models}
+        self._active: str | None = None
+        self._switching: tuple[str | None, str] | None = None
         self._evicting: str | None = None
         self._in_flight = {name: 0 for name in self.models}
         self._idle = {name: asyncio.Event() for name in self.models}
@@ -57,6 +57,33 @@ class Switcher:
         self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
         self._closing = False
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def active(self) -> str | None:
+        return self._active
+
+    @active.setter
+    def active(self, name: str | None) -> None:
+        if name != self._active:
+            self._active = name
+            self._announce()
+
+    @property
+    def switching(self) -> tuple[str | None, str] | None:
+        return self._switching
+
+    @switching.setter
+    def switching(self, value: tuple[str | None, str] | None) -> None:
+        if value != self._switching:
+            self._switching = value
+            self._announce()
+
+    def _announce(self) -> None:
+        for listener in self._listeners:
+            listener.active_changed(self._active, self._switching)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -275,9 +302,3 @@ class Switcher:
     def state_changed(self, model: str, old: State, new: State) -> None:
         if new is State.STOPPED and self.active == model:
             self.active = None
-
-    def phase_done(self, model: str, phase: str, seconds: float) -> None:
-        pass
-
-    def escalated(self, model: str, reason: str) -> None:
-        pass

@@ -1,0 +1,138 @@
+"""Simulated GPU memory: one byte budget shared by every simulator on the machine.
+
+Each awake engine holds a lease file ``<dir>/lease-<pid>.json`` with
+``{"pid", "start_time", "bytes", "model"}``. Leases are taken under an flock on ``<dir>/lock``;
+the lock fd is closed right after, so a live engine keeps no file in the directory open (it may
+be CRIU-dumped). A lease counts only while its process lives: a dead pid, a zombie, or a pid whose
+start time differs from the recorded one (pid reuse, or the same pid restored by CRIU) is ignored
+and removed by the next acquire.
+
+Environment: ``LLMUXD_SIM_GPU_DIR`` (default ``/dev/shm/llmuxd-sim-gpu``) and
+``LLMUXD_SIM_GPU_BYTES`` (default 1 GiB).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DIR = "/dev/shm/llmuxd-sim-gpu"
+DEFAULT_BUDGET = 1 << 30
+_PREFIX = "lease-"
+
+
+class OutOfMemory(Exception):
+    """Raised when a lease would exceed the budget (the simulated CUDA OOM)."""
+
+
+def gpu_dir(dir: str | os.PathLike[str] | None = None) -> Path:
+    """The lease directory (argument, else env, else default)."""
+    return Path(dir or os.environ.get("LLMUXD_SIM_GPU_DIR") or DEFAULT_DIR)
+
+
+def budget() -> int:
+    """The total simulated GPU memory in bytes."""
+    return int(os.environ.get("LLMUXD_SIM_GPU_BYTES") or DEFAULT_BUDGET)
+
+
+def _start_time(pid: int | str) -> int | None:
+    """Start time (clock ticks since boot) of a live, non-zombie process, else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _alive(lease: dict[str, Any]) -> bool:
+    start = _start_time(lease["pid"])
+    return start is not None and start == lease.get("start_time")
+
+
+def _lease_path(d: Path, pid: int) -> Path:
+    return d / f"{_PREFIX}{pid}.json"
+
+
+def _read_leases(d: Path) -> list[tuple[Path, dict[str, Any]]]:
+    out = []
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if not (name.startswith(_PREFIX) and name.endswith(".json")):
+            continue
+        path = d / name
+        try:
+            lease = json.loads(path.read_text())
+            int(lease["pid"]), int(lease["bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        out.append((path, lease))
+    return out
+
+
+def usage(dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Live leases: ``{"budget", "used", "leases": [{"pid", "bytes", "model", "path"}]}``."""
+    leases = [
+        {"pid": lease["pid"], "bytes": lease["bytes"], "model": lease.get("model"), "path": str(p)}
+        for p, lease in _read_leases(gpu_dir(dir)) if _alive(lease)
+    ]
+    return {"budget": budget(), "used": sum(x["bytes"] for x in leases), "leases": leases}
+
+
+def acquire(nbytes: int, model: str, dir: str | os.PathLike[str] | None = None) -> Path:
+    """Take (or replace) this process's lease of ``nbytes``; raise OutOfMemory past the budget."""
+    d = gpu_dir(dir)
+    d.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        used = 0
+        for path, lease in _read_leases(d):
+            if lease["pid"] == pid:
+                continue
+            if not _alive(lease):
+                path.unlink(missing_ok=True)
+                continue
+            used += int(lease["bytes"])
+        total = budget()
+        if used + nbytes > total:
+            raise OutOfMemory(
+                f"CUDA out of memory. Tried to allocate {nbytes} bytes. GPU has a total capacity of "
+                f"{total} bytes of which {max(total - used, 0)} bytes are free."
+            )
+        path = _lease_path(d, pid)
+        tmp = d / f".{path.name}.tmp"
+        tmp.write_text(json.dumps(
+            {"pid": pid, "start_time": _start_time("self"), "bytes": nbytes, "model": model}))
+        os.replace(tmp, path)
+        return path
+    finally:
+        os.close(fd)
+
+
+def release(dir: str | os.PathLike[str] | None = None) -> None:
+    """Drop this process's lease, if any."""
+    _lease_path(gpu_dir(dir), os.getpid()).unlink(missing_ok=True)
+
+
+def self_start_time() -> int | None:
+    """This process's start time; it changes when CRIU restores the process."""
+    return _start_time("self")
+
+
+def holds(dir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether this process has a valid lease (False after a CRIU restore changed its start time)."""
+    try:
+        lease = json.loads(_lease_path(gpu_dir(dir), os.getpid()).read_text())
+    except (OSError, ValueError):
+        return False
+    return lease.get("start_time") == _start_time("self")
