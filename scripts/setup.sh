@@ -30,3 +30,12 @@ if [[ ! -f "$stamp" ]]; then
   rm -f "$VENV"/.installed-*; touch "$stamp"
 fi
 log "Python environment ready: $VENV"
+
+# CRIU >= 4.2 from Debian's packages, in its own root (Debian 12's 3.17 does not start on current
+# kernels); also makes pycriu importable in the venv.
+bash "$ROOT/packaging/install-criu.sh" --venv "$VENV" >&2
+
+if [[ "${1:-}" == "--tests" ]]; then
+  # The booted systemd-nspawn containers the tests run llmuxd in (cached).
+  bash "$ROOT/tests/infra/build-image.sh" >&2
+fi
