@@ -77,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update=updates)
     setup_logging(args.log_level)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, dbus=args.dbus, checkpoint_on_stop=args.checkpoint_on_stop))
     except OSError as e:
         print(f"llmuxd: cannot serve: {e}", file=sys.stderr)
         return 1
@@ -98,6 +98,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for note in config.ignored_settings():
         print(f"  note: {note}")
     return 0
+
+
+def cmd_prepare_restore(args: argparse.Namespace) -> int:
+    from .checkpoint.prepare import prepare_restore
+    from .log import setup_logging
+
+    setup_logging("INFO")
+    return prepare_restore(args.config)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -131,7 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="listen address (default: config's host)")
     s.add_argument("--port", type=int, help="listen port (default: config's port)")
     s.add_argument("--log-level", default="INFO")
+    s.add_argument("--dbus", choices=["auto", "system", "session", "off"], default="auto",
+                   help="D-Bus control: auto = the system bus when there is one (default)")
+    s.add_argument("--checkpoint-on-stop", action="store_true",
+                   help="on stop, checkpoint models whose process eviction is `checkpoint`")
     s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("prepare-restore", parents=[common],
+                       help="before the daemon starts: check the config and checkpoints, prepare what a restore needs")
+    r.set_defaults(func=cmd_prepare_restore)
 
     c = sub.add_parser("check-config", parents=[common], help="validate the config file and print what it says")
     c.set_defaults(func=cmd_check_config)

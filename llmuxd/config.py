@@ -140,6 +140,9 @@ class Config(_Strict):
     host: str = "0.0.0.0"
     log_dir: str = "/var/log/llmuxd"
     max_request_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    # On stop, checkpoint the models whose process eviction is `checkpoint`, so that the next
+    # container restores them (also `llmuxd serve --checkpoint-on-stop`).
+    checkpoint_on_stop: bool = False
 
     # -- derived views -------------------------------------------------------------------
     def eviction_for(self, name: str) -> Eviction:

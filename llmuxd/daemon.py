@@ -4,35 +4,80 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from aiohttp import web
 
 from .api.http import build_app, build_metrics_app
 from .config import Config
+from .isolation.cgroups import CgroupLayout, CgroupUnavailable
 from .switcher import Switcher
+from .systemd import Notifier
 
 log = logging.getLogger(__name__)
 
 
+def _cgroup_layout(config: Config) -> CgroupLayout | None:
+    try:
+        layout = CgroupLayout.detect(instance=str(config.port))
+        layout.enter_supervisor()
+    except (CgroupUnavailable, OSError) as e:
+        log.warning("cgroup v2 not usable (%s): tracking model trees by process session instead", e)
+        return None
+    log.info("cgroups: llmuxd in %s/supervisor, model trees in %s/model-<name>", layout.base.path, layout.base.path)
+    return layout
+
+
+def _system_bus_available() -> bool:
+    address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
+    return any(os.path.exists(part.split("=", 1)[1]) for part in address.split(";")
+               if part.startswith("unix:path="))
+
+
 class Daemon:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, dbus: str = "auto", checkpoint_on_stop: bool = False):
         self.config = config
-        self.switcher = Switcher(config)
+        self.dbus_mode = dbus
+        self.checkpoint_on_stop = checkpoint_on_stop or config.checkpoint_on_stop
+        self.cgroups: CgroupLayout | None = None
+        self.switcher: Switcher | None = None
+        self.notifier = Notifier()
+        self.dbus = None
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         for note in self.config.ignored_settings():
             log.warning("config: %s (accepted for llmux compatibility, not acted on)", note)
+        self.cgroups = _cgroup_layout(self.config)
+        self.switcher = Switcher(self.config, cgroups=self.cgroups)
+        self.notifier.switcher = self.switcher
+        self.switcher.add_listener(self.notifier)
+        await self.switcher.adopt_running()
         self.switcher.start()
         await self._serve(build_app(self.switcher), self.config.port)
         if self.config.metrics_port:
             await self._serve(build_metrics_app(self.switcher), self.config.metrics_port)
+        await self._start_dbus()
         log.info(
             "llmuxd serving %d model(s) on http://%s:%d: %s", len(self.config.models), self.config.host,
             self.config.port, ", ".join(f"{n} ({self.config.eviction_for(n)})" for n in self.config.models),
         )
+        self.notifier.ready()
+        self.notifier.start_watchdog()
+
+    async def _start_dbus(self) -> None:
+        if self.dbus_mode == "off":
+            return
+        from .api.dbus import DbusTransport
+
+        if self.dbus_mode == "auto" and not _system_bus_available():
+            log.info("D-Bus: no system bus here; D-Bus control is off (use --dbus session for development)")
+            return
+        bus = "system" if self.dbus_mode == "auto" else self.dbus_mode
+        self.dbus = DbusTransport(self.switcher, bus=bus)
+        await self.dbus.start()
 
     async def _serve(self, app: web.Application, port: int) -> None:
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -51,16 +96,36 @@ class Daemon:
 
     async def stop(self) -> None:
         log.info("stopping: closing listeners and stopping every model")
-        for runner in self._runners:
-            await runner.shutdown()
-        await self.switcher.close()
-        for runner in self._runners:
-            await runner.cleanup()
+        self.notifier.stopping()
+        keepalive = asyncio.create_task(self._extend_stop_timeout())
+        try:
+            for runner in self._runners:
+                await runner.shutdown()
+            if self.switcher is not None:
+                if self.checkpoint_on_stop:
+                    await self.switcher.checkpoint_all()
+                await self.switcher.close()
+            if self.dbus is not None:
+                await self.dbus.stop()
+            for runner in self._runners:
+                await runner.cleanup()
+            if self.cgroups is not None:
+                self.cgroups.cleanup()
+        finally:
+            keepalive.cancel()
+            self.notifier.stop_watchdog()
         log.info("stopped")
 
+    async def _extend_stop_timeout(self) -> None:
+        """While a long stop (checkpoints, slow backends) is in progress, keep systemd from
+        killing us: EXTEND_TIMEOUT_USEC every 10 s, each granting 30 s more."""
+        while True:
+            self.notifier.extend_timeout(30)
+            await asyncio.sleep(10)
 
-async def serve(config: Config) -> None:
-    daemon = Daemon(config)
+
+async def serve(config: Config, **options) -> None:
+    daemon = Daemon(config, **options)
     try:
         await daemon.start()
         await daemon.run_until_stopped()

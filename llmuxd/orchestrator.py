@@ -6,7 +6,6 @@ the orchestrator does *how*, one transition at a time per model (the switcher se
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from enum import Enum
@@ -14,6 +13,7 @@ from enum import Enum
 from .backends.vllm import BackendError, VllmBackend
 from .config import Config, ProcessEviction, WeightsEviction
 from .errors import NotSupported
+from .isolation.cgroups import Cgroup
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,14 @@ class TransitionError(Exception):
 
 
 class Model:
-    def __init__(self, name: str, config: Config, listeners: list[Listener]):
+    def __init__(self, name: str, config: Config, listeners: list[Listener], cgroup: Cgroup | None = None):
         self.name = name
         self.config = config
         self.eviction = config.eviction_for(name)
         self.listeners = listeners
         self.state = State.STOPPED
-        self.backend = VllmBackend(name, config, self._backend_exited)
+        self.cgroup = cgroup
+        self.backend = VllmBackend(name, config, self._backend_exited, cgroup)
         self.last_error: str | None = None
         self.last_wake_secs: float | None = None
         self.last_wake_kind: str | None = None
@@ -96,6 +97,7 @@ class Model:
             "eviction": {"weights": self.eviction.weights.value, "process": self.eviction.process.value},
             "port": self.config.models[self.name].port,
             "pid": self.backend.tree.root_pid if self.backend.running else None,
+            "cgroup": str(self.cgroup.path) if self.cgroup is not None else None,
             "pids": self.backend.pids() if self.state is not State.STOPPED else [],
             "last_wake_secs": self.last_wake_secs,
             "last_wake_kind": self.last_wake_kind,
@@ -104,6 +106,27 @@ class Model:
         }
 
     # -- transitions ---------------------------------------------------------------------------
+    async def adopt(self, pids: list[int]) -> bool:
+        """Take over a tree of this model left running by an earlier llmuxd (found in the
+        model's cgroup).  Adopted when its server answers as this model; otherwise killed.
+        Returns whether it was adopted."""
+        members = set(pids)
+        roots = [p for p in pids if _parent(p) not in members]
+        probe = await self.backend.probe() if len(roots) == 1 else None
+        if probe is None or self.backend.served_name not in probe["served"]:
+            why = "no single root" if len(roots) != 1 else "its server does not answer as this model"
+            log.warning("%s: found a stray tree %s (%s); stopping it", self.name, pids, why,
+                        extra={"MODEL": self.name, "EVENT": "stray"})
+            if self.cgroup is not None:
+                await self.cgroup.kill()
+            return False
+        self.backend.adopt(roots[0])
+        self._weights_evicted = probe["sleeping"]
+        self._set(State.ASLEEP if probe["sleeping"] else State.AWAKE)
+        log.info("%s: adopted running tree (root pid %d, %s)", self.name, roots[0], self.state.value,
+                 extra={"MODEL": self.name, "EVENT": "adopt"})
+        return True
+
     async def wake(self) -> float:
         """Make the model serve; returns the transition's duration (0 if it was awake)."""
         if self.state is State.AWAKE:
@@ -203,5 +226,9 @@ class Model:
         await self.backend.close()
 
 
-async def stop_all(models: dict[str, Model]) -> None:
-    await asyncio.gather(*(m.stop() for m in models.values()), return_exceptions=True)
+def _parent(pid: int) -> int | None:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])

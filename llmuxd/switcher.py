@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-from .config import Config
+from .config import Config, ProcessEviction
+from .isolation.cgroups import CgroupLayout
 from .errors import QueueTimeout, ShuttingDown, SwitchFailed, TransitionFailed, UnknownModel
 from .metrics import Metrics
 from .orchestrator import Listener, Model, State, TransitionError
@@ -39,12 +40,16 @@ class _Job:
 
 
 class Switcher(Listener):
-    def __init__(self, config: Config, metrics: Metrics | None = None):
+    def __init__(self, config: Config, metrics: Metrics | None = None, cgroups: CgroupLayout | None = None):
         self.config = config
         self.policy = config.policy
         self.metrics = metrics or Metrics(list(config.models))
+        self.cgroups = cgroups
         self._listeners: list[Listener] = [self.metrics, self]  # shared with every Model
-        self.models = {name: Model(name, config, self._listeners) for name in config.models}
+        self.models = {
+            name: Model(name, config, self._listeners, cgroups.model(name) if cgroups else None)
+            for name in config.models
+        }
         self._active: str | None = None
         self._switching: tuple[str | None, str] | None = None
         self._evicting: str | None = None
@@ -86,8 +91,38 @@ class Switcher(Listener):
             listener.active_changed(self._active, self._switching)
 
     # -- lifecycle ---------------------------------------------------------------------------
+    async def adopt_running(self) -> None:
+        """After a restart: adopt the model trees still running in their cgroups, or stop them;
+        never two backends for one model, never more than one model awake."""
+        if self.cgroups is None:
+            return
+        for name, cg in self.cgroups.existing_models().items():
+            pids = cg.procs()
+            if not pids:
+                cg.remove()
+            elif name not in self.models:
+                log.warning("stopping tree of unconfigured model %r (pids %s)", name, pids)
+                await cg.kill()
+                cg.remove()
+            elif await self.models[name].adopt(pids) and self.models[name].state is State.AWAKE:
+                if self.active is None:
+                    self.active = name
+                else:  # two awake: keep the first, evict the other
+                    await self.models[name].sleep()
+
     def start(self) -> None:
         self._worker = asyncio.create_task(self._work(), name="switcher")
+
+    async def checkpoint_all(self) -> None:
+        """At shutdown: put every running model whose process eviction is `checkpoint` to sleep
+        (that is: checkpoint it), so the next llmuxd — in this container or a new one — restores it."""
+        for name, m in self.models.items():
+            if m.eviction.process is ProcessEviction.CHECKPOINT and m.state in (State.AWAKE, State.ASLEEP):
+                log.info("checkpointing %s before stopping", name, extra={"MODEL": name, "EVENT": "checkpoint_on_stop"})
+                try:
+                    await self.sleep(name)
+                except Exception as e:  # noqa: BLE001 - stopping goes on
+                    log.error("checkpoint of %s at stop failed: %s", name, e)
 
     async def close(self) -> None:
         """Stop taking work, fail what waits, stop every model tree."""

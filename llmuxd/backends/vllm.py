@@ -12,6 +12,7 @@ from typing import Callable
 import aiohttp
 
 from ..config import Config, WeightsEviction
+from ..isolation.cgroups import Cgroup
 from ..isolation.tree import ProcessTree
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class VllmBackend:
 
     HEALTH_POLL_SECS = 0.1
 
-    def __init__(self, name: str, config: Config, on_exit: Callable[[int], None]):
+    def __init__(self, name: str, config: Config, on_exit: Callable[[int], None], cgroup: Cgroup | None = None):
         self.name = name
         self.cfg = config.models[name]
         self.config = config
@@ -45,7 +46,7 @@ class VllmBackend:
         self.served_name = served_name(name, self.cfg.extra_args)
         self.url = f"http://127.0.0.1:{self.cfg.port}"
         self.log_path = Path(config.log_dir) / f"{name}.log"
-        self.tree = ProcessTree(name, self.log_path)
+        self.tree = ProcessTree(name, self.log_path, cgroup)
         self._on_exit = on_exit
         self._expect_exit = False
         self._monitor: asyncio.Task | None = None
@@ -71,7 +72,7 @@ class VllmBackend:
 
     @property
     def running(self) -> bool:
-        return self.tree.proc is not None and self.tree.proc.returncode is None
+        return self.tree.running
 
     def pids(self) -> list[int]:
         return self.tree.pids()
@@ -84,6 +85,15 @@ class VllmBackend:
         self._expect_exit = False
         pid = await self.tree.spawn(argv, self.env())
         log.info("%s: spawned pid %d: %s (log %s)", self.name, pid, " ".join(argv), self.log_path)
+        self._watch_exit()
+
+    def adopt(self, root_pid: int) -> None:
+        """Take over a running tree (left by an earlier llmuxd, or restored by CRIU)."""
+        self._expect_exit = False
+        self.tree.adopt(root_pid)
+        self._watch_exit()
+
+    def _watch_exit(self) -> None:
         self._monitor = asyncio.create_task(self._watch(), name=f"watch-{self.name}")
 
     async def _watch(self) -> None:
@@ -97,7 +107,7 @@ class VllmBackend:
         deadline = loop.time() + timeout
         while True:
             if not self.running:
-                code = self.tree.proc.returncode if self.tree.proc else None
+                code = self.tree.returncode
                 raise BackendError(f"backend exited with code {code} during start-up; see {self.log_path}")
             try:
                 async with self._http().get(self.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
@@ -149,3 +159,18 @@ class VllmBackend:
 
     async def reset_prefix_cache(self) -> None:
         await self._post("/reset_prefix_cache")
+
+    async def probe(self) -> dict | None:
+        """What answers on the model's port: ``{"served": [names], "sleeping": bool}``, or None."""
+        timeout = aiohttp.ClientTimeout(total=5)
+        try:
+            async with self._http().get(self.url + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    return None
+            async with self._http().get(self.url + "/v1/models", timeout=timeout) as r:
+                served = [m.get("id") for m in (await r.json()).get("data", [])]
+            async with self._http().get(self.url + "/is_sleeping", timeout=timeout) as r:
+                sleeping = bool((await r.json()).get("is_sleeping")) if r.status == 200 else False
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+            return None
+        return {"served": served, "sleeping": sleeping}

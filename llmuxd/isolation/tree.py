@@ -1,7 +1,9 @@
-"""A model's process tree: started in a session of its own, tracked, and killed as a whole.
+"""A model's process tree: started in a session (and, where possible, a cgroup) of its own,
+tracked, and killed as a whole.
 
-The tree's root is the backend command; vLLM (and the simulator) fork an engine and helpers that
-stay in the root's session, so the session id finds every member without a cgroup.
+vLLM (and the simulator) fork an engine and helpers that stay in the root's session, so without
+a cgroup the session id finds every member; with a cgroup, membership is exact and nothing can
+escape the kill.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import logging
 import os
 import signal
 from pathlib import Path
+
+from .cgroups import Cgroup
 
 log = logging.getLogger(__name__)
 
@@ -32,66 +36,117 @@ def session_members(sid: int) -> list[int]:
     return sorted(pids)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class ProcessTree:
     """Spawns one command as the root of a new session and owns everything under it."""
 
-    def __init__(self, name: str, log_path: Path):
+    def __init__(self, name: str, log_path: Path, cgroup: Cgroup | None = None):
         self.name = name
         self.log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
+        self.cgroup = cgroup
+        self.root_pid: int | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Future[int] | None = None
 
     @property
-    def root_pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+    def running(self) -> bool:
+        return self._exited is not None and not self._exited.done()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exited.result() if self._exited is not None and self._exited.done() else None
 
     async def spawn(self, argv: list[str], env: dict[str, str]) -> int:
-        """Start ``argv``: own session, stdin /dev/null, stdout+stderr appended to the log file
-        (O_APPEND: CRIU restores such files without a size check), no other inherited fds."""
+        """Start ``argv``: own session (and cgroup), stdin /dev/null, stdout+stderr appended to the
+        log file (O_APPEND: CRIU restores such files without a size check), no other fds."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        procs_file = None
+        if self.cgroup is not None:
+            self.cgroup.create()
+            procs_file = str(self.cgroup.path / "cgroup.procs")
+
+        def join_cgroup() -> None:  # runs in the child between fork and exec
+            with open(procs_file, "w") as f:
+                f.write("0")
+
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=fd,
-                stderr=fd,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
+                start_new_session=True, close_fds=True, preexec_fn=join_cgroup if procs_file else None,
             )
         finally:
             os.close(fd)
-        return self.proc.pid
+        self.root_pid = self._proc.pid
+        self._exited = asyncio.ensure_future(self._proc.wait())
+        return self.root_pid
+
+    def adopt(self, root_pid: int) -> None:
+        """Track a running tree that is not our child (left by an earlier llmuxd, or restored)."""
+        self.root_pid = root_pid
+        self._proc = None
+        loop = asyncio.get_running_loop()
+        self._exited = loop.create_future()
+        try:
+            pidfd = os.pidfd_open(root_pid)
+        except ProcessLookupError:
+            self._exited.set_result(-1)
+            return
+
+        def gone() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            code = -1
+            try:  # reap it if it is ours (child subreaper)
+                pid, status = os.waitpid(root_pid, os.WNOHANG)
+                if pid:
+                    code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                pass
+            if not self._exited.done():
+                self._exited.set_result(code)
+
+        loop.add_reader(pidfd, gone)
 
     def pids(self) -> list[int]:
+        if self.cgroup is not None and self.cgroup.exists():
+            return self.cgroup.procs()
         # Members outlive the root if it dies first: the session id still names them.
-        return session_members(self.proc.pid) if self.proc else []
+        return session_members(self.root_pid) if self.root_pid else []
 
     async def wait(self) -> int:
-        assert self.proc is not None
-        return await self.proc.wait()
+        assert self._exited is not None
+        return await asyncio.shield(self._exited)
 
     async def kill(self, grace_secs: float = 5.0) -> None:
-        """SIGTERM the whole tree, SIGKILL what is left after ``grace_secs``; returns when
-        no member is alive."""
-        if self.proc is None:
+        """SIGTERM the whole tree, SIGKILL what is left after ``grace_secs``; returns when no
+        member is alive."""
+        if self.root_pid is None:
             return
-        sid = self.proc.pid
-        self._signal_all(sid, signal.SIGTERM)
+        self._signal_all(signal.SIGTERM)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_secs
-        while session_members(sid) and loop.time() < deadline:
+        while self.pids() and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        while members := session_members(sid):
+        if self.cgroup is not None and self.cgroup.exists():
+            if self.cgroup.populated():
+                log.warning("%s: processes left after SIGTERM; killing cgroup %s", self.name, self.cgroup.path)
+            await self.cgroup.kill()
+        while members := self.pids():
             log.warning("%s: %d process(es) still alive after SIGTERM, sending SIGKILL", self.name, len(members))
-            self._signal_all(sid, signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
             await asyncio.sleep(0.05)
-        if self.proc.returncode is None:
-            await self.proc.wait()
+        if self._exited is not None:
+            await self._exited
 
-    @staticmethod
-    def _signal_all(sid: int, sig: int) -> None:
-        for pid in session_members(sid):
+    def _signal_all(self, sig: int) -> None:
+        for pid in self.pids():
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:

@@ -1,0 +1,1 @@
+"""Checkpoints: CRIU dumps of model trees, their manifests, and restore preparation."""
