@@ -64,6 +64,7 @@ def print_status(status: dict) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .api.dbus import DbusStartError
     from .daemon import serve
     from .log import setup_logging
 
@@ -78,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         asyncio.run(serve(config, dbus=args.dbus, checkpoint_on_stop=args.checkpoint_on_stop))
-    except OSError as e:
+    except (OSError, DbusStartError) as e:
         print(f"llmuxd: cannot serve: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="listen address (default: config's host)")
     s.add_argument("--port", type=int, help="listen port (default: config's port)")
     s.add_argument("--log-level", default="INFO")
-    s.add_argument("--dbus", choices=["auto", "system", "session", "off"], default="auto",
+    s.add_argument("--dbus", default="auto", metavar="auto|system|session|off|ADDRESS",
                    help="D-Bus control: auto = the system bus when there is one (default)")
     s.add_argument("--checkpoint-on-stop", action="store_true",
                    help="on stop, checkpoint models whose process eviction is `checkpoint`")

@@ -90,7 +90,8 @@ class Daemon:
 
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGRTMIN+3: the image's STOPSIGNAL (for systemd), also delivered in entrypoint mode.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 3):
             loop.add_signal_handler(sig, self.request_stop)
         await self._stop.wait()
 

@@ -116,8 +116,8 @@ mmdebstrap --variant=minbase --mode=root --format=directory --components=main \
   --dpkgopt='path-include=/usr/share/locale/locale.alias' \
   --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
   --customize-hook='echo llmuxd-test >"$1/etc/hostname"; printf "127.0.0.1 localhost llmuxd-test\n::1 localhost\n" >"$1/etc/hosts"' \
-  --customize-hook="mkdir -p \"\$1/opt/llmuxd/src\" && cp '$REPO/packaging/install-criu.sh' \"\$1/opt/llmuxd/src/install-criu.sh\"" \
-  --customize-hook='chroot "$1" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root CRIU_CHECK=0 VENV=none bash /opt/llmuxd/src/install-criu.sh --root /opt/llmuxd/criu --wrapper /usr/local/bin/criu' \
+  --customize-hook="mkdir -p \"\$1/opt/llmuxd/src\" && cp -r '$REPO/packaging' \"\$1/opt/llmuxd/src/packaging\"" \
+  --customize-hook='chroot "$1" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root CRIU_CHECK=0 bash /opt/llmuxd/src/packaging/install.sh --stages system,criu' \
   --customize-hook="for u in ${MASK_UNITS[*]}; do ln -sfn /dev/null \"\$1/etc/systemd/system/\$u\"; done" \
   --customize-hook='rm -rf "$1"/var/cache/apt/*.bin "$1"/var/log/journal/* ; : >"$1/etc/machine-id"' \
   "$SUITE" "$NEW" \
@@ -126,7 +126,7 @@ mmdebstrap --variant=minbase --mode=root --format=directory --components=main \
   "deb $SECURITY_MIRROR $SUITE-security main" \
   >"$NEW.log" 2>&1 || { tail -n 40 "$NEW.log" >&2; rm -f "$NEW.log"; die "mmdebstrap failed"; }
 t_build=$(since "$t0")
-grep -E '^\[install-criu\]' "$NEW.log" >&2 || true
+grep -E '^\[install(-criu)?\]' "$NEW.log" >&2 || true
 rm -f "$NEW.log"
 
 # Sanity checks on the tree.

@@ -1,0 +1,423 @@
+"""D-Bus transport: a real private dbus-daemon with our policy file, the transport running in
+process over a real Switcher with simulator backends, driven by the real busctl / dbus-send.
+
+Two private buses, both system-bus-like and both including ``dbus/io.llmux.Llmuxd1.conf``:
+* ``strict`` denies method calls by default, like the system bus: what a non-root user can do
+  there comes from our file's allow rules;
+* ``open`` allows method calls by default: what a non-root user is refused there comes from our
+  file's deny rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import model_entry
+from harness import REPO, SIM, free_ports, pid_alive, wait_until
+from llmuxd.api.dbus import (
+    BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, DbusStartError, DbusTransport, to_dbus_error,
+)
+from llmuxd.config import parse_config
+from llmuxd.errors import (
+    BackendDied, BadRequest, NotSupported, QueueTimeout, ShuttingDown, SwitchFailed, TransitionFailed,
+    UnknownModel,
+)
+from llmuxd.switcher import Switcher
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("dbus-daemon") and shutil.which("busctl") and shutil.which("dbus-send")),
+    reason="needs dbus-daemon, busctl and dbus-send (apt package dbus)",
+)
+
+POLICY = REPO / "dbus" / "io.llmux.Llmuxd1.conf"
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:path={socket}</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <{method_calls} send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"
+          send_member="UpdateActivationEnvironment"/>
+  </policy>
+  <policy user="root">
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+
+class Bus:
+    """A private dbus-daemon, killed by its PID."""
+
+    def __init__(self, folder: Path, name: str, allow_method_calls: bool):
+        self.config = folder / f"{name}.conf"
+        self.config.write_text(BUS_CONFIG.format(
+            socket=folder / f"{name}.sock", policy=POLICY, method_calls="allow" if allow_method_calls else "deny"))
+        self.log = open(folder / f"{name}.log", "wb")
+        self.proc = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={self.config}", "--nofork", "--print-address=1"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log, start_new_session=True,
+        )
+        line = self.proc.stdout.readline().decode().strip()
+        if not line:
+            self.kill()
+            raise AssertionError(f"dbus-daemon did not start: {(folder / f'{name}.log').read_text()}")
+        self.address = line.split(",guid=")[0]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc.stdout.close()
+        self.log.close()
+
+
+def busctl(bus: Bus, *args: str, nobody: bool = False, json_out: bool = False) -> subprocess.CompletedProcess:
+    argv = ["busctl", f"--address={bus.address}", "--timeout=60", *(["--json=short"] if json_out else []), *args]
+    return subprocess.run([*NOBODY, *argv] if nobody else argv, capture_output=True, text=True, timeout=70)
+
+
+def call(bus: Bus, member: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return busctl(bus, "call", BUS_NAME, OBJECT_PATH, INTERFACE, member, *args, **kw)
+
+
+def dbus_send(bus: Bus, member: str, *args: str, nobody: bool = False) -> subprocess.CompletedProcess:
+    argv = ["dbus-send", f"--bus={bus.address}", "--print-reply", "--reply-timeout=60000", f"--dest={BUS_NAME}",
+            OBJECT_PATH, f"{INTERFACE}.{member}", *args]
+    return subprocess.run([*NOBODY, *argv] if nobody else argv, capture_output=True, text=True, timeout=70)
+
+
+class Daemon:
+    """The Switcher and one DbusTransport per bus, on an asyncio loop in a background thread
+    (the way ``llmuxd serve`` will run them, minus the HTTP side)."""
+
+    def __init__(self, config: dict):
+        self.config = parse_config(config)
+        self.transports: list[DbusTransport] = []
+        self.backend_pids: set[int] = set()
+        self.switcher: Switcher | None = None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="llmuxd-loop", daemon=True)
+        self.thread.start()
+
+    def start(self, buses: list[Bus]) -> None:
+        async def start():
+            self.switcher = Switcher(self.config)
+            self.switcher.start()
+            for bus in buses:
+                t = DbusTransport(self.switcher, bus.address)
+                self.transports.append(t)
+                await t.start()
+
+        self.run(start())
+
+    def run(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def status(self) -> dict:
+        async def get():
+            return self.switcher.status()
+
+        st = self.run(get())
+        for m in st["models"].values():
+            self.backend_pids.update(m["pids"])
+        return st
+
+    def close(self) -> None:
+        async def stop():
+            for t in self.transports:
+                await t.stop()
+            if self.switcher is not None:
+                await self.switcher.close()
+
+        try:
+            if self.switcher is not None:
+                self.status()
+            self.run(stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            for pid in self.backend_pids:  # never leave a backend behind, even when a test failed
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def buses():
+    folder = Path(tempfile.mkdtemp(prefix="llmuxd-dbus-"))
+    folder.chmod(0o755)  # the non-root user must reach the sockets
+    started: list[Bus] = []
+    try:
+        started.append(Bus(folder, "strict", allow_method_calls=False))
+        started.append(Bus(folder, "open", allow_method_calls=True))
+        yield {"strict": started[0], "open": started[1]}
+    finally:
+        for bus in started:
+            bus.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon(buses, hf_home, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dbus-daemon")
+    ports = free_ports(2)
+    config = {
+        "models": {"m1": model_entry("m1", ports[0]), "m2": model_entry("m2", ports[1])},
+        "port": free_ports(1)[0], "host": "127.0.0.1", "vllm_command": SIM, "log_dir": str(tmp / "logs"),
+        "policy": {"request_timeout_secs": 60, "min_active_secs": 0, "startup_timeout_secs": 30},
+    }
+    (tmp / "home").mkdir()
+    with pytest.MonkeyPatch.context() as mp:  # the backends inherit llmuxd's environment
+        for k, v in {"HOME": str(tmp / "home"), "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1",
+                     "LLMUXD_SIM_GPU_DIR": str(tmp / "gpu")}.items():
+            mp.setenv(k, v)
+        d = Daemon(config)
+        try:
+            d.start([buses["strict"], buses["open"]])
+            yield d
+        finally:
+            d.close()
+
+
+class Monitor:
+    """``busctl monitor`` of our object's signals, as JSON lines."""
+
+    def __init__(self, bus: Bus, folder: Path):
+        self.out = folder / "monitor.jsonl"
+        self.err = folder / "monitor.err"
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                ["busctl", f"--address={bus.address}", "monitor", "--json=short",
+                 f"--match=type='signal',path='{OBJECT_PATH}'"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            )
+        wait_until(lambda: "Monitoring" in self.err.read_text() or self.proc.poll() is not None, 10,
+                   what="busctl monitor")
+        assert self.proc.poll() is None, self.err.read_text()
+
+    def messages(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(5)
+
+
+def parse_sd(out: str) -> tuple[str, float]:
+    m = re.fullmatch(r'sd "(\w+)" (\S+)\n?', out)
+    assert m, out
+    return m.group(1), float(m.group(2))
+
+
+def inspect(bus: Bus, nobody: bool = False) -> tuple[str, dict[str, dict]]:
+    r = call(bus, "Inspect", json_out=True, nobody=nobody)
+    assert r.returncode == 0, r.stderr
+    reply = json.loads(r.stdout)
+    assert reply["type"] == "sa(ssaussddss)"
+    active, models = reply["data"]
+    keys = ("state", "pids", "weights", "process", "last_wake_secs", "last_sleep_secs", "last_wake_kind",
+            "last_error")
+    return active, {m[0]: dict(zip(keys, m[1:])) for m in models}
+
+
+def assert_inspect_agrees(inspected: tuple[str, dict], st: dict) -> None:
+    active, models = inspected
+    assert active == (st["active_model"] or "")
+    assert list(models) == list(st["models"])
+    for name, m in models.items():
+        s = st["models"][name]
+        assert m == {
+            "state": s["state"], "pids": s["pids"], "weights": s["eviction"]["weights"],
+            "process": s["eviction"]["process"],
+            "last_wake_secs": -1 if s["last_wake_secs"] is None else pytest.approx(s["last_wake_secs"]),
+            "last_sleep_secs": -1 if s["last_sleep_secs"] is None else pytest.approx(s["last_sleep_secs"]),
+            "last_wake_kind": s["last_wake_kind"] or "", "last_error": s["last_error"] or "",
+        }
+
+
+def get_property(bus: Bus, name: str, nobody: bool = False) -> str:
+    r = busctl(bus, "get-property", BUS_NAME, OBJECT_PATH, INTERFACE, name, nobody=nobody)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+# -- tests ---------------------------------------------------------------------------------------
+def test_wake_sleep_inspect_properties_and_signals(daemon, buses, tmp_path):
+    bus = buses["strict"]
+    active, models = inspect(bus)
+    assert active == "" and {n: m["state"] for n, m in models.items()} == {"m1": "stopped", "m2": "stopped"}
+    assert models["m1"]["last_wake_secs"] == -1 and models["m1"]["last_wake_kind"] == ""
+    assert get_property(bus, "Models") == 'as 2 "m1" "m2"'
+    monitor = Monitor(bus, tmp_path)
+    try:
+        r = call(bus, "Wake", "s", "m1")
+        assert r.returncode == 0, r.stderr
+        state, secs = parse_sd(r.stdout)
+        st = daemon.status()
+        assert state == "awake" == st["models"]["m1"]["state"] and secs > 0 and st["active_model"] == "m1"
+        assert secs == pytest.approx(st["models"]["m1"]["last_wake_secs"], abs=0.05)
+        assert get_property(bus, "ActiveModel") == 's "m1"'
+        assert get_property(bus, "Switching") == 's ""' and get_property(bus, "QueueDepth") == "u 0"
+        text = call(bus, "Inspect").stdout  # what a person sees
+        assert text.startswith('sa(ssaussddss) "m1" 2 "m1" "awake" ') and '"cold_start" ""' in text
+        assert_inspect_agrees(inspect(bus), daemon.status())
+
+        r = call(bus, "Wake", "s", "m2")  # evicts m1 (offload + keep_running: asleep)
+        assert r.returncode == 0 and parse_sd(r.stdout)[0] == "awake", r.stderr
+        st = daemon.status()
+        assert st["active_model"] == "m2" and st["models"]["m1"]["state"] == "asleep" and st["models"]["m1"]["pids"]
+        assert_inspect_agrees(inspect(bus), st)
+
+        r = call(bus, "Sleep", "s", "m2")
+        assert r.returncode == 0, r.stderr
+        state, secs = parse_sd(r.stdout)
+        st = daemon.status()
+        assert state == "asleep" == st["models"]["m2"]["state"] and secs > 0 and st["active_model"] is None
+        assert secs == pytest.approx(st["models"]["m2"]["last_sleep_secs"], abs=0.05)
+        inspected = inspect(bus)
+        assert inspected[0] == "" and inspected[1]["m2"]["last_sleep_secs"] > 0
+        assert_inspect_agrees(inspected, st)
+        assert get_property(bus, "ActiveModel") == 's ""'
+        # Sleeping a model that is not awake is a no-op that says where it is.
+        assert parse_sd(call(bus, "Sleep", "s", "m2").stdout) == ("asleep", 0.0)
+
+        def all_seen():
+            msgs = monitor.messages()
+            return sum(m["member"] == "ModelStateChanged" for m in msgs) >= 8 and sum(
+                "ActiveModel" in m["payload"]["data"][1] for m in msgs if m["member"] == "PropertiesChanged") >= 4
+
+        wait_until(all_seen, 5, what="the signals in busctl monitor")
+    finally:
+        monitor.stop()
+    msgs = monitor.messages()
+    assert all(m["path"] == OBJECT_PATH for m in msgs)
+    changes = [tuple(m["payload"]["data"]) for m in msgs if m["member"] == "ModelStateChanged"]
+    assert all(m["interface"] == INTERFACE and m["payload"]["type"] == "sss"
+               for m in msgs if m["member"] == "ModelStateChanged")
+    assert changes == [
+        ("m1", "stopped", "starting"), ("m1", "starting", "awake"),
+        ("m1", "awake", "sleeping"), ("m1", "sleeping", "asleep"),
+        ("m2", "stopped", "starting"), ("m2", "starting", "awake"),
+        ("m2", "awake", "sleeping"), ("m2", "sleeping", "asleep"),
+    ]
+    props = [m["payload"]["data"] for m in msgs if m["member"] == "PropertiesChanged"]
+    assert props and all(p[0] == INTERFACE and p[2] == [] for p in props)
+    active_seq = [p[1]["ActiveModel"]["data"] for p in props if "ActiveModel" in p[1]]
+    switching_seq = [p[1]["Switching"]["data"] for p in props if "Switching" in p[1]]
+    assert active_seq == ["m1", "", "m2", ""]
+    assert switching_seq == ["->m1", "", "m1->m2", ""]
+
+
+def test_introspect(daemon, buses):
+    r = busctl(buses["strict"], "introspect", BUS_NAME, OBJECT_PATH, INTERFACE)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()[1:] if line.strip()}
+    assert rows[".Wake"][:3] == ["method", "s", "sd"]
+    assert rows[".Sleep"][:3] == ["method", "s", "sd"]
+    assert rows[".Inspect"][:3] == ["method", "-", "sa(ssaussddss)"]
+    assert rows[".ModelStateChanged"][:2] == ["signal", "sss"]
+    assert rows[".ActiveModel"][:2] == ["property", "s"] and "emits-change" in rows[".ActiveModel"]
+    assert rows[".Models"][:2] == ["property", "as"] and "const" in rows[".Models"]
+    assert rows[".Switching"][:2] == ["property", "s"] and rows[".QueueDepth"][:2] == ["property", "u"]
+    assert not any("writable" in v for v in rows.values())
+
+
+def test_unknown_model_and_other_errors(daemon, buses):
+    bus = buses["strict"]
+    for member in ("Wake", "Sleep"):
+        r = call(bus, member, "s", "ghost")
+        assert r.returncode != 0 and "The model 'ghost' does not exist. Known models: m1, m2" in r.stderr, r.stderr
+        r = dbus_send(bus, member, "string:ghost")  # dbus-send prints the error's name
+        assert r.returncode != 0
+        assert f"Error {ERROR_PREFIX}UnknownModel: The model 'ghost' does not exist" in r.stderr, r.stderr
+    # The one mapping, for every domain error (the HTTP API maps the same classes).
+    for exc, name in [
+        (UnknownModel("x", ["m1"]), "UnknownModel"), (SwitchFailed("s"), "SwitchFailed"),
+        (QueueTimeout("q"), "QueueTimeout"), (ShuttingDown("d"), "ShuttingDown"),
+        (NotSupported("n"), "NotSupported"), (TransitionFailed("t"), "TransitionFailed"),
+        (BadRequest("b"), "BadRequest"), (BackendDied("died"), "Failed"), (RuntimeError("boom"), "Failed"),
+    ]:
+        err = to_dbus_error(exc)
+        assert err.type == ERROR_PREFIX + name and err.text.endswith(str(exc))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_policy_non_root(daemon, buses):
+    before = daemon.status()
+    for bus in buses.values():
+        assert_inspect_agrees(inspect(bus, nobody=True), before)
+        assert get_property(bus, "ActiveModel", nobody=True) == f's "{before["active_model"] or ""}"'
+        assert get_property(bus, "Models", nobody=True) == 'as 2 "m1" "m2"'
+        r = busctl(bus, "introspect", BUS_NAME, OBJECT_PATH, nobody=True)
+        assert r.returncode == 0 and ".Wake" in r.stdout, r.stderr
+        for member in ("Wake", "Sleep"):
+            r = call(bus, member, "s", "m1", nobody=True)
+            assert r.returncode != 0 and "Access denied" in r.stderr, r.stderr
+            r = dbus_send(bus, member, "string:m1", nobody=True)
+            assert r.returncode != 0 and "Error org.freedesktop.DBus.Error.AccessDenied" in r.stderr, r.stderr
+        r = busctl(bus, "set-property", BUS_NAME, OBJECT_PATH, INTERFACE, "ActiveModel", "s", "m1", nobody=True)
+        assert r.returncode != 0
+    after = daemon.status()
+    assert {n: m["state"] for n, m in after["models"].items()} == {n: m["state"] for n, m in before["models"].items()}
+    # root may do it, on both buses (one controller, several transports)
+    r = call(buses["open"], "Wake", "s", "m1")
+    assert r.returncode == 0 and parse_sd(r.stdout)[0] == "awake", r.stderr
+    assert daemon.status()["active_model"] == "m1"
+
+
+def test_start_errors(daemon, buses, tmp_path):
+    other = DbusTransport(daemon.switcher, buses["strict"].address)
+    with pytest.raises(DbusStartError, match="already owned by another connection"):
+        daemon.run(other.start())
+    daemon.run(other.stop())
+    missing = DbusTransport(daemon.switcher, f"unix:path={tmp_path}/no-such-bus")
+    with pytest.raises(DbusStartError, match="cannot connect to the bus at unix:path="):
+        daemon.run(missing.start())
+    with pytest.raises(DbusStartError, match="expected 'system', 'session' or an address"):
+        daemon.run(DbusTransport(daemon.switcher, "sytem").start())
+    if os.geteuid() == 0:  # the policy: only root may own the name
+        code = ("import asyncio, sys\nfrom llmuxd.api.dbus import DbusTransport, DbusStartError\n"
+                "class S: active = None; switching = None; models = {}\n"
+                "try: asyncio.run(DbusTransport(S(), sys.argv[1]).start())\n"
+                "except DbusStartError as e: print(e); sys.exit(3)\n")
+        for bus in buses.values():
+            r = subprocess.run([*NOBODY, sys.executable, "-c", code, bus.address], capture_output=True, text=True,
+                               timeout=30, cwd=REPO)
+            assert r.returncode == 3, r.stdout + r.stderr
+            assert f"cannot own {BUS_NAME} on the bus at {bus.address}" in r.stdout and "only root" in r.stdout
+    # the running transport is unaffected
+    assert get_property(buses["strict"], "Models") == 'as 2 "m1" "m2"'

@@ -1,0 +1,174 @@
+"""llmuxd as a real systemd service in a booted container: systemd 252 as PID 1, the real
+dbus-daemon system bus enforcing our policy file, journald, a delegated cgroup v2 tree.
+Driven the three ways users drive it: systemctl, busctl, curl."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import model_entry
+from harness import free_ports
+from systemd_env import ServiceContainer, require_containers
+
+pytestmark = [pytest.mark.systemd, pytest.mark.slow]
+
+
+@pytest.fixture
+def service(tmp_path, hf_home, request):
+    require_containers()
+    created: list[ServiceContainer] = []
+
+    def make(watchdog_sec: int = 0, **policy) -> ServiceContainer:
+        p = free_ports(3)
+        config = {"models": {"m1": model_entry("m1", p[1]), "m2": model_entry("m2", p[2])}, "port": p[0],
+                  "host": "127.0.0.1", "vllm_command": "llmuxd-vllm-sim",
+                  "policy": {"min_active_secs": 0, "startup_timeout_secs": 30, **policy}}
+        sc = ServiceContainer("svc", tmp_path, config, {"HF_HOME": str(hf_home), "LLMUXD_TEST_HOOKS": "1"},
+                              binds=[(str(hf_home), str(hf_home))], watchdog_sec=watchdog_sec)
+        created.append(sc)
+        return sc.start()
+
+    yield make
+    for sc in created:
+        sc.stop()
+
+
+def test_start_ready_status_restore_unit_and_journal(service):
+    s = service()
+    t0 = time.monotonic()
+    s.c.systemctl("start", "llmuxd", check=True)  # Type=notify: returns once READY=1 arrived
+    ready_secs = time.monotonic() - t0
+    print(f"systemctl start llmuxd -> active in {ready_secs:.2f} s (container booted in {s.c.boot_seconds:.2f} s)")
+    # READY was sent only once HTTP and D-Bus serve: both answer the moment start returns.
+    assert httpx.get(s.url + "/health", timeout=5).status_code == 200
+    assert "io.llmux.Llmuxd1" in s.c.busctl("list", "--no-legend", check=True).stdout
+    assert s.c.systemctl("is-active", "llmuxd").stdout.strip() == "active"
+    status = s.c.systemctl("status", "llmuxd").stdout
+    assert 'Status: "active: none; m1 stopped, m2 stopped"' in status, status
+    # The restore unit ran first, and said what it found.
+    assert s.show("llmuxd-restore", "Result") == "success"
+    restore_done = int(s.show("llmuxd-restore", "ExecMainExitTimestampMonotonic"))
+    daemon_started = int(s.show("llmuxd", "ExecMainStartTimestampMonotonic"))
+    assert 0 < restore_done <= daemon_started
+    assert "prepare-restore: 2 model(s) checked" in s.c.journal("llmuxd-restore")
+    # The STATUS line follows the state.
+    httpx.post(s.url + "/control/wake", json={"model": "m1"}, timeout=60)
+    assert 'Status: "active: m1; m1 awake, m2 stopped"' in s.c.systemctl("status", "llmuxd").stdout
+    # journald got the structured fields.
+    entries = s.c.journal("llmuxd", json_output=True)
+    switch = [e for e in entries if e.get("EVENT") == "switch"]
+    assert switch and switch[0]["MODEL"] == "m1" and float(switch[0]["DURATION_S"]) > 0
+    assert any(e.get("EVENT") == "state" and e.get("MODEL") == "m1" for e in entries)
+    # Stopping the service stops every model tree.
+    assert s.procs("llmuxd-vllm-sim")
+    s.c.systemctl("stop", "llmuxd", check=True)
+    assert s.procs("llmuxd-vllm-sim") == []
+    assert s.show("llmuxd", "Result") == "success"
+
+
+def _sd(out: str) -> tuple[str, float]:
+    m = re.fullmatch(r'sd "(\w+)" ([\d.e+-]+)\s*', out)
+    assert m, out
+    return m.group(1), float(m.group(2))
+
+
+def test_dbus_http_agree_signals_and_policy(service):
+    s = service()
+    s.c.systemctl("start", "llmuxd", check=True)
+    monitor = subprocess.Popen(["busctl", "-M", s.name, "monitor", "--json=short", "io.llmux.Llmuxd1"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        state, secs = _sd(s.busctl_call("Wake", "s", "m1").stdout)
+        wake_rtt = time.monotonic() - t0
+        assert state == "awake" and secs > 0
+        st = s.status()
+        assert st["active_model"] == "m1" and st["models"]["m1"]["state"] == "awake"
+        assert s.c.busctl("get-property", "io.llmux.Llmuxd1", "/io/llmux/Llmuxd1", "io.llmux.Llmuxd1",
+                          "ActiveModel", check=True).stdout.strip() == 's "m1"'
+        inspect = s.busctl_call("Inspect").stdout
+        assert inspect.startswith('sa(ssaussddss) "m1" 2 "m1" "awake"'), inspect
+        pids = st["models"]["m1"]["pids"]
+        assert f'"m1" "awake" {len(pids)} {" ".join(map(str, pids))} "offload" "keep_running"' in inspect
+        t0 = time.monotonic()
+        state, _ = _sd(s.busctl_call("Sleep", "s", "m1").stdout)
+        sleep_rtt = time.monotonic() - t0
+        assert state == "asleep" and s.status()["models"]["m1"]["state"] == "asleep"
+        print(f"D-Bus Wake (cold start) {wake_rtt:.3f} s, Sleep {sleep_rtt:.3f} s")
+        # Named errors.
+        r = s.c.run(["dbus-send", "--system", "--print-reply", "--dest=io.llmux.Llmuxd1", "/io/llmux/Llmuxd1",
+                     "io.llmux.Llmuxd1.Wake", "string:ghost"], check=False)
+        assert r.returncode != 0 and "io.llmux.Llmuxd1.Error.UnknownModel" in r.stderr
+        # The policy: others may look, not touch.
+        assert s.busctl_call("Inspect", user="65534").returncode == 0
+        r = s.busctl_call("Wake", "s", "m2", user="65534", check=False)
+        assert r.returncode != 0 and "Access denied" in r.stderr
+        r = s.busctl_call("Sleep", "s", "m1", user="65534", check=False)
+        assert r.returncode != 0 and "Access denied" in r.stderr
+        assert s.status()["models"]["m2"]["state"] == "stopped"
+    finally:
+        time.sleep(0.3)
+        monitor.terminate()
+        out, _ = monitor.communicate(timeout=10)
+    signals = [json.loads(line) for line in out.splitlines() if line.strip()]
+    changes = [m["payload"]["data"] for m in signals if m.get("member") == "ModelStateChanged"]
+    assert ["m1", "stopped", "starting"] in changes and ["m1", "sleeping", "asleep"] in changes, changes
+    assert any(m.get("member") == "PropertiesChanged" for m in signals)
+
+
+def test_cgroup_per_model_kill9_restart_and_watchdog(service):
+    s = service(watchdog_sec=3)
+    s.c.systemctl("start", "llmuxd", check=True)
+    for m in ("m1", "m2"):
+        assert httpx.post(s.url + "/control/wake", json={"model": m}, timeout=60).status_code == 200
+    st = s.status()
+    base = "/sys/fs/cgroup/system.slice/llmuxd.service"
+    for m in ("m1", "m2"):
+        cg = st["models"][m]["cgroup"]
+        assert cg == f"{base}/model-{m}"
+        for pid in st["models"][m]["pids"]:
+            assert s.sh(f"grep ^0:: /proc/{pid}/cgroup").stdout.strip() == f"0::/system.slice/llmuxd.service/model-{m}"
+    main = int(s.show("llmuxd", "MainPID"))
+    assert s.sh(f"grep ^0:: /proc/{main}/cgroup").stdout.strip() == "0::/system.slice/llmuxd.service/supervisor"
+    sims = set(s.procs("llmuxd-vllm-sim"))
+    assert sims
+    # kill -9: systemd restarts it; the old trees are gone, never duplicated, requests work again.
+    s.sh(f"kill -9 {main}")
+    t0 = time.monotonic()
+    while int(s.show("llmuxd", "MainPID") or 0) in (0, main) or \
+            s.c.systemctl("is-active", "llmuxd").stdout.strip() != "active":
+        assert time.monotonic() - t0 < 60, s.c.systemctl("status", "llmuxd").stdout
+        time.sleep(0.1)
+    print(f"restarted after kill -9 in {time.monotonic() - t0:.2f} s")
+    assert int(s.show("llmuxd", "NRestarts")) == 1
+    assert not sims & set(s.procs("llmuxd-vllm-sim"))
+    r = httpx.post(s.url + "/v1/completions", json={"model": "m1", "prompt": "x"}, timeout=60)
+    assert r.status_code == 200
+    assert len([p for p in s.procs("llmuxd-vllm-sim serve")]) == 1  # one backend of m1, no duplicate
+    # A blocked event loop: the watchdog (3 s here) gets the service restarted.
+    main = int(s.show("llmuxd", "MainPID"))
+
+    def block():
+        try:
+            httpx.post(s.url + "/debug/block-loop", json={"seconds": 60}, timeout=90)
+        except httpx.HTTPError:
+            pass  # the watchdog kills the daemon while it blocks: no answer is the expected end
+
+    threading.Thread(target=block, daemon=True).start()
+    t0 = time.monotonic()
+    while int(s.show("llmuxd", "NRestarts")) < 2:
+        assert time.monotonic() - t0 < 30, s.c.systemctl("status", "llmuxd").stdout
+        time.sleep(0.2)
+    print(f"watchdog restart {time.monotonic() - t0:.2f} s after the loop blocked")
+    assert "Watchdog timeout" in s.c.journal()
+    s.wait_active()
+    assert int(s.show("llmuxd", "MainPID")) != main
+    assert httpx.post(s.url + "/v1/completions", json={"model": "m2", "prompt": "x"}, timeout=60).status_code == 200
