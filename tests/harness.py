@@ -65,12 +65,13 @@ class LlmuxdProcess:
         self.proc: subprocess.Popen | None = None
         self.backend_pids: set[int] = set()  # every backend pid ever seen, checked at stop
         self.leftovers: list[int] = []  # backend pids still alive after llmuxd stopped
+        self.argv_prefix: list[str] = []  # e.g. unshare ... to run llmuxd in other namespaces
 
     def start(self, timeout: float = 20) -> "LlmuxdProcess":
         self.config_path.write_text(json.dumps(self.config, indent=2))
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [LLMUXD, "serve", "--config", str(self.config_path)], stdin=subprocess.DEVNULL,
+            [*self.argv_prefix, LLMUXD, "serve", "--config", str(self.config_path)], stdin=subprocess.DEVNULL,
             stdout=log, stderr=log, env=self.env, start_new_session=True,
         )
         log.close()
