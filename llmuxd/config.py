@@ -127,6 +127,15 @@ class CheckpointConfig(_Strict):
     keep_images: bool = True
 
 
+class IsolationConfig(_Strict):
+    """How llmuxd isolates each model tree (llmuxd's own settings)."""
+
+    # Each tree in its own PID namespace: CRIU restores its PIDs without any possible clash.
+    pid_namespace: bool = True
+    # io_uring_setup/enter/register fail with EPERM in the tree (CRIU cannot dump io_uring).
+    block_io_uring: bool = True
+
+
 class Config(_Strict):
     models: dict[str, ModelConfig] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
@@ -143,6 +152,7 @@ class Config(_Strict):
     # On stop, checkpoint the models whose process eviction is `checkpoint`, so that the next
     # container restores them (also `llmuxd serve --checkpoint-on-stop`).
     checkpoint_on_stop: bool = False
+    isolation: IsolationConfig = IsolationConfig()
 
     # -- derived views -------------------------------------------------------------------
     def eviction_for(self, name: str) -> Eviction:

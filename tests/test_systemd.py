@@ -152,7 +152,8 @@ def test_cgroup_per_model_kill9_restart_and_watchdog(service):
     assert not sims & set(s.procs("llmuxd-vllm-sim"))
     r = httpx.post(s.url + "/v1/completions", json={"model": "m1", "prompt": "x"}, timeout=60)
     assert r.status_code == 200
-    assert len([p for p in s.procs("llmuxd-vllm-sim serve")]) == 1  # one backend of m1, no duplicate
+    # One API server of m1, no duplicate (its cmdline: python .../llmuxd-vllm-sim serve ...).
+    assert len(s.procs("^[^ ]*python[^ ]* [^ ]*llmuxd-vllm-sim serve")) == 1
     # A blocked event loop: the watchdog (3 s here) gets the service restarted.
     main = int(s.show("llmuxd", "MainPID"))
 

@@ -46,7 +46,9 @@ class VllmBackend:
         self.served_name = served_name(name, self.cfg.extra_args)
         self.url = f"http://127.0.0.1:{self.cfg.port}"
         self.log_path = Path(config.log_dir) / f"{name}.log"
-        self.tree = ProcessTree(name, self.log_path, cgroup)
+        iso = config.isolation
+        self.tree = ProcessTree(name, self.log_path, cgroup, pid_namespace=iso.pid_namespace,
+                                block_io_uring=iso.block_io_uring)
         self._on_exit = on_exit
         self._expect_exit = False
         self._monitor: asyncio.Task | None = None

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 from .cgroups import Cgroup
@@ -46,11 +47,15 @@ def _alive(pid: int) -> bool:
 class ProcessTree:
     """Spawns one command as the root of a new session and owns everything under it."""
 
-    def __init__(self, name: str, log_path: Path, cgroup: Cgroup | None = None):
+    def __init__(self, name: str, log_path: Path, cgroup: Cgroup | None = None, *,
+                 pid_namespace: bool = False, block_io_uring: bool = False):
         self.name = name
         self.log_path = log_path
         self.cgroup = cgroup
+        self.pid_namespace = pid_namespace
+        self.block_io_uring = block_io_uring
         self.root_pid: int | None = None
+        self._spawned_init = False  # root is `unshare`, the namespace init is its child
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Future[int] | None = None
 
@@ -62,9 +67,33 @@ class ProcessTree:
     def returncode(self) -> int | None:
         return self._exited.result() if self._exited is not None and self._exited.done() else None
 
+    def wrap(self, argv: list[str]) -> list[str]:
+        """The command line that runs ``argv`` with this tree's isolation (see pidinit.py)."""
+        if not self.pid_namespace:
+            return argv
+        from .pidinit import default_first_pid
+
+        init = [sys.executable, "-m", "llmuxd.isolation.pidinit", "--first-pid", str(default_first_pid())]
+        if not self.block_io_uring:
+            init.append("--no-seccomp")
+        return ["unshare", "--pid", "--fork", "--kill-child", *init, "--", *argv]
+
+    @property
+    def init_pid(self) -> int | None:
+        """The tree's topmost process to dump: the PID namespace's init, else the root."""
+        if self.root_pid is None or not self._spawned_init:
+            return self.root_pid
+        try:
+            children = Path(f"/proc/{self.root_pid}/task/{self.root_pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
     async def spawn(self, argv: list[str], env: dict[str, str]) -> int:
-        """Start ``argv``: own session (and cgroup), stdin /dev/null, stdout+stderr appended to the
-        log file (O_APPEND: CRIU restores such files without a size check), no other fds."""
+        """Start ``argv``: own session (and cgroup, and PID namespace), stdin /dev/null,
+        stdout+stderr appended to the log file (O_APPEND: CRIU restores such files without a
+        size check), no other fds."""
+        argv = self.wrap(argv)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         procs_file = None
@@ -84,6 +113,7 @@ class ProcessTree:
         finally:
             os.close(fd)
         self.root_pid = self._proc.pid
+        self._spawned_init = self.pid_namespace
         self._exited = asyncio.ensure_future(self._proc.wait())
         return self.root_pid
 
@@ -91,6 +121,7 @@ class ProcessTree:
         """Track a running tree that is not our child (left by an earlier llmuxd, or restored)."""
         self.root_pid = root_pid
         self._proc = None
+        self._spawned_init = False
         loop = asyncio.get_running_loop()
         self._exited = loop.create_future()
         try:

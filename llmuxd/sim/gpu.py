@@ -87,11 +87,18 @@ def usage(dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     return {"budget": budget(), "used": sum(x["bytes"] for x in leases), "leases": leases}
 
 
+def _proc_pid() -> int:
+    """This process's pid as /proc numbers it.  Differs from os.getpid() inside a PID namespace
+    that sees its parent's /proc (llmuxd starts model trees in their own PID namespace), where
+    os.getpid() would name some other process in /proc."""
+    return int(os.readlink("/proc/self"))
+
+
 def acquire(nbytes: int, model: str, dir: str | os.PathLike[str] | None = None) -> Path:
     """Take (or replace) this process's lease of ``nbytes``; raise OutOfMemory past the budget."""
     d = gpu_dir(dir)
     d.mkdir(parents=True, exist_ok=True)
-    pid = os.getpid()
+    pid = _proc_pid()
     fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -121,7 +128,7 @@ def acquire(nbytes: int, model: str, dir: str | os.PathLike[str] | None = None) 
 
 def release(dir: str | os.PathLike[str] | None = None) -> None:
     """Drop this process's lease, if any."""
-    _lease_path(gpu_dir(dir), os.getpid()).unlink(missing_ok=True)
+    _lease_path(gpu_dir(dir), _proc_pid()).unlink(missing_ok=True)
 
 
 def self_start_time() -> int | None:
@@ -132,7 +139,7 @@ def self_start_time() -> int | None:
 def holds(dir: str | os.PathLike[str] | None = None) -> bool:
     """Whether this process has a valid lease (False after a CRIU restore changed its start time)."""
     try:
-        lease = json.loads(_lease_path(gpu_dir(dir), os.getpid()).read_text())
+        lease = json.loads(_lease_path(gpu_dir(dir), _proc_pid()).read_text())
     except (OSError, ValueError):
         return False
     return lease.get("start_time") == _start_time("self")
