@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .api.http import build_app, build_metrics_app
 from .config import Config
+from .checkpoint.fsview import container_epoch
 from .isolation.cgroups import CgroupLayout, CgroupUnavailable
 from .switcher import Switcher
 from .systemd import Notifier
@@ -35,6 +36,15 @@ def _system_bus_available() -> bool:
                if part.startswith("unix:path="))
 
 
+def become_subreaper() -> None:
+    """Orphans of our trees re-parent to us, not to PID 1: a tree CRIU restores (criu exits and
+    leaves the restored root behind) becomes our child, tracked, never taken for a stray."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
 class Daemon:
     def __init__(self, config: Config, dbus: str = "auto", checkpoint_on_stop: bool = False):
         self.config = config
@@ -48,6 +58,8 @@ class Daemon:
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
+        become_subreaper()
+        container_epoch()  # mark when this container started, before any model runs
         for note in self.config.ignored_settings():
             log.warning("config: %s (accepted for llmux compatibility, not acted on)", note)
         self.cgroups = _cgroup_layout(self.config)

@@ -35,6 +35,10 @@ class Metrics(Listener):
             "llmuxd_eviction_escalations_total", "Evictions that failed and were escalated to stop", ["model"],
             registry=r,
         )
+        self.restore_failures = Counter(
+            "llmuxd_restore_failures_total", "Restores from a checkpoint that failed (then cold-started)",
+            ["model", "reason"], registry=r,
+        )
         for m in models:
             self.in_flight.labels(m).set(0)
             self.queued.labels(m).set(0)
@@ -53,6 +57,9 @@ class Metrics(Listener):
 
     def escalated(self, model: str, reason: str) -> None:
         self.escalations.labels(model).inc()
+
+    def restore_failed(self, model: str, reason: str) -> None:
+        self.restore_failures.labels(model, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,9 +9,13 @@ from __future__ import annotations
 import logging
 import time
 from enum import Enum
+from pathlib import Path
 
 from .backends.vllm import BackendError, VllmBackend
-from .config import Config, ProcessEviction, WeightsEviction
+from .checkpoint import cuda as cudamod
+from .checkpoint.checkpointer import CheckpointFailed, Checkpointer
+from .checkpoint.criu import Criu
+from .config import CheckpointConfig, Config, ProcessEviction, WeightsEviction
 from .errors import NotSupported
 from .isolation.cgroups import Cgroup
 
@@ -26,6 +30,9 @@ class State(str, Enum):
     ASLEEP = "asleep"  # process alive, evicted per its weights axis
     WAKING = "waking"
     STOPPING = "stopping"
+    SUSPENDED = "suspended"  # process alive, its CUDA state suspended to host memory
+    CHECKPOINTED = "checkpointed"  # no process; a checkpoint to restore from
+    RESTORING = "restoring"
 
 
 class Listener:
@@ -44,6 +51,9 @@ class Listener:
     def active_changed(self, active: str | None, switching: tuple[str | None, str] | None) -> None:
         """The active model or the switch in progress changed."""
 
+    def restore_failed(self, model: str, reason: str) -> None:
+        """A restore from a checkpoint failed (the model then cold-starts)."""
+
 
 class TransitionError(Exception):
     """A transition failed; the model is left in a resting state (``STOPPED`` when escalated)."""
@@ -58,6 +68,21 @@ class Model:
         self.state = State.STOPPED
         self.cgroup = cgroup
         self.backend = VllmBackend(name, config, self._backend_exited, cgroup)
+        ck = config.checkpoint or CheckpointConfig()
+        self.checkpoint_config = ck
+        self.checkpointer = Checkpointer(name, config.checkpoint_dir_for(name), Criu(ck.criu_path), cgroup,
+                                         Path(config.log_dir) / "criu" / name)
+        self.last_checkpoint: dict | None = None  # timings and size of the last dump
+        self.last_restore: dict | None = None  # timings of the last restore
+        self._restored_from: float | None = None  # created_ts of the checkpoint the tree came from
+        self._suspended: list[int] = []  # pids whose CUDA state is suspended (cuda_suspend)
+        found = self.checkpointer.found()
+        if found.state == "valid":
+            self.state = State.CHECKPOINTED
+            log.info("%s: found %s at %s", name, found.detail, found.path, extra={"MODEL": name, "EVENT": "discover"})
+        elif found.state == "invalid":
+            log.warning("%s: ignoring the checkpoint at %s: %s", name, found.path, found.detail,
+                        extra={"MODEL": name, "EVENT": "discover"})
         self.last_error: str | None = None
         self.last_wake_secs: float | None = None
         self.last_wake_kind: str | None = None
@@ -85,7 +110,7 @@ class Model:
         msg = f"backend exited unexpectedly with code {code}; see {self.backend.log_path}"
         log.error("%s: %s", self.name, msg, extra={"MODEL": self.name, "EVENT": "backend_exit"})
         self.last_error = msg
-        if self.state in (State.AWAKE, State.ASLEEP):
+        if self.state in (State.AWAKE, State.ASLEEP, State.SUSPENDED):
             self._weights_evicted = False
             self._set(State.STOPPED)
         # In STARTING/WAKING/SLEEPING the transition in progress sees the exit and fails.
@@ -103,6 +128,9 @@ class Model:
             "last_wake_kind": self.last_wake_kind,
             "last_sleep_secs": self.last_sleep_secs,
             "last_error": self.last_error,
+            "checkpoint_path": str(self.checkpointer.path),
+            "last_checkpoint": self.last_checkpoint,
+            "last_restore": self.last_restore,
         }
 
     # -- transitions ---------------------------------------------------------------------------
@@ -132,23 +160,80 @@ class Model:
         if self.state is State.AWAKE:
             return 0.0
         started = time.monotonic()
-        if self.state is State.ASLEEP:
+        kind = "cold_start"
+        if self.state is State.CHECKPOINTED:
+            try:
+                await self._restore()
+                kind = "restore"
+            except CheckpointFailed as e:
+                await self._restore_failed(e)
+                await self._cold_start()
+        elif self.state in (State.ASLEEP, State.SUSPENDED):
             try:
                 self._set(State.WAKING)
+                await self._resume_cuda()
                 await self._wake_sequence()
                 kind = "wake"
-            except (BackendError, NotSupported) as e:
+            except (BackendError, NotSupported, cudamod.CudaError) as e:
                 self._note_error(f"wake failed: {e}; stopping it and cold-starting instead")
                 await self._stop_backend()
                 await self._cold_start()
-                kind = "cold_start"
         else:
             await self._cold_start()
-            kind = "cold_start"
         self.last_wake_secs = self._phase("wake", started)
         self.last_wake_kind = kind
         self._set(State.AWAKE)
         return self.last_wake_secs
+
+    async def _restore(self) -> None:
+        """Restore from the checkpoint, then health, wake sequence and canary; any failure
+        kills what was restored and raises CheckpointFailed."""
+        self._set(State.RESTORING)
+        r = await self.checkpointer.restore()
+        m = r.found.manifest
+        t = dict(r.seconds)
+        try:
+            self.backend.adopt(r.root_pid)
+            t["cuda_resume"] = await self.checkpointer.resume_cuda(r.found, self.backend.pids())
+            started = time.monotonic()
+            await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
+            t["health"] = time.monotonic() - started
+            started = time.monotonic()
+            self._weights_evicted = bool(m.get("weights_evicted"))
+            await self._wake_sequence()
+            t["wake_sequence"] = time.monotonic() - started
+            if m.get("canary") is not None:
+                answer = await self.backend.canary()
+                if answer != m["canary"]:
+                    raise CheckpointFailed(f"canary answer after restore {answer!r} differs from the one "
+                                           f"recorded before the dump {m['canary']!r}", reason="canary")
+        except (BackendError, cudamod.CudaError, CheckpointFailed) as e:
+            await self.backend.stop(grace_secs=0)
+            self.checkpointer.clean_after_failure(r.found)
+            if isinstance(e, CheckpointFailed):
+                raise
+            raise CheckpointFailed(f"restored tree did not come up: {e}", reason="wake") from None
+        self.last_restore = {"from": str(r.found.path), "created": m.get("created"), "prepared": len(r.prepared),
+                             "seconds": {k: round(v, 4) for k, v in t.items()}}
+        log.info("%s: restored from %s (%s)", self.name, r.found.path,
+                 ", ".join(f"{k} {v:.3f}s" for k, v in t.items()),
+                 extra={"MODEL": self.name, "EVENT": "restore", "DURATION_S": f"{sum(t.values()):.3f}"})
+        if self.checkpoint_config.keep_images:
+            self._restored_from = m.get("created_ts")
+        else:
+            self.checkpointer.discard()
+
+    async def _restore_failed(self, e: CheckpointFailed) -> None:
+        where = self.checkpointer.path
+        if e.unusable:
+            moved = self.checkpointer.quarantine()
+            what = f"checkpoint unusable, moved to {moved}" if moved else "checkpoint unusable"
+        else:
+            what = f"checkpoint kept at {where}"
+        self._note_error(f"restore failed ({e.reason}): {e}; {what}; cold-starting instead")
+        for listener in self.listeners:
+            listener.restore_failed(self.name, e.reason)
+        self._set(State.STOPPED)
 
     async def _cold_start(self) -> None:
         self._set(State.STARTING)
@@ -163,8 +248,6 @@ class Model:
             raise TransitionError(msg) from None
 
     async def _wake_sequence(self) -> None:
-        if self.eviction.process is not ProcessEviction.KEEP_RUNNING:
-            raise NotSupported(f"waking from process eviction {self.eviction.process.value!r}")
         if self._weights_evicted:
             await self.backend.wake_up()
             if self.eviction.weights is WeightsEviction.DISCARD:
@@ -180,12 +263,14 @@ class Model:
         started = time.monotonic()
         self._set(State.SLEEPING)
         try:
+            checkpoint = self.eviction.process is ProcessEviction.CHECKPOINT
+            canary = await self.backend.canary() if checkpoint and not self._reusable() else None
             level = self.eviction.weights.sleep_level
             if level is not None:
                 await self.backend.sleep(level)
                 self._weights_evicted = True
-            resting = await self._process_step()
-        except (BackendError, NotSupported) as e:
+            resting = await self._process_step(canary)
+        except (BackendError, NotSupported, CheckpointFailed, cudamod.CudaError) as e:
             self._note_error(f"eviction {self.eviction} failed: {e}; escalated to stop to free the GPU")
             for listener in self.listeners:
                 listener.escalated(self.name, str(e))
@@ -195,28 +280,87 @@ class Model:
         self._set(resting)
         return self.last_sleep_secs
 
-    async def _process_step(self) -> State:
+    async def _process_step(self, canary: str | None) -> State:
         process = self.eviction.process
+        if not self.backend.running:
+            raise BackendError("backend exited during eviction")
         if process is ProcessEviction.KEEP_RUNNING:
-            if not self.backend.running:
-                raise BackendError("backend exited during eviction")
             return State.ASLEEP
         if process is ProcessEviction.STOP:
             await self._stop_backend()
             return State.STOPPED
-        raise NotSupported(f"process eviction {process.value!r} is not available in this build")
+        if process is ProcessEviction.CUDA_SUSPEND:
+            gpu_pids = cudamod.gpu_processes(self.backend.pids())
+            if gpu_pids:  # no GPU state (CPU backend, no GPU here): nothing to suspend
+                self._suspended = await cudamod.suspend_tree(gpu_pids, self._cuda())
+            return State.SUSPENDED
+        return await self._checkpoint(canary)
+
+    def _reusable(self) -> bool:
+        """keep_images: the tree was restored from the checkpoint on disk and has not been
+        restarted since, so the images still describe it — llmux's reuse: no new dump."""
+        if not (self.checkpoint_config.keep_images and self._restored_from):
+            return False
+        found = self.checkpointer.found()
+        return found.state == "valid" and found.manifest.get("created_ts") == self._restored_from
+
+    async def _checkpoint(self, canary: str | None) -> State:
+        if self._reusable():
+            log.info("%s: keep_images: reusing the checkpoint it was restored from", self.name,
+                     extra={"MODEL": self.name, "EVENT": "checkpoint_reuse"})
+            await self._stop_tree()
+            self.last_checkpoint = {"reused": True}
+            return State.CHECKPOINTED
+        self.checkpointer.cuda = self._cuda() if cudamod.gpu_processes(self.backend.pids()) else None
+        init = self.backend.tree.init_pid
+        extra = {"eviction": str(self.eviction), "served_name": self.backend.served_name,
+                 "port": self.config.models[self.name].port, "argv": self.backend.argv(), "canary": canary,
+                 "weights_evicted": self._weights_evicted}
+        self.backend.expect_exit()  # CRIU ends the tree once it is dumped
+        try:
+            manifest = await self.checkpointer.dump(init, self.backend.pids(), extra)
+        except CheckpointFailed:
+            if self.backend.running:  # the dump failed before the end: the tree still serves
+                self.backend.unexpect_exit()
+            raise
+        await self._stop_tree()  # CRIU ended the dumped tree; wait until all of it is gone
+        self._restored_from = None
+        self.last_checkpoint = {"path": str(self.checkpointer.path), "image_bytes": manifest["image_bytes"],
+                                "saved_files": len(manifest["saved"]),
+                                "seconds": {k: round(v, 4) for k, v in manifest["timings"].items()}}
+        log.info("%s: checkpointed to %s (%d MiB of images, %d files saved)", self.name, self.checkpointer.path,
+                 manifest["image_bytes"] >> 20, len(manifest["saved"]),
+                 extra={"MODEL": self.name, "EVENT": "checkpoint"})
+        return State.CHECKPOINTED
+
+    def _cuda(self) -> "cudamod.CudaCheckpointer":
+        if not hasattr(self, "_cuda_checkpointer"):
+            self._cuda_checkpointer, why = cudamod.select_checkpointer(self.checkpoint_config.cuda_checkpoint_path)
+            log.info("%s: CUDA suspend: %s", self.name, why)
+        if self._cuda_checkpointer is None:
+            raise NotSupported("the model holds GPU state but no CUDA suspend is available here")
+        return self._cuda_checkpointer
+
+    async def _resume_cuda(self) -> None:
+        if self._suspended:
+            await cudamod.resume_tree(self._suspended, self._cuda())
+            self._suspended = []
 
     async def stop(self) -> None:
-        if self.state is State.STOPPED and not self.backend.pids():
+        if self.state in (State.STOPPED, State.CHECKPOINTED) and not self.backend.pids():
             return
         self._set(State.STOPPING)
         await self._stop_backend()
         self._set(State.STOPPED)
 
     async def _stop_backend(self) -> None:
+        await self._stop_tree()
+        self._set(State.STOPPED)
+
+    async def _stop_tree(self) -> None:
         await self.backend.stop()
         self._weights_evicted = False
-        self._set(State.STOPPED)
+        self._suspended = []
 
     def _note_error(self, msg: str) -> None:
         self.last_error = msg

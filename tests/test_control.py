@@ -104,12 +104,30 @@ def test_failed_sleep_escalates_to_stop(make_daemon, expected):
     assert "escalated to stop" in d.log()
 
 
-def test_unsupported_process_eviction_falls_back_to_stop(make_daemon):
+def test_cuda_suspend_without_gpu_state_keeps_the_process(make_daemon, expected):
+    """cuda_suspend on a tree that holds no GPU state (no GPU here): nothing to suspend, the
+    process stays; the wake resumes it as it was.  (The suspend itself needs a GPU: issue 6.)"""
     p = free_ports(2)
     d = make_daemon(models={"m1": model_entry("m1", p[0], "retain", "cuda_suspend"), "m2": model_entry("m2", p[1])})
     complete(d, "m1")
+    pids = d.status()["models"]["m1"]["pids"]
     r = d.control("sleep", "m1").json()
-    assert r["state"] == "stopped" and "cuda_suspend" in r["last_error"] and "escalated to stop" in r["last_error"]
+    assert r["state"] == "suspended" and r["last_error"] is None
+    assert d.status()["models"]["m1"]["pids"] == pids
+    assert complete(d, "m1", "s").json()["choices"][0]["text"] == expected("m1", "s", 4)
+    assert d.status()["models"]["m1"]["last_wake_kind"] == "wake"
+
+
+def test_failed_checkpoint_escalates_to_stop(make_daemon, tmp_path):
+    p = free_ports(2)
+    d = make_daemon(models={"m1": model_entry("m1", p[0], "discard", "checkpoint"), "m2": model_entry("m2", p[1])},
+                    checkpoint={"criu_path": str(tmp_path / "no-criu"), "images_dir": str(tmp_path / "ck")})
+    complete(d, "m1")
+    pids = d.status()["models"]["m1"]["pids"]
+    r = d.control("sleep", "m1").json()
+    assert r["state"] == "stopped" and "escalated to stop" in r["last_error"]
+    assert not any(pid_alive(p) for p in pids)
+    assert not (tmp_path / "ck" / "m1").exists() or not any((tmp_path / "ck" / "m1").iterdir())
 
 
 def test_backend_that_never_becomes_healthy(make_daemon):

@@ -18,6 +18,10 @@ from ..isolation.tree import ProcessTree
 log = logging.getLogger(__name__)
 
 
+#: A fixed greedy request: its answer before a checkpoint must equal its answer after a restore.
+CANARY = {"prompt": "llmuxd canary: the capital of France is", "max_tokens": 8, "temperature": 0}
+
+
 class BackendError(Exception):
     """A call to the backend failed; the message says which and why."""
 
@@ -121,6 +125,13 @@ class VllmBackend:
                 raise BackendError(f"backend did not become healthy within {timeout:g} s; see {self.log_path}")
             await asyncio.sleep(self.HEALTH_POLL_SECS)
 
+    def expect_exit(self) -> None:
+        """The tree is about to end by our doing (a stop, a CRIU dump): not a crash."""
+        self._expect_exit = True
+
+    def unexpect_exit(self) -> None:
+        self._expect_exit = False
+
     async def stop(self, grace_secs: float = 10.0) -> None:
         self._expect_exit = True
         await self.tree.kill(grace_secs)
@@ -161,6 +172,19 @@ class VllmBackend:
 
     async def reset_prefix_cache(self) -> None:
         await self._post("/reset_prefix_cache")
+
+    async def canary(self) -> str | None:
+        """The answer to the fixed greedy canary request; None when the model does not do text
+        completions (then there is nothing to compare)."""
+        timeout = aiohttp.ClientTimeout(total=self.config.policy.startup_timeout_secs)
+        try:
+            async with self._http().post(self.url + "/v1/completions", timeout=timeout,
+                                         json={"model": self.served_name, **CANARY}) as r:
+                if r.status != 200:
+                    return None
+                return (await r.json())["choices"][0]["text"]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, IndexError) as e:
+            raise BackendError(f"canary request failed: {e!r}") from None
 
     async def probe(self) -> dict | None:
         """What answers on the model's port: ``{"served": [names], "sleeping": bool}``, or None."""

@@ -1,6 +1,6 @@
 """PID 1 of a model tree's own PID namespace.
 
-llmuxd starts every model tree as ``unshare --pid --fork --kill-child python -m
+llmuxd starts every model tree as ``unshare --pid --fork python -m
 llmuxd.isolation.pidinit --first-pid N -- CMD...``.  Why a PID namespace per tree: CRIU restores
 every process with the PID it had, and in a namespace of its own that PID can never be taken by
 anyone else — in this container, or in a fresh container that happens to have started other
@@ -54,6 +54,7 @@ def main(argv: list[str]) -> int:
     if os.getpid() != 1:
         print("pidinit: not PID 1 of a PID namespace (run under unshare --pid --fork)", file=sys.stderr)
         return 2
+    os.setsid()  # CRIU wants the tree's session leader inside the tree (it is: us)
     if first_pid:
         try:
             with open("/proc/sys/kernel/ns_last_pid", "w") as f:

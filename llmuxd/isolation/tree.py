@@ -76,7 +76,7 @@ class ProcessTree:
         init = [sys.executable, "-m", "llmuxd.isolation.pidinit", "--first-pid", str(default_first_pid())]
         if not self.block_io_uring:
             init.append("--no-seccomp")
-        return ["unshare", "--pid", "--fork", "--kill-child", *init, "--", *argv]
+        return ["unshare", "--pid", "--fork", *init, "--", *argv]
 
     @property
     def init_pid(self) -> int | None:
@@ -148,8 +148,15 @@ class ProcessTree:
     def pids(self) -> list[int]:
         if self.cgroup is not None and self.cgroup.exists():
             return self.cgroup.procs()
-        # Members outlive the root if it dies first: the session id still names them.
-        return session_members(self.root_pid) if self.root_pid else []
+        # Members outlive the root if it dies first: the session id still names them.  In a PID
+        # namespace the init leads the session (the root is `unshare`, outside it).
+        if not self.root_pid:
+            return []
+        leader = self.init_pid or self.root_pid
+        members = set(session_members(leader))
+        if _alive(self.root_pid):
+            members.add(self.root_pid)
+        return sorted(members)
 
     async def wait(self) -> int:
         assert self._exited is not None

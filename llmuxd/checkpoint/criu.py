@@ -1,0 +1,122 @@
+"""Running CRIU: dump a model tree, restore it, with the options a vLLM tree needs.
+
+Options, and why:
+  --tcp-established   vLLM holds loopback TCP connections (gloo, its API listener's peers)
+  --ext-unix-sk       unix sockets to peers outside the tree (never left open by llmuxd's
+                      spawning, but harmless datagram ones may exist)
+  --link-remap        open files deleted but still linked elsewhere (CRIU makes link_remap.N)
+  --ghost-limit 256M  deleted-but-open files are kept in the images up to this size
+  --file-locks        flock/posix locks held by the tree
+  --network-lock      iptables when present, else nftables, else skip (loopback-only trees)
+  --freeze-cgroup     the model's cgroup: a consistent snapshot of every process at once
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ..isolation.cgroups import Cgroup
+
+log = logging.getLogger(__name__)
+
+COMMON = ["--tcp-established", "--ext-unix-sk", "--file-locks"]
+
+
+class CriuError(Exception):
+    """CRIU failed; ``message`` carries its first error lines."""
+
+    def __init__(self, action: str, message: str, log_path: Path | None = None):
+        self.action = action
+        self.log_path = log_path
+        super().__init__(f"criu {action} failed: {message}" + (f" (log: {log_path})" if log_path else ""))
+
+
+def error_lines(log_path: Path, limit: int = 4) -> str:
+    """The first CRIU 'Error' lines of a log, minus the harmless RLIMIT_NOFILE one."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    errs = [re.sub(r"^\(\s*[\d.]+\)\s*", "", ln) for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln]
+    return "; ".join(errs[:limit]) or (lines[-1] if lines else "empty log")
+
+
+class Criu:
+    def __init__(self, path: str):
+        self.path = path
+        self._network_lock: str | None = None
+
+    def available(self) -> bool:
+        return bool(shutil.which(self.path) or os.access(self.path, os.X_OK))
+
+    async def _run(self, args: list[str], *, cgroup: Cgroup | None = None, timeout: float | None = None) -> tuple[int, str]:
+        join = None
+        if cgroup is not None:
+            cgroup.create()
+            procs = str(cgroup.path / "cgroup.procs")
+
+            def join() -> None:  # the restored tree is criu's: it must be born in the model's cgroup
+                with open(procs, "w") as f:
+                    f.write("0")
+
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.path, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, close_fds=True, preexec_fn=join,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            raise CriuError(args[0], f"cannot run {self.path}: {e}") from None
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            proc.kill()
+            await proc.wait()
+            raise
+        return proc.returncode, out.decode(errors="replace")
+
+    async def network_lock(self) -> str:
+        """iptables if the machine has it; else nftables if CRIU can use it here; else skip
+        (a model tree talks over loopback only, and every peer is frozen with it)."""
+        if self._network_lock is None:
+            if shutil.which("iptables-restore"):
+                self._network_lock = "iptables"
+            else:
+                code, _ = await self._run(["check", "--feature", "network-lock-nftables"])
+                self._network_lock = "nftables" if code == 0 else "skip"
+            log.info("criu: network lock %s", self._network_lock)
+        return self._network_lock
+
+    async def dump(self, pid: int, images: Path, *, freeze_cgroup: Path | None = None) -> None:
+        args = ["dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4", *COMMON,
+                "--link-remap", "--ghost-limit", "256M", "--network-lock", await self.network_lock()]
+        if freeze_cgroup is not None:
+            args += ["--freeze-cgroup", str(freeze_cgroup)]
+        code, out = await self._run(args)
+        if code != 0:
+            raise CriuError("dump", error_lines(images / "dump.log") if (images / "dump.log").exists() else out[-500:],
+                            images / "dump.log")
+
+    async def restore(self, images: Path, work: Path, cgroup: Cgroup | None) -> int:
+        """Restore detached; returns the restored root's PID (a child of ours when we are a
+        child subreaper)."""
+        work.mkdir(parents=True, exist_ok=True)
+        pidfile = work / "restore.pid"
+        pidfile.unlink(missing_ok=True)
+        args = ["restore", "-D", str(images), "-W", str(work), "-o", str(work / "restore.log"), "-v4",
+                *COMMON, "--restore-detached", "--pidfile", str(pidfile),
+                "--network-lock", await self.network_lock()]
+        code, out = await self._run(args, cgroup=cgroup)
+        if code != 0:
+            raise CriuError("restore", error_lines(work / "restore.log"), work / "restore.log")
+        return int(pidfile.read_text().strip())
+
+    async def version(self) -> str:
+        code, out = await self._run(["--version"])
+        m = re.search(r"Version:\s*(\S+)", out)
+        return m.group(1) if m else out.strip()

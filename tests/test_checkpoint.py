@@ -1,0 +1,72 @@
+"""CRIU checkpoint and restore through llmuxd, in the same container (this machine): real
+dumps of real simulator trees, restored and checked against answers computed from the weights."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from conftest import model_entry
+from harness import free_ports, pid_alive
+
+pytestmark = [pytest.mark.criu]
+
+
+def complete(d, model, prompt="hello", n=4):
+    r = httpx.post(d.url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": n}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+@pytest.fixture
+def ck_daemon(make_daemon, tmp_path):
+    def make(keep_images=True, **kw):
+        p = free_ports(2)
+        models = {"m1": model_entry("m1", p[0], "discard", "checkpoint"), "m2": model_entry("m2", p[1])}
+        return make_daemon(models=models, checkpoint={"criu_path": "/usr/local/bin/criu",
+                                                      "images_dir": str(tmp_path / "ck"), "keep_images": keep_images},
+                           **kw)
+    return make
+
+
+def test_checkpoint_restore_same_container(ck_daemon, expected, tmp_path):
+    d = ck_daemon()
+    assert complete(d, "m1", "q") == expected("m1", "q", 4)
+    before = d.status()["models"]["m1"]["pids"]
+    r = d.control("sleep", "m1")
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "checkpointed", r.json()
+    ckdir = tmp_path / "ck" / "m1" / "images"
+    manifest = json.loads((ckdir / "manifest.json").read_text())
+    assert manifest["model"] == "m1" and manifest["pidns"] and manifest["weights_evicted"]
+    assert manifest["canary"] and manifest["images"]
+    assert not any(pid_alive(p) for p in before)
+    st = d.status()["models"]["m1"]
+    assert st["pids"] == [] and st["last_checkpoint"]["image_bytes"] > 0
+    # Wake: a restore, not a cold start; the answer is right (weights reloaded after discard).
+    r = d.control("wake", "m1")
+    assert r.json()["state"] == "awake"
+    st = d.status()["models"]["m1"]
+    assert st["last_wake_kind"] == "restore", st
+    assert st["last_restore"]["seconds"]["criu_restore"] > 0
+    assert complete(d, "m1", "q2") == expected("m1", "q2", 4)
+    # keep_images: the next sleep reuses the images (no new dump), the next wake restores again.
+    assert d.control("sleep", "m1").json()["state"] == "checkpointed"
+    assert d.status()["models"]["m1"]["last_checkpoint"] == {"reused": True}
+    assert complete(d, "m1", "q3") == expected("m1", "q3", 4)
+    assert d.status()["models"]["m1"]["last_wake_kind"] == "restore"
+    assert "restored from" in d.log()
+
+
+def test_checkpoint_found_at_startup(ck_daemon, expected):
+    d = ck_daemon()
+    complete(d, "m1")
+    assert d.control("sleep", "m1").json()["state"] == "checkpointed"
+    d.stop()
+    assert d.leftovers == []
+    d.start()
+    assert d.status()["models"]["m1"]["state"] == "checkpointed"
+    assert complete(d, "m1", "z") == expected("m1", "z", 4)
+    assert d.status()["models"]["m1"]["last_wake_kind"] == "restore"
