@@ -1,0 +1,189 @@
+"""The success test of the mission: a checkpoint made in container A restores in a NEW container
+B of the same image that shares only the checkpoint folder and the HuggingFace cache.
+
+Two container shapes:
+  (a) booted systemd-nspawn containers: own PID namespace, systemd as PID 1, llmuxd.service with
+      the restore unit before it;
+  (b) mount-namespace containers sharing the host's PID, network and IPC namespaces, as
+      ``docker run --pid=host --network=host --ipc=host`` does, with llmuxd as the entrypoint
+      (packaging/entrypoint.sh).
+Each container's writable layer is fresh: nothing A wrote is visible in B except through the two
+shared folders.  The config is the mission's, with the simulator as vllm_command and free ports
+(3000 and 8001 may be taken on a test machine).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harness import SIM, free_ports, wait_until
+from llmuxd.sim import model as simmodel
+from systemd_env import REPO, VENV, ServiceContainer, require_containers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "infra"))
+import mntns  # noqa: E402
+
+pytestmark = [pytest.mark.criu, pytest.mark.slow]
+
+CKPT = "/tmp/llmux-checkpoints"
+HF = "/root/.cache/huggingface"
+CHAT = [{"role": "user", "content": "What is CRIU?"}]
+
+
+def mission_config(port: int, model_port: int) -> dict:
+    return {
+        "models": {"qwen3-0.6b": {"model_path": "Qwen/Qwen3-0.6B", "port": model_port,
+                                  "eviction": {"weights": "discard", "process": "checkpoint"},
+                                  "checkpoint_path": "/tmp/llmux-checkpoints/qwen3-0.6b/images"}},
+        "checkpoint": {"criu_path": "/usr/local/bin/criu", "cuda_plugin_dir": "/usr/lib/criu/",
+                       "images_dir": "/tmp/llmux-checkpoints", "cuda_checkpoint_path": "/usr/local/bin/cuda-checkpoint",
+                       "keep_images": True},
+        "port": port,
+        "vllm_command": f"{VENV}/bin/llmuxd-vllm-sim",
+        "host": "127.0.0.1",
+    }
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """The two shared folders: checkpoints (empty) and an HF cache holding Qwen/Qwen3-0.6B (simulated)."""
+    base = tmp_path_factory.mktemp("shared")
+    hf = base / "hf"
+    made = simmodel.make_model("Qwen/Qwen3-0.6B", 7, hf)
+    digest = simmodel.weights_digest(simmodel.read_weights(Path(made.snapshot)))
+    answer = "".join(simmodel.generate(digest, simmodel.render_chat(CHAT), 12))
+    return base, hf, answer
+
+
+def chat(url: str) -> str:
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "qwen3-0.6b", "messages": CHAT, "max_tokens": 12},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def status(url: str) -> dict:
+    return httpx.get(url + "/control/status", timeout=30).json()["models"]["qwen3-0.6b"]
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    def up():
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+    wait_until(up, timeout, what=f"{url}/health")
+
+
+# -- shape (b): mount-namespace containers, llmuxd as the entrypoint ------------------------------
+
+class EntrypointContainer:
+    def __init__(self, name: str, ckpt: Path, hf: Path, config: dict, workdir: Path):
+        cfg = workdir / f"{name}-config.json"
+        cfg.write_text(json.dumps(config))
+        self.url = f"http://127.0.0.1:{config['port']}"
+        self.c = mntns.MountContainer(name, binds=[(str(ckpt), CKPT), (str(hf), HF), (str(cfg), "/etc/llmux/config.json")])
+
+    def start(self) -> "EntrypointContainer":
+        self.c.start()
+        # The image's install (files stage: units, D-Bus policy, /usr/local/bin/llmuxd -> venv).
+        self.c.run(["bash", f"{REPO}/packaging/install.sh", "--stages", "files", "--venv", VENV])
+        self.proc = self.c.spawn(["sh", f"{REPO}/packaging/entrypoint.sh"], stdout="/var/log/llmuxd/entrypoint.log")
+        wait_http(self.url)
+        return self
+
+    def log(self) -> str:
+        return self.c.path("/var/log/llmuxd/entrypoint.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.c.stop()
+
+
+def test_cross_container_entrypoint_shape(tmp_path, shared):
+    require_mntns()
+    base, hf, answer = shared
+    ckpt = base / "ckpt-b"
+    ckpt.mkdir()
+    port, mport = free_ports(2)
+    config = mission_config(port, mport)
+    a = EntrypointContainer("llmuxd-xa", ckpt, hf, config, tmp_path).start()
+    try:
+        t0 = time.monotonic()
+        assert chat(a.url) == answer  # cold start
+        cold = time.monotonic() - t0
+        assert status(a.url)["last_wake_kind"] == "cold_start"
+        r = httpx.post(a.url + "/control/sleep", json={"model": "qwen3-0.6b"}, timeout=120).json()
+        assert r["state"] == "checkpointed", (r, a.log()[-3000:])
+        assert (ckpt / "qwen3-0.6b" / "images" / "manifest.json").exists()
+        saved = json.loads((ckpt / "qwen3-0.6b" / "images" / "manifest.json").read_text())["saved"]
+        assert any(s["path"].startswith("/dev/shm/psm_") for s in saved), saved
+        assert any("/.cache/llmuxd-sim/" in s["path"] for s in saved), saved
+    finally:
+        a.stop()
+    for gen, name in enumerate(("llmuxd-xb", "llmuxd-xc")):  # A -> B -> C
+        b = EntrypointContainer(name, ckpt, hf, config, tmp_path).start()
+        try:
+            # B's layer was fresh: the entrypoint's prepare-restore had to put A's run-time files back.
+            assert "restored /root/.cache/llmuxd-sim/" in b.log() and "restored /dev/shm/psm_" in b.log()
+            assert status(b.url)["state"] == "checkpointed"
+            t0 = time.monotonic()
+            r = httpx.post(b.url + "/control/wake", json={"model": "qwen3-0.6b"}, timeout=120).json()
+            wake = time.monotonic() - t0
+            assert r["state"] == "awake", (r, b.log()[-3000:])
+            st = status(b.url)
+            assert st["last_wake_kind"] == "restore", (st, b.log()[-3000:])
+            assert "restored from /tmp/llmux-checkpoints/qwen3-0.6b/images" in b.log()
+            assert chat(b.url) == answer
+            print(f"{name}: cold start {cold:.2f} s in A, restore+wake {wake:.2f} s: {st['last_restore']['seconds']}")
+            assert httpx.post(b.url + "/control/sleep", json={"model": "qwen3-0.6b"},
+                              timeout=120).json()["state"] == "checkpointed"
+        finally:
+            b.stop()
+
+
+def require_mntns() -> None:
+    ok, why = mntns.available()
+    if not ok:
+        pytest.fail(f"mount-namespace containers not available: {why}")
+
+
+# -- shape (a): booted systemd containers ----------------------------------------------------------
+
+def test_cross_container_systemd_shape(tmp_path, shared):
+    require_containers()
+    base, hf, answer = shared
+    ckpt = base / "ckpt-a"
+    ckpt.mkdir()
+    port, mport = free_ports(2)
+    config = mission_config(port, mport)
+    binds = [(str(ckpt), CKPT), (str(hf), HF)]
+    a = ServiceContainer("xa", tmp_path, config, {}, binds=binds).start()
+    try:
+        a.c.systemctl("start", "llmuxd", check=True)
+        assert chat(a.url) == answer
+        r = httpx.post(a.url + "/control/sleep", json={"model": "qwen3-0.6b"}, timeout=120).json()
+        assert r["state"] == "checkpointed", (r, a.c.journal("llmuxd")[-3000:])
+    finally:
+        a.stop()
+    b = ServiceContainer("xb", tmp_path, config, {}, binds=binds).start()
+    try:
+        # The restore unit ran at boot (its condition: the config exists) and put files back.
+        b.c.systemctl("restart", "llmuxd-restore", check=True)
+        restore_log = b.c.journal("llmuxd-restore")
+        assert "is ready to restore" in restore_log, restore_log
+        assert b.c.path("/root/.cache/llmuxd-sim").exists()  # put back before the daemon starts
+        b.c.systemctl("start", "llmuxd", check=True)
+        assert status(b.url)["state"] == "checkpointed"
+        r = httpx.post(b.url + "/control/wake", json={"model": "qwen3-0.6b"}, timeout=120).json()
+        assert r["state"] == "awake", (r, b.c.journal("llmuxd")[-3000:])
+        assert status(b.url)["last_wake_kind"] == "restore"
+        assert "restored from" in b.c.journal("llmuxd")
+        assert chat(b.url) == answer
+    finally:
+        b.stop()
