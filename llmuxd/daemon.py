@@ -13,6 +13,7 @@ from .api.http import build_app, build_metrics_app
 from .config import Config
 from .checkpoint.fsview import container_epoch
 from .isolation.cgroups import CgroupLayout, CgroupUnavailable
+from .isolation.reaper import reap_forever
 from .switcher import Switcher
 from .systemd import Notifier
 
@@ -59,6 +60,7 @@ class Daemon:
 
     async def start(self) -> None:
         become_subreaper()
+        self._reaper = asyncio.create_task(reap_forever(), name="reaper")
         container_epoch()  # mark when this container started, before any model runs
         for note in self.config.ignored_settings():
             log.warning("config: %s (accepted for llmux compatibility, not acted on)", note)
@@ -127,6 +129,8 @@ class Daemon:
         finally:
             keepalive.cancel()
             self.notifier.stop_watchdog()
+            if getattr(self, "_reaper", None):
+                self._reaper.cancel()
         log.info("stopped")
 
     async def _extend_stop_timeout(self) -> None:

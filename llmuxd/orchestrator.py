@@ -15,6 +15,7 @@ from .backends.vllm import BackendError, VllmBackend
 from .checkpoint import cuda as cudamod
 from .checkpoint.checkpointer import CheckpointFailed, Checkpointer
 from .checkpoint.criu import Criu
+from .checkpoint.store import remove_partials
 from .config import CheckpointConfig, Config, ProcessEviction, WeightsEviction
 from .errors import NotSupported
 from .isolation.cgroups import Cgroup
@@ -76,6 +77,9 @@ class Model:
         self.last_restore: dict | None = None  # timings of the last restore
         self._restored_from: float | None = None  # created_ts of the checkpoint the tree came from
         self._suspended: list[int] = []  # pids whose CUDA state is suspended (cuda_suspend)
+        for leftover in remove_partials(self.checkpointer.path):
+            log.warning("%s: removed the leftover of an unfinished dump: %s", name, leftover,
+                        extra={"MODEL": name, "EVENT": "discover"})
         found = self.checkpointer.found()
         if found.state == "valid":
             self.state = State.CHECKPOINTED

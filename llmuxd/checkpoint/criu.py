@@ -21,6 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..isolation import reaper
 from ..isolation.cgroups import Cgroup
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,16 @@ class Criu:
             )
         except (OSError, subprocess.SubprocessError) as e:
             raise CriuError(args[0], f"cannot run {self.path}: {e}") from None
+        reaper.track(proc.pid)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             proc.kill()
             await proc.wait()
             raise
+        finally:
+            if proc.returncode is not None:
+                reaper.untrack(proc.pid)
         return proc.returncode, out.decode(errors="replace")
 
     async def network_lock(self) -> str:

@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from . import reaper
 from .cgroups import Cgroup
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,9 @@ class ProcessTree:
             os.close(fd)
         self.root_pid = self._proc.pid
         self._spawned_init = self.pid_namespace
+        reaper.track(self.root_pid)
         self._exited = asyncio.ensure_future(self._proc.wait())
+        self._exited.add_done_callback(lambda _f, pid=self.root_pid: reaper.untrack(pid))
         return self.root_pid
 
     def adopt(self, root_pid: int) -> None:
@@ -122,6 +125,7 @@ class ProcessTree:
         self.root_pid = root_pid
         self._proc = None
         self._spawned_init = False
+        reaper.track(root_pid)  # reaped by us below, when its pidfd says it is gone
         loop = asyncio.get_running_loop()
         self._exited = loop.create_future()
         try:
@@ -140,6 +144,7 @@ class ProcessTree:
                     code = os.waitstatus_to_exitcode(status)
             except ChildProcessError:
                 pass
+            reaper.untrack(root_pid)
             if not self._exited.done():
                 self._exited.set_result(code)
 
