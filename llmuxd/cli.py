@@ -109,6 +109,51 @@ def cmd_prepare_restore(args: argparse.Namespace) -> int:
     return prepare_restore(args.config)
 
 
+def _run_checkpoint_command(args: argparse.Namespace, coro_fn) -> int:
+    from .checkpoint.commands import CommandError
+    from .log import setup_logging
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    setup_logging("WARNING")
+    try:
+        return asyncio.run(coro_fn(config))
+    except CommandError as e:
+        print(f"llmuxd: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from .checkpoint.commands import checkpoint_model
+
+    return _run_checkpoint_command(args, lambda c: checkpoint_model(c, args.model))
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .checkpoint.commands import restore_model
+
+    return _run_checkpoint_command(args, lambda c: restore_model(c, args.model, args.detached))
+
+
+def cmd_inspect_checkpoint(args: argparse.Namespace) -> int:
+    from .checkpoint.commands import CommandError, inspect_checkpoint
+
+    try:
+        return inspect_checkpoint(args.path, args.verify_images)
+    except CommandError as e:
+        print(f"llmuxd: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor(args.config, as_json=args.json)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _call(args, "GET", "/control/status")
     if args.json:
@@ -145,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-on-stop", action="store_true",
                    help="on stop, checkpoint models whose process eviction is `checkpoint`")
     s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("checkpoint", parents=[common],
+                       help="start MODEL if needed, warm it up, checkpoint it (CRIU), exit")
+    k.add_argument("model")
+    k.set_defaults(func=cmd_checkpoint)
+    k = sub.add_parser("restore", parents=[common], help="restore MODEL from its checkpoint and serve it")
+    k.add_argument("model")
+    k.add_argument("--detached", action="store_true", help="leave it running and exit (a later `serve` adopts it)")
+    k.set_defaults(func=cmd_restore)
+    k = sub.add_parser("inspect-checkpoint", help="what a checkpoint needs, what it saved, what this container lacks")
+    k.add_argument("path", type=Path)
+    k.add_argument("--verify-images", action="store_true", help="also check every image's SHA-256")
+    k.set_defaults(func=cmd_inspect_checkpoint)
+    k = sub.add_parser("doctor", parents=[common], help="what this machine can and cannot do for llmuxd")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_doctor)
 
     r = sub.add_parser("prepare-restore", parents=[common],
                        help="before the daemon starts: check the config and checkpoints, prepare what a restore needs")

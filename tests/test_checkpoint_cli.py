@@ -1,0 +1,51 @@
+"""`llmuxd checkpoint`, `inspect-checkpoint`, `restore --detached` (then adopted by `serve`),
+and `prepare-restore`, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import httpx
+import pytest
+
+from conftest import model_entry
+from harness import LLMUXD, free_ports, pid_alive
+
+pytestmark = [pytest.mark.criu]
+
+
+def test_checkpoint_inspect_restore_detached_then_adopted(make_daemon, tmp_path, expected):
+    p = free_ports(1)
+    d = make_daemon(models={"m1": model_entry("m1", p[0], "discard", "stop")}, start=False,
+                    checkpoint={"criu_path": "/usr/local/bin/criu", "images_dir": str(tmp_path / "ck")})
+    d.config_path.write_text(json.dumps(d.config))
+    run = lambda *a: subprocess.run([LLMUXD, *a, "--config", str(d.config_path)], capture_output=True, text=True,  # noqa: E731
+                                    env=d.env, timeout=120)
+    r = run("checkpoint", "m1")  # the model's process policy is `stop`: checkpoint forces it
+    assert r.returncode == 0, r.stderr
+    assert "m1: cold_start in" in r.stdout and "checkpointed to" in r.stdout
+    path = tmp_path / "ck" / "m1" / "images"
+    r = subprocess.run([LLMUXD, "inspect-checkpoint", str(path)], capture_output=True, text=True, env=d.env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "own PID namespace: True" in r.stdout and "saved (put back byte-exact)" in r.stdout
+    assert "/dev/shm/psm_" in r.stdout and "restorable here" in r.stdout
+    r = run("prepare-restore")
+    assert r.returncode == 0 and "is ready to restore" in r.stderr, r.stderr
+    r = run("restore", "m1", "--detached")
+    assert r.returncode == 0, r.stderr
+    assert "m1: restored in" in r.stdout
+    root = int(r.stdout.split("root pid ")[1].split()[0])
+    assert pid_alive(root)
+    port = d.config["models"]["m1"]["port"]
+    direct = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m1", "prompt": "d", "max_tokens": 3})
+    assert direct.json()["choices"][0]["text"] == expected("m1", "d", 3)
+    d.start()  # the daemon adopts the detached tree: no second backend
+    st = d.status()["models"]["m1"]
+    assert st["state"] == "awake" and st["pid"] == root, st
+    assert "adopted running tree" in d.log()
+    # The daemon refuses to be doubled by the CLI.
+    r = run("restore", "m1")
+    assert r.returncode == 1 and "llmuxd is running on port" in r.stderr
+    r = subprocess.run([LLMUXD, "inspect-checkpoint", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert r.returncode == 1 and "not a checkpoint" in r.stderr
