@@ -1,0 +1,120 @@
+"""Benchmark (figures, not a test): checkpoint and restore of a simulated model through llmuxd.
+
+Prints, as medians over N rounds measured in one run: cold start to first token, sleep with
+discard + checkpoint (and the bare `criu dump` inside it), image size, restore to first token
+(and the bare `criu restore` inside it), and the ratios — restore vs cold start, llmuxd's
+overhead over bare CRIU.  Usage: .venv/bin/python bench/checkpoint_sim.py [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str) -> None:
+    for _ in range(400):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("llmuxd did not come up")
+
+
+def first_token(url: str) -> float:
+    t = time.monotonic()
+    with httpx.stream("POST", url + "/v1/completions", timeout=300,
+                      json={"model": "bench", "prompt": "benchmark", "max_tokens": 8, "stream": True}) as r:
+        for chunk in r.iter_raw():
+            if chunk:
+                return time.monotonic() - t
+    raise RuntimeError("no token")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="llmuxd-bench-"))
+    env = dict(os.environ, HF_HOME=str(work / "hf"), HOME=str(work / "home"), LLMUXD_SIM_GPU_DIR=str(work / "gpu"))
+    (work / "home").mkdir()
+    subprocess.run([BIN / "llmuxd-vllm-sim", "make-model", "bench/model", "--seed", "5"], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    port, mport = free_port(), free_port()
+    config = {"models": {"bench": {"model_path": "bench/model", "port": mport,
+                                   "eviction": {"weights": "discard", "process": "checkpoint"}}},
+              "checkpoint": {"criu_path": shutil.which("criu") or "/usr/local/bin/criu",
+                             "images_dir": str(work / "ck"), "keep_images": False},
+              "port": port, "host": "127.0.0.1", "vllm_command": str(BIN / "llmuxd-vllm-sim"),
+              "log_dir": str(work / "logs"), "policy": {"min_active_secs": 0}}
+    (work / "config.json").write_text(json.dumps(config))
+    log = open(work / "llmuxd.log", "wb")
+    daemon = subprocess.Popen([BIN / "llmuxd", "serve", "--config", work / "config.json"], env=env,
+                              stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    rows: dict[str, list[float]] = {k: [] for k in ("cold", "sleep", "dump", "image", "restore_ftt", "restore", "criu_restore")}
+    try:
+        wait_up(url)
+        c = httpx.Client(base_url=url, timeout=300)
+        for _ in range(args.rounds):
+            rows["cold"].append(first_token(url))  # keep_images false: every round starts cold
+            r = c.post("/control/sleep", json={"model": "bench"}).json()
+            assert r["state"] == "checkpointed", r
+            st = c.get("/control/status").json()["models"]["bench"]
+            rows["sleep"].append(r["duration_secs"])
+            rows["dump"].append(st["last_checkpoint"]["seconds"]["criu_dump"])
+            rows["image"].append(st["last_checkpoint"]["image_bytes"] / 2**20)
+            rows["restore_ftt"].append(first_token(url))
+            st = c.get("/control/status").json()["models"]["bench"]
+            assert st["last_wake_kind"] == "restore", st
+            rows["restore"].append(st["last_wake_secs"])
+            rows["criu_restore"].append(st["last_restore"]["seconds"]["criu_restore"])
+            # keep_images is false: the restore consumed the checkpoint.  A fresh daemon cold-starts.
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(60)
+            daemon = subprocess.Popen([BIN / "llmuxd", "serve", "--config", work / "config.json"], env=env,
+                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            wait_up(url)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    print(f"\nllmuxd checkpoint/restore on the simulator, median of {args.rounds} rounds (one run):\n")
+    print(f"  {'cold start -> first token':<44} {med['cold']:8.3f} s")
+    print(f"  {'sleep (discard + checkpoint), total':<44} {med['sleep']:8.3f} s")
+    print(f"  {'  of which bare criu dump':<44} {med['dump']:8.3f} s")
+    print(f"  {'image size':<44} {med['image']:8.1f} MiB")
+    print(f"  {'restore -> first token':<44} {med['restore_ftt']:8.3f} s")
+    print(f"  {'  restore transition (to serving)':<44} {med['restore']:8.3f} s")
+    print(f"  {'  of which bare criu restore':<44} {med['criu_restore']:8.3f} s")
+    print(f"\n  restore-to-first-token / cold-start-to-first-token: {med['restore_ftt'] / med['cold']:.2f}")
+    print(f"  llmuxd sleep / bare criu dump:                        {med['sleep'] / med['dump']:.2f}")
+    print(f"  llmuxd restore / bare criu restore:                   {med['restore'] / med['criu_restore']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
