@@ -77,6 +77,7 @@ class Model:
         self.last_restore: dict | None = None  # timings of the last restore
         self._restored_from: float | None = None  # created_ts of the checkpoint the tree came from
         self._suspended: list[int] = []  # pids whose CUDA state is suspended (cuda_suspend)
+        self._suspend_needs: tuple[dict | None, dict] = (None, {})  # GPUs and bytes at suspend
         for leftover in remove_partials(self.checkpointer.path):
             log.warning("%s: removed the leftover of an unfinished dump: %s", name, leftover,
                         extra={"MODEL": name, "EVENT": "discover"})
@@ -171,8 +172,17 @@ class Model:
                 kind = "restore"
             except CheckpointFailed as e:
                 await self._restore_failed(e)
-                await self._cold_start()
+                try:
+                    await self._cold_start()
+                except TransitionError:  # the kept checkpoint is still the way back
+                    if self.checkpointer.found().state == "valid":
+                        self._set(State.CHECKPOINTED)
+                    raise
         elif self.state in (State.ASLEEP, State.SUSPENDED):
+            if problems := self._resume_problems():  # refused, nothing touched: it stays suspended
+                msg = "cannot resume CUDA state here: " + "; ".join(problems)
+                self.last_error = msg
+                raise TransitionError(msg)
             try:
                 self._set(State.WAKING)
                 await self._resume_cuda()
@@ -296,6 +306,7 @@ class Model:
         if process is ProcessEviction.CUDA_SUSPEND:
             gpu_pids = cudamod.gpu_processes(self.backend.pids())
             if gpu_pids:  # no GPU state (CPU backend, no GPU here): nothing to suspend
+                self._suspend_needs = (cudamod.gpu_inventory(), cudamod.gpu_bytes_of(gpu_pids))
                 self._suspended = await cudamod.suspend_tree(gpu_pids, self._cuda())
             return State.SUSPENDED
         return await self._checkpoint(canary)
@@ -349,6 +360,13 @@ class Model:
         if self._suspended:
             await cudamod.resume_tree(self._suspended, self._cuda())
             self._suspended = []
+
+    def _resume_problems(self) -> list[str]:
+        """A resume into too little free GPU memory leaves the process stuck for good: check first."""
+        if not self._suspended:
+            return []
+        recorded, needed = self._suspend_needs
+        return cudamod.check_restorable(recorded, needed, cudamod.gpu_inventory())
 
     async def stop(self) -> None:
         if self.state in (State.STOPPED, State.CHECKPOINTED) and not self.backend.pids():

@@ -92,9 +92,10 @@ class Checkpointer:
                 if self.cuda is None:
                     raise CheckpointFailed(f"processes {gpu_pids} hold GPU state and no CUDA checkpoint "
                                            "(driver API or cuda-checkpoint) is available", reason="no_cuda")
+                extra = {**extra, "cuda_pids": [innermost_pid(p) for p in gpu_pids],
+                         "cuda_bytes": cudamod.gpu_bytes_of(gpu_pids)}
                 suspended = await cudamod.suspend_tree(gpu_pids, self.cuda)
                 t["cuda_suspend"] = time.monotonic() - started
-                extra = {**extra, "cuda_pids": [innermost_pid(p) for p in gpu_pids]}
             started = time.monotonic()
             await self.criu.dump(init_pid, images, freeze_cgroup=self.cgroup.path if self.cgroup else None)
             t["criu_dump"] = time.monotonic() - started

@@ -227,7 +227,9 @@ def parse_state(text: str) -> str:
     """A ``cuda-checkpoint --get-state`` output (``running``, ``locked``, ``checkpointed``,
     ``failed``...) as one of :data:`PROCESS_STATES`'s words, :data:`NO_CUDA`, or ``unknown``."""
     low = text.strip().lower()
-    if "not_initialized" in low or "not initialized" in low:
+    # The driver's CUDA_ERROR_NOT_INITIALIZED: the process has no CUDA state.  cuda-checkpoint
+    # 580 says: Error getting process state for process ID N: "initialization error"
+    if "not_initialized" in low or "not initialized" in low or "initialization error" in low:
         return NO_CUDA
     words = re.findall(r"[a-z_]+", low)
     for w in words:
@@ -671,6 +673,16 @@ def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "?"
     return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 else f"{n / MIB:.0f} MiB"
+
+
+def gpu_bytes_of(pids: Iterable[int]) -> dict[str, int]:
+    """GPU memory held by ``pids``, per GPU uuid: what a resume will need free again."""
+    usage = gpu_memory_by_pid() or {}
+    total: dict[str, int] = {}
+    for pid in pids:
+        for uuid, n in usage.get(pid, {}).items():
+            total[uuid] = total.get(uuid, 0) + n
+    return total
 
 
 def check_restorable(recorded: dict | None, needed_bytes: int | Mapping[int | str, int],
