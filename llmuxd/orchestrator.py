@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .backends.vllm import BackendError, VllmBackend
 from .checkpoint import cuda as cudamod
-from .checkpoint.checkpointer import CheckpointFailed, Checkpointer
+from .checkpoint.checkpointer import CheckpointFailed, Checkpointer, innermost_pid
 from .checkpoint.criu import Criu
 from .checkpoint.store import remove_partials
 from .config import CheckpointConfig, Config, ProcessEviction, WeightsEviction
@@ -144,7 +144,10 @@ class Model:
         model's cgroup).  Adopted when its server answers as this model; otherwise killed.
         Returns whether it was adopted."""
         members = set(pids)
-        roots = [p for p in pids if _parent(p) not in members]
+        # A tree in its own PID namespace: its root is the namespace's init (inner PID 1),
+        # not the `unshare` that launched it.
+        inits = [p for p in pids if innermost_pid(p) == 1 and p != 1]
+        roots = inits or [p for p in pids if _parent(p) not in members]
         probe = await self.backend.probe() if len(roots) == 1 else None
         if probe is None or self.backend.served_name not in probe["served"]:
             why = "no single root" if len(roots) != 1 else "its server does not answer as this model"

@@ -56,7 +56,7 @@ class ProcessTree:
         self.pid_namespace = pid_namespace
         self.block_io_uring = block_io_uring
         self.root_pid: int | None = None
-        self._spawned_init = False  # root is `unshare`, the namespace init is its child
+        self._launcher: int | None = None  # `unshare`, parent of the namespace init
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Future[int] | None = None
 
@@ -81,19 +81,14 @@ class ProcessTree:
 
     @property
     def init_pid(self) -> int | None:
-        """The tree's topmost process to dump: the PID namespace's init, else the root."""
-        if self.root_pid is None or not self._spawned_init:
-            return self.root_pid
-        try:
-            children = Path(f"/proc/{self.root_pid}/task/{self.root_pid}/children").read_text().split()
-        except OSError:
-            return None
-        return int(children[0]) if children else None
+        """The tree's topmost process, the one CRIU dumps: the PID namespace's init (whose
+        launcher, `unshare`, stays outside the tree), or the command itself."""
+        return self.root_pid
 
     async def spawn(self, argv: list[str], env: dict[str, str]) -> int:
         """Start ``argv``: own session (and cgroup, and PID namespace), stdin /dev/null,
         stdout+stderr appended to the log file (O_APPEND: CRIU restores such files without a
-        size check), no other fds."""
+        size check), no other fds.  Returns the root's PID."""
         argv = self.wrap(argv)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
@@ -113,18 +108,42 @@ class ProcessTree:
             )
         finally:
             os.close(fd)
-        self.root_pid = self._proc.pid
-        self._spawned_init = self.pid_namespace
-        reaper.track(self.root_pid)
-        self._exited = asyncio.ensure_future(self._proc.wait())
-        self._exited.add_done_callback(lambda _f, pid=self.root_pid: reaper.untrack(pid))
-        return self.root_pid
+        launcher = self._proc.pid
+        reaper.track(launcher)
+        done = asyncio.ensure_future(self._proc.wait())
+        done.add_done_callback(lambda _f: reaper.untrack(launcher))
+        if not self.pid_namespace:
+            self.root_pid, self._launcher, self._exited = launcher, None, done
+            return launcher
+        # The tree is the namespace's init and below: track the init, not its launcher.
+        self._launcher = launcher
+        init = await self._child_of(launcher, done)
+        if init is None:  # the launcher died before forking: report its status as the tree's
+            self.root_pid, self._exited = launcher, done
+            return launcher
+        self.adopt(init, launcher_done=done)
+        return init
 
-    def adopt(self, root_pid: int) -> None:
-        """Track a running tree that is not our child (left by an earlier llmuxd, or restored)."""
+    @staticmethod
+    async def _child_of(pid: int, done: asyncio.Future, timeout: float = 10.0) -> int | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not done.done() and loop.time() < deadline:
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                children = []
+            if children:
+                return int(children[0])
+            await asyncio.sleep(0.002)
+        return None
+
+    def adopt(self, root_pid: int, launcher_done: asyncio.Future | None = None) -> None:
+        """Track a running tree by its root's pidfd: a namespace init we launched, a tree left by
+        an earlier llmuxd, or one CRIU restored (then our child: we are a child subreaper)."""
         self.root_pid = root_pid
-        self._proc = None
-        self._spawned_init = False
+        if launcher_done is None:
+            self._proc = self._launcher = None
         reaper.track(root_pid)  # reaped by us below, when its pidfd says it is gone
         loop = asyncio.get_running_loop()
         self._exited = loop.create_future()
@@ -145,22 +164,31 @@ class ProcessTree:
             except ChildProcessError:
                 pass
             reaper.untrack(root_pid)
-            if not self._exited.done():
+            if launcher_done is not None:  # `unshare` exits with its child's status right after
+                asyncio.ensure_future(self._finish_from(launcher_done, code))
+            elif not self._exited.done():
                 self._exited.set_result(code)
 
         loop.add_reader(pidfd, gone)
 
+    async def _finish_from(self, launcher_done: asyncio.Future, fallback: int) -> None:
+        try:
+            code = await asyncio.wait_for(asyncio.shield(launcher_done), 2)
+        except asyncio.TimeoutError:
+            code = fallback
+        if not self._exited.done():
+            self._exited.set_result(code)
+
     def pids(self) -> list[int]:
         if self.cgroup is not None and self.cgroup.exists():
             return self.cgroup.procs()
-        # Members outlive the root if it dies first: the session id still names them.  In a PID
-        # namespace the init leads the session (the root is `unshare`, outside it).
+        # Members outlive the root if it dies first: the session id still names them.  (In a PID
+        # namespace the init leads the session; its launcher `unshare` stays outside it.)
         if not self.root_pid:
             return []
-        leader = self.init_pid or self.root_pid
-        members = set(session_members(leader))
-        if _alive(self.root_pid):
-            members.add(self.root_pid)
+        members = set(session_members(self.root_pid))
+        if self._launcher and _alive(self._launcher):
+            members.add(self._launcher)
         return sorted(members)
 
     async def wait(self) -> int:
