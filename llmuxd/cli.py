@@ -63,15 +63,21 @@ def print_status(status: dict) -> None:
             print(f"{name}: last error: {m['last_error']}")
 
 
+def _load(args: argparse.Namespace):
+    """The config, or None after printing every problem (exit code 2)."""
+    try:
+        return load_config(args.config)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .api.dbus import DbusStartError
     from .daemon import serve
     from .log import setup_logging
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(e.render(), file=sys.stderr)
+    if (config := _load(args)) is None:
         return 2
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if updates:
@@ -88,10 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(e.render(), file=sys.stderr)
+    if (config := _load(args)) is None:
         return 2
     print(f"{args.config}: ok, {len(config.models)} model(s)")
     for n in config.models:
@@ -113,10 +116,7 @@ def _run_checkpoint_command(args: argparse.Namespace, coro_fn) -> int:
     from .checkpoint.commands import CommandError
     from .log import setup_logging
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(e.render(), file=sys.stderr)
+    if (config := _load(args)) is None:
         return 2
     setup_logging("WARNING")
     try:

@@ -18,6 +18,7 @@ from .checkpoint.criu import Criu
 from .checkpoint.store import remove_partials
 from .config import CheckpointConfig, Config, ProcessEviction, WeightsEviction
 from .errors import NotSupported
+from .isolation import procfs
 from .isolation.cgroups import Cgroup
 
 log = logging.getLogger(__name__)
@@ -396,8 +397,5 @@ class Model:
 
 
 def _parent(pid: int) -> int | None:
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
+    st = procfs.stat(pid)
+    return st.ppid if st else None

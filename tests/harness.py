@@ -123,3 +123,34 @@ class LlmuxdProcess:
                 except ProcessLookupError:
                     pass
         return self.proc.returncode
+
+
+def alternating_load(url: str, clients: int, rounds: int, max_tokens: int) -> tuple[list, list]:
+    """``clients`` concurrent official-openai clients, each alternating between m1 and m2 for
+    ``rounds`` requests, odd clients streaming.  Returns ([(model, prompt, text)], [errors])."""
+    import asyncio
+
+    import openai
+
+    results: list[tuple[str, str, str]] = []
+    errors: list[BaseException] = []
+
+    async def one_client(i: int, api: openai.AsyncOpenAI) -> None:
+        for r in range(rounds):
+            model = ("m1", "m2")[(i + r) % 2]
+            prompt = f"client {i} round {r}"
+            if i % 2:
+                stream = await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True)
+                text = "".join([c.choices[0].text async for c in stream])
+            else:
+                text = (await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens)).choices[0].text
+            results.append((model, prompt, text))
+
+    async def run() -> None:
+        api = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        out = await asyncio.gather(*(one_client(i, api) for i in range(clients)), return_exceptions=True)
+        errors.extend(e for e in out if isinstance(e, BaseException))
+        await api.close()
+
+    asyncio.run(run())
+    return results, errors

@@ -73,10 +73,7 @@ def test_checkpoint_found_at_startup(ck_daemon, expected):
 
 
 def test_two_models_alternating_under_load_with_checkpoint_eviction(make_daemon, tmp_path, sim_env, expected):
-    import asyncio
-
-    import openai
-
+    from harness import alternating_load
     from test_switching import GpuWatch, metric
     from llmuxd.sim import gpu as simgpu
 
@@ -85,27 +82,8 @@ def test_two_models_alternating_under_load_with_checkpoint_eviction(make_daemon,
     models = {"m1": model_entry("m1", p[0], "discard", "checkpoint", extra),
               "m2": model_entry("m2", p[1], "discard", "checkpoint", extra)}
     d = make_daemon(models=models, checkpoint={"criu_path": "/usr/local/bin/criu", "images_dir": str(tmp_path / "ck")})
-    results, errors = [], []
-
-    async def client(i, api):
-        for r in range(3):
-            m = ("m1", "m2")[(i + r) % 2]
-            prompt = f"c{i}r{r}"
-            if i % 2:
-                stream = await api.completions.create(model=m, prompt=prompt, max_tokens=5, stream=True)
-                text = "".join([c.choices[0].text async for c in stream])
-            else:
-                text = (await api.completions.create(model=m, prompt=prompt, max_tokens=5)).choices[0].text
-            results.append((m, prompt, text))
-
-    async def run():
-        api = openai.AsyncOpenAI(base_url=d.url + "/v1", api_key="x", max_retries=0, timeout=120)
-        out = await asyncio.gather(*(client(i, api) for i in range(12)), return_exceptions=True)
-        errors.extend(e for e in out if isinstance(e, BaseException))
-        await api.close()
-
     with GpuWatch(sim_env["LLMUXD_SIM_GPU_DIR"]) as gpu:
-        asyncio.run(run())
+        results, errors = alternating_load(d.url, 12, 3, 5)
     assert not errors, errors[:3]
     assert len(results) == 36 and all(t == expected(m, pr, 5) for m, pr, t in results)
     assert gpu.max_leases <= 1 and gpu.max_used <= simgpu.budget()

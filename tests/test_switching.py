@@ -9,11 +9,10 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
 
 from conftest import model_entry
-from harness import free_ports, wait_until
+from harness import alternating_load, free_ports, wait_until
 from llmuxd.sim import gpu as simgpu
 
 
@@ -82,28 +81,8 @@ def test_switching_under_load(make_daemon, sim_env, expected, weights, process):
     right one for its model, none lost, the GPU budget never exceeded, no thrash loop."""
     d = make_daemon(models=two_models(weights, process, ["--sim-token-delay", "0.02"]))
     clients, rounds = 24, 4
-    results: list[tuple[str, str, str]] = []
-    errors: list[BaseException] = []
-
-    async def one_client(i: int, api: openai.AsyncOpenAI):
-        for r in range(rounds):
-            model = ("m1", "m2")[(i + r) % 2]
-            prompt = f"client {i} round {r}"
-            if i % 2:
-                stream = await api.completions.create(model=model, prompt=prompt, max_tokens=6, stream=True)
-                text = "".join([c.choices[0].text async for c in stream])
-            else:
-                text = (await api.completions.create(model=model, prompt=prompt, max_tokens=6)).choices[0].text
-            results.append((model, prompt, text))
-
-    async def run():
-        api = openai.AsyncOpenAI(base_url=d.url + "/v1", api_key="x", max_retries=0, timeout=120)
-        out = await asyncio.gather(*(one_client(i, api) for i in range(clients)), return_exceptions=True)
-        errors.extend(e for e in out if isinstance(e, BaseException))
-        await api.close()
-
     with GpuWatch(sim_env["LLMUXD_SIM_GPU_DIR"]) as gpu:
-        asyncio.run(run())
+        results, errors = alternating_load(d.url, clients, rounds, 6)
     assert not errors, errors[:3]
     assert len(results) == clients * rounds
     wrong = [(m, p) for m, p, t in results if t != expected(m, p, 6)]

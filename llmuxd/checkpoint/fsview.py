@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..isolation import procfs
+
 SYSTEM_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "mqueue", "securityfs", "debugfs",
              "tracefs", "pstore", "bpf", "configfs", "fusectl", "hugetlbfs", "binfmt_misc", "autofs", "nsfs"}
 VOLATILE_FS = {"tmpfs", "ramfs"}
@@ -78,8 +80,7 @@ def _boot_time() -> float:
 
 
 def _pid1_start() -> float:
-    ticks = int(Path("/proc/1/stat").read_text().rsplit(")", 1)[1].split()[19])
-    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+    return _boot_time() + procfs.stat(1).starttime / os.sysconf("SC_CLK_TCK")
 
 
 def container_epoch() -> float:
@@ -99,6 +100,6 @@ def container_epoch() -> float:
         pid1 = _pid1_start()
         if pid1 > _boot_time() + 60:
             epoch = min(epoch, pid1)
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, AttributeError):
         pass
     return epoch

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
+
+from .procfs import all_stats
 
 _own: set[int] = set()  # children asyncio waits for: never reaped here
 
@@ -22,17 +23,10 @@ def untrack(pid: int) -> None:
 
 def reap_orphans() -> int:
     me, n = os.getpid(), 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in _own:
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] == "Z" and int(fields[1]) == me:
+    for st in all_stats():
+        if st.zombie and st.ppid == me and st.pid not in _own:
             try:
-                os.waitpid(int(entry.name), os.WNOHANG)
+                os.waitpid(st.pid, os.WNOHANG)
                 n += 1
             except ChildProcessError:
                 pass

@@ -17,32 +17,14 @@ from pathlib import Path
 
 from . import reaper
 from .cgroups import Cgroup
+from .procfs import alive as _alive, all_stats
 
 log = logging.getLogger(__name__)
 
 
 def session_members(sid: int) -> list[int]:
     """PIDs of all live processes whose session id is ``sid`` (zombies excluded)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        # comm may contain spaces and parentheses: split after the last ')'.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(entry.name))
-    return sorted(pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return sorted(st.pid for st in all_stats() if st.session == sid and not st.zombie)
 
 
 class ProcessTree:
