@@ -148,6 +148,20 @@ def cmd_inspect_checkpoint(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import print_table, validate
+
+    async def go(config):
+        if args.model not in config.models:
+            from .checkpoint.commands import CommandError
+
+            raise CommandError(f"unknown model {args.model!r}; known: {', '.join(config.models)}")
+        rows = await validate(config, args.model, args.policies.split(","), args.cycles)
+        return 0 if print_table(args.model, rows) else 1
+
+    return _run_checkpoint_command(args, go)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import run_doctor
 
@@ -203,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("path", type=Path)
     k.add_argument("--verify-images", action="store_true", help="also check every image's SHA-256")
     k.set_defaults(func=cmd_inspect_checkpoint)
+    k = sub.add_parser("validate", parents=[common],
+                       help="sleep/wake cycles of MODEL under each eviction policy: timings, memory, answers")
+    k.add_argument("model")
+    from .validate import DEFAULT_POLICIES
+
+    k.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated WEIGHTS+PROCESS (default {DEFAULT_POLICIES})")
+    k.add_argument("--cycles", type=int, default=2)
+    k.set_defaults(func=cmd_validate)
     k = sub.add_parser("doctor", parents=[common], help="what this machine can and cannot do for llmuxd")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_doctor)

@@ -94,7 +94,7 @@ class Model:
         self.last_wake_kind: str | None = None
         self.last_sleep_secs: float | None = None
         self.awake_since: float | None = None  # monotonic
-        self._weights_evicted = False
+        self._sleep_level: int | None = None  # the vLLM sleep level the weights are at
 
     # -- state ------------------------------------------------------------------------------
     def _set(self, new: State) -> None:
@@ -117,7 +117,7 @@ class Model:
         log.error("%s: %s", self.name, msg, extra={"MODEL": self.name, "EVENT": "backend_exit"})
         self.last_error = msg
         if self.state in (State.AWAKE, State.ASLEEP, State.SUSPENDED):
-            self._weights_evicted = False
+            self._sleep_level = None
             self._set(State.STOPPED)
         # In STARTING/WAKING/SLEEPING the transition in progress sees the exit and fails.
 
@@ -158,7 +158,8 @@ class Model:
                 await self.cgroup.kill()
             return False
         self.backend.adopt(roots[0])
-        self._weights_evicted = probe["sleeping"]
+        # Asleep at an unknown level: assume 2 (reloading weights that are there is only slower).
+        self._sleep_level = 2 if probe["sleeping"] else None
         self._set(State.ASLEEP if probe["sleeping"] else State.AWAKE)
         log.info("%s: adopted running tree (root pid %d, %s)", self.name, roots[0], self.state.value,
                  extra={"MODEL": self.name, "EVENT": "adopt"})
@@ -217,7 +218,7 @@ class Model:
             await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
             t["health"] = time.monotonic() - started
             started = time.monotonic()
-            self._weights_evicted = bool(m.get("weights_evicted"))
+            self._sleep_level = m.get("sleep_level")
             await self._wake_sequence()
             t["wake_sequence"] = time.monotonic() - started
             if m.get("canary") is not None:
@@ -255,7 +256,7 @@ class Model:
 
     async def _cold_start(self) -> None:
         self._set(State.STARTING)
-        self._weights_evicted = False
+        self._sleep_level = None
         try:
             await self.backend.start()
             await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
@@ -266,12 +267,14 @@ class Model:
             raise TransitionError(msg) from None
 
     async def _wake_sequence(self) -> None:
-        if self._weights_evicted:
+        # By what was done to the weights (a checkpoint may come from another policy), not by
+        # the current policy: after level 2 the weights must be reloaded or vLLM answers garbage.
+        if self._sleep_level is not None:
             await self.backend.wake_up()
-            if self.eviction.weights is WeightsEviction.DISCARD:
+            if self._sleep_level >= 2:
                 await self.backend.reload_weights()
                 await self.backend.reset_prefix_cache()
-            self._weights_evicted = False
+            self._sleep_level = None
 
     async def sleep(self) -> float:
         """Evict per the model's policy; any failing step escalates to stop.  Returns the
@@ -286,7 +289,7 @@ class Model:
             level = self.eviction.weights.sleep_level
             if level is not None:
                 await self.backend.sleep(level)
-                self._weights_evicted = True
+                self._sleep_level = level
             resting = await self._process_step(canary)
         except (BackendError, NotSupported, CheckpointFailed, cudamod.CudaError) as e:
             self._note_error(f"eviction {self.eviction} failed: {e}; escalated to stop to free the GPU")
@@ -334,7 +337,7 @@ class Model:
         init = self.backend.tree.init_pid
         extra = {"eviction": str(self.eviction), "served_name": self.backend.served_name,
                  "port": self.config.models[self.name].port, "argv": self.backend.argv(), "canary": canary,
-                 "weights_evicted": self._weights_evicted}
+                 "sleep_level": self._sleep_level}
         self.backend.expect_exit()  # CRIU ends the tree once it is dumped
         try:
             manifest = await self.checkpointer.dump(init, self.backend.pids(), extra)
@@ -385,7 +388,7 @@ class Model:
 
     async def _stop_tree(self) -> None:
         await self.backend.stop()
-        self._weights_evicted = False
+        self._sleep_level = None
         self._suspended = []
 
     def _note_error(self, msg: str) -> None:

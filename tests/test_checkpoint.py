@@ -40,7 +40,7 @@ def test_checkpoint_restore_same_container(ck_daemon, expected, tmp_path):
     assert r.json()["state"] == "checkpointed", r.json()
     ckdir = tmp_path / "ck" / "m1" / "images"
     manifest = json.loads((ckdir / "manifest.json").read_text())
-    assert manifest["model"] == "m1" and manifest["pidns"] and manifest["weights_evicted"]
+    assert manifest["model"] == "m1" and manifest["pidns"] and manifest["sleep_level"] == 2
     assert manifest["canary"] and manifest["images"]
     assert not any(pid_alive(p) for p in before)
     st = d.status()["models"]["m1"]
@@ -91,3 +91,17 @@ def test_two_models_alternating_under_load_with_checkpoint_eviction(make_daemon,
     assert "restore" in kinds, d.status()
     assert metric(d, "llmuxd_switches_total", result="error") == 0
     assert metric(d, "llmuxd_restore_failures_total") == 0
+
+
+def test_restore_follows_what_was_dumped_not_the_current_policy(ck_daemon, expected):
+    """A checkpoint made after a level-2 sleep still gets reload_weights on wake when the
+    model's policy has changed since (else vLLM would answer garbage)."""
+    d = ck_daemon()
+    complete(d, "m1")
+    assert d.control("sleep", "m1").json()["state"] == "checkpointed"
+    d.stop()
+    d.config["models"]["m1"]["eviction"] = {"weights": "offload", "process": "keep_running"}
+    d.start()
+    assert d.status()["models"]["m1"]["state"] == "checkpointed"
+    assert complete(d, "m1", "p") == expected("m1", "p", 4)
+    assert d.status()["models"]["m1"]["last_wake_kind"] == "restore"

@@ -49,3 +49,21 @@ def test_checkpoint_inspect_restore_detached_then_adopted(make_daemon, tmp_path,
     assert r.returncode == 1 and "llmuxd is running on port" in r.stderr
     r = subprocess.run([LLMUXD, "inspect-checkpoint", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 1 and "not a checkpoint" in r.stderr
+
+
+def test_validate_prints_a_table_over_policies(make_daemon, tmp_path):
+    p = free_ports(1)
+    d = make_daemon(models={"m1": model_entry("m1", p[0])}, start=False,
+                    checkpoint={"criu_path": "/usr/local/bin/criu", "images_dir": str(tmp_path / "ck")})
+    d.config_path.write_text(json.dumps(d.config))
+    r = subprocess.run([LLMUXD, "validate", "m1", "--config", str(d.config_path), "--cycles", "1", "--policies",
+                        "offload+keep_running,discard+keep_running,discard+checkpoint,retain+stop"],
+                       capture_output=True, text=True, env=d.env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[:3] == ["POLICY", "CYCLE", "SLEEP"]
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:-1]}
+    assert rows["discard+checkpoint"][3] == "checkpointed" and rows["discard+checkpoint"][5] == "restore"
+    assert rows["retain+stop"][5] == "cold_start" and rows["offload+keep_running"][5] == "wake"
+    assert all(row[-1] == "yes" for row in rows.values()) and lines[-1] == "all responses matched"
+    assert "0M" in rows["discard+checkpoint"][6].split("/")[1]  # nothing resident while checkpointed
