@@ -88,7 +88,8 @@ class EntrypointContainer:
         cfg = workdir / f"{name}-config.json"
         cfg.write_text(json.dumps(config))
         self.url = f"http://127.0.0.1:{config['port']}"
-        self.c = mntns.MountContainer(name, binds=[(str(ckpt), CKPT), (str(hf), HF), (str(cfg), "/etc/llmux/config.json")])
+        self.c = mntns.MountContainer(name, binds=[(str(ckpt), CKPT), (str(hf), HF), (str(cfg), "/etc/llmux/config.json"),
+                                                   *mntns.repo_binds(REPO)])
 
     def start(self) -> "EntrypointContainer":
         self.c.start()

@@ -48,7 +48,7 @@ def shared(tmp_path: Path) -> dict[str, Path]:
 
 
 def _binds(shared: dict[str, Path]) -> list[tuple[str, str]]:
-    return [(str(shared["ckpt"]), CKPT), (str(shared["hf"]), HF)]
+    return [(str(shared["ckpt"]), CKPT), (str(shared["hf"]), HF), *mntns.repo_binds(REPO)]
 
 
 def _stop_all(*containers: mntns.MountContainer) -> None:
@@ -82,7 +82,9 @@ def test_filesystem_is_private_namespaces_are_the_hosts(shared: dict[str, Path])
     tag = uuid.uuid4().hex[:8]
     a = mntns.MountContainer(_name("a"), binds=_binds(shared))
     b = mntns.MountContainer(_name("b"), binds=_binds(shared))
-    private = [f"/root/.cache/llmuxd-x-{tag}", f"/var/log/llmuxd/x-{tag}", f"{REPO}/.mntns-probe-{tag}"]
+    private = [f"/root/.cache/llmuxd-x-{tag}", f"/var/log/llmuxd/x-{tag}"]
+    if not mntns.repo_binds(REPO):  # the checkout is in the lower layer: writes stay private
+        private.append(f"{REPO}/.mntns-probe-{tag}")
     try:
         a.start()
         print(f"{a.name}: started in {a.start_seconds:.3f} s")

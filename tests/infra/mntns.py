@@ -305,6 +305,13 @@ def _stop_all() -> None:
             pass
 
 
+def repo_binds(repo: str) -> list[tuple[str, str]]:
+    """A checkout under a folder that containers get afresh (/tmp, /run, /dev/shm) is not in the
+    lower layer: bind it at its own path, as the nspawn containers do."""
+    fresh = ("/tmp", "/run", "/dev/shm")
+    return [(repo, repo)] if any(repo == f or repo.startswith(f + "/") for f in fresh) else []
+
+
 class MountContainer:
     """A container with its own mount namespace (overlay root over the host's /) sharing the
     host's PID, network, IPC and UTS namespaces.
