@@ -105,3 +105,18 @@ def test_restore_follows_what_was_dumped_not_the_current_policy(ck_daemon, expec
     assert d.status()["models"]["m1"]["state"] == "checkpointed"
     assert complete(d, "m1", "p") == expected("m1", "p", 4)
     assert d.status()["models"]["m1"]["last_wake_kind"] == "restore"
+
+
+def test_checkpoint_on_stop(ck_daemon, expected):
+    """`checkpoint_on_stop`: stopping llmuxd checkpoints the running checkpoint-policy models, so
+    the next llmuxd (this container or a new one) restores them instead of cold-starting."""
+    d = ck_daemon(checkpoint_on_stop=True)
+    complete(d, "m2")
+    complete(d, "m1")  # m1 awake, m2 asleep (offload + keep_running: not a checkpoint model)
+    assert d.stop() == 0 and d.leftovers == []
+    assert "checkpointing m1 before stopping" in d.log()
+    d.start()
+    st = d.status()["models"]
+    assert st["m1"]["state"] == "checkpointed" and st["m2"]["state"] == "stopped"
+    assert complete(d, "m1", "w") == expected("m1", "w", 4)
+    assert d.status()["models"]["m1"]["last_wake_kind"] == "restore"
