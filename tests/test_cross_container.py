@@ -188,3 +188,34 @@ def test_cross_container_systemd_shape(tmp_path, shared):
         assert chat(b.url) == answer
     finally:
         b.stop()
+
+
+def test_restore_into_a_different_image_is_refused(tmp_path, shared):
+    """Container B's image differs from A's (a file the image provides was changed there): the
+    restore is refused with the reason, not attempted; B cold-starts; the checkpoint is kept."""
+    require_mntns()
+    base, hf, answer = shared
+    ckpt = base / "ckpt-img"
+    ckpt.mkdir()
+    port, mport = free_ports(2)
+    config = mission_config(port, mport)
+    a = EntrypointContainer("llmuxd-ia", ckpt, hf, config, tmp_path).start()
+    try:
+        assert chat(a.url) == answer
+        assert httpx.post(a.url + "/control/sleep", json={"model": "qwen3-0.6b"}, timeout=120).json()["state"] == "checkpointed"
+    finally:
+        a.stop()
+    manifest = json.loads((ckpt / "qwen3-0.6b" / "images" / "manifest.json").read_text())
+    target = next(v["path"] for v in manifest["verify"] if v["origin"] == "image" and v["kind"] == "file")
+    b = EntrypointContainer("llmuxd-ib", ckpt, hf, config, tmp_path).start()
+    try:
+        b.c.run(["touch", "-m", "-d", "2001-01-01 00:00:00", target])  # B's own copy (overlay copy-up)
+        r = httpx.post(b.url + "/control/wake", json={"model": "qwen3-0.6b"}, timeout=120).json()
+        assert r["state"] == "awake"
+        st = status(b.url)
+        assert st["last_wake_kind"] == "cold_start", st
+        assert "cannot restore here" in st["last_error"] and target in st["last_error"], st["last_error"]
+        assert chat(b.url) == answer
+        assert (ckpt / "qwen3-0.6b" / "images" / "manifest.json").exists()  # kept: valid for A's image
+    finally:
+        b.stop()

@@ -98,7 +98,8 @@ def test_filesystem_is_private_namespaces_are_the_hosts(shared: dict[str, Path])
         for d in ("/tmp", "/dev/shm", "/run"):
             assert a.run(["stat", "-f", "-c", "%T", d]).stdout.strip() == "tmpfs", d
         assert a.run(["ls", "-A", "/dev/shm", "/run"]).stdout.split() == ["/dev/shm:", "/run:"]
-        assert a.run(["ls", "-A", "/tmp"]).stdout.split() == ["llmux-checkpoints"]
+        tmp_binds = sorted({"llmux-checkpoints"} | {d.split("/")[2] for d, _ in mntns.repo_binds(REPO) if d.startswith("/tmp/")})
+        assert a.run(["ls", "-A", "/tmp"]).stdout.split() == tmp_binds
         # Exit codes and stdio come back.
         r = a.run("echo out; echo err >&2; exit 3", check=False)
         assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
