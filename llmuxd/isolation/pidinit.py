@@ -37,20 +37,35 @@ def default_first_pid() -> int:
 
 
 def main(argv: list[str]) -> int:
-    first_pid, seccomp = None, True
+    first_pid, seccomp, exec_only = None, True, False
     while argv and argv[0] != "--":
         opt = argv.pop(0)
         if opt == "--first-pid":
             first_pid = int(argv.pop(0))
         elif opt == "--no-seccomp":
             seccomp = False
+        elif opt == "--exec":
+            exec_only = True
         else:
             print(f"pidinit: unknown option {opt}", file=sys.stderr)
             return 2
     cmd = argv[1:]
     if not cmd:
-        print("pidinit: usage: pidinit [--first-pid N] [--no-seccomp] -- CMD...", file=sys.stderr)
+        print("pidinit: usage: pidinit [--first-pid N] [--no-seccomp] [--exec] -- CMD...", file=sys.stderr)
         return 2
+    if exec_only:
+        # No PID namespace (isolation.pid_namespace false): only install the io_uring filter,
+        # then become the server (same PID, no fork), so a tree started without a namespace is
+        # still dumpable.
+        if seccomp:
+            from .seccomp import block_io_uring
+
+            block_io_uring()
+        try:
+            os.execvp(cmd[0], cmd)
+        except OSError as e:
+            print(f"pidinit: cannot run {cmd[0]}: {e.strerror}", file=sys.stderr)
+            return 127
     if os.getpid() != 1:
         print("pidinit: not PID 1 of a PID namespace (run under unshare --pid --fork)", file=sys.stderr)
         return 2

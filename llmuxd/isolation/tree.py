@@ -53,7 +53,10 @@ class ProcessTree:
     def wrap(self, argv: list[str]) -> list[str]:
         """The command line that runs ``argv`` with this tree's isolation (see pidinit.py)."""
         if not self.pid_namespace:
-            return argv
+            if not self.block_io_uring:
+                return argv
+            # No namespace, but still no io_uring (CRIU cannot dump it): filter, then exec.
+            return [sys.executable, "-m", "llmuxd.isolation.pidinit", "--exec", "--", *argv]
         from .pidinit import default_first_pid
 
         init = [sys.executable, "-m", "llmuxd.isolation.pidinit", "--first-pid", str(default_first_pid())]
