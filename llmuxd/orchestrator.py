@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .backends.vllm import BackendError, VllmBackend
 from .checkpoint import cuda as cudamod
-from .checkpoint.checkpointer import CheckpointFailed, Checkpointer, innermost_pid
+from .checkpoint.checkpointer import CheckpointFailed, Checkpointer
 from .checkpoint.criu import Criu
 from .checkpoint.store import remove_partials
 from .config import CheckpointConfig, Config, ProcessEviction, WeightsEviction
@@ -147,7 +147,7 @@ class Model:
         members = set(pids)
         # A tree in its own PID namespace: its root is the namespace's init (inner PID 1),
         # not the `unshare` that launched it.
-        inits = [p for p in pids if innermost_pid(p) == 1 and p != 1]
+        inits = [p for p in pids if procfs.inner_pid(p) == 1 and p != 1]
         roots = inits or [p for p in pids if _parent(p) not in members]
         probe = await self.backend.probe() if len(roots) == 1 else None
         if probe is None or self.backend.served_name not in probe["served"]:
@@ -208,11 +208,17 @@ class Model:
         """Restore from the checkpoint, then health, wake sequence and canary; any failure
         kills what was restored and raises CheckpointFailed."""
         self._set(State.RESTORING)
-        r = await self.checkpointer.restore()
+        r = await self.checkpointer.restore(self.backend.tree, self.config.policy.startup_timeout_secs)
         m = r.found.manifest
         t = dict(r.seconds)
         try:
-            self.backend.adopt(r.root_pid)
+            self.backend.watch_restored()
+            if m.get("cuda_pids") and self.checkpointer.cuda is None:
+                # A fresh daemon (e.g. in a new container) has not chosen its CUDA backend yet.
+                try:
+                    self.checkpointer.cuda = self._cuda()
+                except NotSupported:
+                    pass  # resume_cuda says why
             t["cuda_resume"] = await self.checkpointer.resume_cuda(r.found, self.backend.pids())
             started = time.monotonic()
             await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
@@ -334,18 +340,17 @@ class Model:
             self.last_checkpoint = {"reused": True}
             return State.CHECKPOINTED
         self.checkpointer.cuda = self._cuda() if cudamod.gpu_processes(self.backend.pids()) else None
-        init = self.backend.tree.init_pid
         extra = {"eviction": str(self.eviction), "served_name": self.backend.served_name,
                  "port": self.config.models[self.name].port, "argv": self.backend.argv(), "canary": canary,
                  "sleep_level": self._sleep_level}
-        self.backend.expect_exit()  # CRIU ends the tree once it is dumped
+        self.backend.expect_exit()  # once dumped, the tree is ended (by us)
         try:
-            manifest = await self.checkpointer.dump(init, self.backend.pids(), extra)
+            manifest = await self.checkpointer.dump(self.backend.tree, extra)
         except CheckpointFailed:
             if self.backend.running:  # the dump failed before the end: the tree still serves
                 self.backend.unexpect_exit()
             raise
-        await self._stop_tree()  # CRIU ended the dumped tree; wait until all of it is gone
+        await self._stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
         self._restored_from = None
         self.last_checkpoint = {"path": str(self.checkpointer.path), "image_bytes": manifest["image_bytes"],
                                 "saved_files": len(manifest["saved"]),
@@ -386,8 +391,8 @@ class Model:
         await self._stop_tree()
         self._set(State.STOPPED)
 
-    async def _stop_tree(self) -> None:
-        await self.backend.stop()
+    async def _stop_tree(self, grace_secs: float = 10.0) -> None:
+        await self.backend.stop(grace_secs)
         self._sleep_level = None
         self._suspended = []
 

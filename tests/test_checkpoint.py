@@ -40,7 +40,7 @@ def test_checkpoint_restore_same_container(ck_daemon, expected, tmp_path):
     assert r.json()["state"] == "checkpointed", r.json()
     ckdir = tmp_path / "ck" / "m1" / "images"
     manifest = json.loads((ckdir / "manifest.json").read_text())
-    assert manifest["model"] == "m1" and manifest["pidns"] and manifest["sleep_level"] == 2
+    assert manifest["model"] == "m1" and manifest["own_pidns"] and manifest["sleep_level"] == 2
     assert manifest["canary"] and manifest["images"]
     assert not any(pid_alive(p) for p in before)
     st = d.status()["models"]["m1"]

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -266,4 +265,3 @@ def test_llmuxd_drives_it_as_vllm_command(made, tmp_path):
     finally:
         assert d.stop() == 0
         assert d.leftovers == []
-        time.sleep(0)

@@ -99,6 +99,11 @@ class VllmBackend:
         self.tree.adopt(root_pid)
         self._watch_exit()
 
+    def watch_restored(self) -> None:
+        """The tree was brought back by CRIU (and is tracked): watch it like a started one."""
+        self._expect_exit = False
+        self._watch_exit()
+
     def _watch_exit(self) -> None:
         self._monitor = asyncio.create_task(self._watch(), name=f"watch-{self.name}")
 

@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..isolation.cgroups import Cgroup
+from ..isolation.procfs import inner_pid
+from ..isolation.tree import ProcessTree
 from . import cuda as cudamod
-from .criu import Criu, CriuError
+from ..isolation.pidinit import RESTORED
+from .criu import Criu, CriuError, error_lines
 from .fsview import FsView
 from .images import ImageError, read_images
 from .manifest import build
@@ -31,17 +34,6 @@ from .prepare import Unusable, apply, check, check_images, preflight
 from .store import BLOBS, IMAGES, MANIFEST, PARTIAL, Found, exchange, inspect, quarantine
 
 log = logging.getLogger(__name__)
-
-
-def innermost_pid(pid: int) -> int:
-    """The PID a process has in its own (innermost) PID namespace (NSpid's last field)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("NSpid:"):
-                return int(line.split()[-1])
-    except OSError:
-        pass
-    return pid
 
 
 class CheckpointFailed(Exception):
@@ -75,9 +67,20 @@ class Checkpointer:
         return inspect(self.name, self.path)
 
     # -- dump ----------------------------------------------------------------------------------
-    async def dump(self, init_pid: int, tree_pids: list[int], extra: dict) -> dict:
-        """Dump the tree rooted at ``init_pid``; returns the manifest.  On failure nothing that
-        looks like a checkpoint is left behind, and the tree may still be running."""
+    async def dump(self, tree: ProcessTree, extra: dict) -> dict:
+        """Dump the tree; returns the manifest.  On failure nothing that looks like a checkpoint
+        is left behind, and the tree may still be running.
+
+        A tree in its own PID and mount namespaces is dumped from inside them (CRIU entered
+        into the init's namespaces, dumping the server by its inner PID): no namespace or mount
+        state goes into the images, and a restore needs a fresh pair of namespaces only."""
+        tree_pids = tree.pids()
+        server = tree.server_pid
+        if server is None:
+            raise CheckpointFailed("the model's process tree is gone", reason="gone")
+        enter = tree.root_pid if tree.namespaced else None
+        target = inner_pid(server) if enter else server
+        extra = {**extra, "own_pidns": bool(enter)}
         if not self.criu.available():
             raise CheckpointFailed(f"CRIU not found at {self.criu.path!r} (see `llmuxd doctor`)", reason="no_criu")
         t = {}
@@ -92,12 +95,13 @@ class Checkpointer:
                 if self.cuda is None:
                     raise CheckpointFailed(f"processes {gpu_pids} hold GPU state and no CUDA checkpoint "
                                            "(driver API or cuda-checkpoint) is available", reason="no_cuda")
-                extra = {**extra, "cuda_pids": [innermost_pid(p) for p in gpu_pids],
+                extra = {**extra, "cuda_pids": [inner_pid(p) for p in gpu_pids],
                          "cuda_bytes": cudamod.gpu_bytes_of(gpu_pids)}
                 suspended = await cudamod.suspend_tree(gpu_pids, self.cuda)
                 t["cuda_suspend"] = time.monotonic() - started
             started = time.monotonic()
-            await self.criu.dump(init_pid, images, freeze_cgroup=self.cgroup.path if self.cgroup else None)
+            await self.criu.dump(target, images, freeze_cgroup=self.cgroup.path if self.cgroup else None,
+                                 enter=enter)
             t["criu_dump"] = time.monotonic() - started
             started = time.monotonic()
             manifest = await asyncio.to_thread(self._manifest, images, partial, extra, bool(gpu_pids))
@@ -124,7 +128,28 @@ class Checkpointer:
         return build(needs, images, partial / BLOBS, FsView(), extra)
 
     # -- restore ---------------------------------------------------------------------------------
-    async def restore(self) -> Restored:
+    async def _criu_restore(self, found: Found, tree: ProcessTree, timeout: float) -> int:
+        images, work = found.path / IMAGES, self.work_dir
+        if not found.manifest.get("own_pidns"):  # dumped in the container's PID namespace
+            root = await self.criu.restore(images, work, self.cgroup)
+            tree.adopt(root)
+            return root
+        # A fresh PID + mount namespace whose init runs criu restore, then adopts the tree.
+        work.mkdir(parents=True, exist_ok=True)
+        for name in (RESTORED, "restore.pid"):
+            (work / name).unlink(missing_ok=True)
+        root = await tree.spawn(await self.criu.restore_argv(images, work), dict(os.environ), restore_dir=work)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (work / RESTORED).exists():
+            if not tree.running:
+                raise CriuError("restore", error_lines(work / "restore.log"), work / "restore.log")
+            if loop.time() > deadline:
+                raise CriuError("restore", f"not done after {timeout:g} s", work / "restore.log")
+            await asyncio.sleep(0.01)
+        return root
+
+    async def restore(self, tree: ProcessTree, timeout: float) -> Restored:
         t: dict = {}
         found = self.found()
         if found.state != "valid":
@@ -150,7 +175,7 @@ class Checkpointer:
             raise CheckpointFailed("cannot restore here: " + "; ".join(problems), reason="environment")
         started = time.monotonic()
         try:
-            root = await self.criu.restore(found.path / IMAGES, self.work_dir, self.cgroup)
+            root = await self._criu_restore(found, tree, timeout)
         except CriuError as e:
             await self.kill_tree()
             self.clean_after_failure(found)
@@ -168,7 +193,7 @@ class Checkpointer:
             raise CheckpointFailed("the checkpoint holds CUDA state but no CUDA checkpoint is available here",
                                    reason="no_cuda")
         started = time.monotonic()
-        await cudamod.resume_tree([p for p in pids if innermost_pid(p) in inner], self.cuda)
+        await cudamod.resume_tree([p for p in pids if inner_pid(p) in inner], self.cuda)
         return time.monotonic() - started
 
     async def kill_tree(self) -> None:

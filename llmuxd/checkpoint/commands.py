@@ -133,7 +133,7 @@ def inspect_checkpoint(path: Path, verify_images: bool = False) -> int:
           f"timings: {m.get('timings')}")
     procs = needs.get("processes", [])
     print(f"  processes: {len(procs)} ({', '.join(sorted({p.get('comm') or '?' for p in procs}))}); "
-          f"own PID namespace: {m['pidns']}; {len(m['pids'])} PIDs/TIDs")
+          f"own PID namespace: {bool(m.get('own_pidns') or m['pidns'])}; {len(m['pids'])} PIDs/TIDs")
     listening = ", ".join(f"{x['addr']}:{x['port']}" for x in m["listen"]) or "none"
     print(f"  listening: {listening}")
     print(f"  canary: {m.get('canary')!r}; CUDA state: {'yes' if m.get('cuda') else 'no'}")

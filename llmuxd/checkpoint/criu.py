@@ -9,6 +9,10 @@ Options, and why:
   --file-locks        flock/posix locks held by the tree
   --network-lock      iptables when present, else nftables, else skip (loopback-only trees)
   --freeze-cgroup     the model's cgroup: a consistent snapshot of every process at once
+  --leave-stopped     the dumped tree stays stopped (llmuxd kills it once the manifest is
+                      written): killing it would end its PID namespace — and the criu running
+                      inside it — before criu is done, and the files the manifest saves are
+                      read while nothing can change them
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ class Criu:
     def available(self) -> bool:
         return bool(shutil.which(self.path) or os.access(self.path, os.X_OK))
 
-    async def _run(self, args: list[str], *, cgroup: Cgroup | None = None, timeout: float | None = None) -> tuple[int, str]:
+    async def _run(self, args: list[str], *, cgroup: Cgroup | None = None, timeout: float | None = None,
+                   enter: int | None = None) -> tuple[int, str]:
         join = None
         if cgroup is not None:
             cgroup.create()
@@ -67,8 +72,9 @@ class Criu:
                     f.write("0")
 
         try:
+            prefix = ["nsenter", "-t", str(enter), "-p", "-m", "--"] if enter else []
             proc = await asyncio.create_subprocess_exec(
-                self.path, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                *prefix, self.path, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, close_fds=True, preexec_fn=join,
             )
         except (OSError, subprocess.SubprocessError) as e:
@@ -97,15 +103,23 @@ class Criu:
             log.info("criu: network lock %s", self._network_lock)
         return self._network_lock
 
-    async def dump(self, pid: int, images: Path, *, freeze_cgroup: Path | None = None) -> None:
-        args = ["dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4", *COMMON,
+    async def dump(self, pid: int, images: Path, *, freeze_cgroup: Path | None = None, enter: int | None = None) -> None:
+        """Dump the tree rooted at ``pid``; with ``enter``, CRIU runs inside the PID and mount
+        namespaces of that process (``pid`` is then the PID in there)."""
+        args = ["dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4", *COMMON, "--leave-stopped",
                 "--link-remap", "--ghost-limit", "256M", "--network-lock", await self.network_lock()]
         if freeze_cgroup is not None:
             args += ["--freeze-cgroup", str(freeze_cgroup)]
-        code, out = await self._run(args)
+        code, out = await self._run(args, enter=enter)
         if code != 0:
             raise CriuError("dump", error_lines(images / "dump.log") if (images / "dump.log").exists() else out[-500:],
                             images / "dump.log")
+
+    async def restore_argv(self, images: Path, work: Path) -> list[str]:
+        """`criu restore` as run by a tree's init in fresh namespaces (pidinit --restore)."""
+        return [self.path, "restore", "-D", str(images), "-W", str(work), "-o", str(work / "restore.log"), "-v4",
+                *COMMON, "--restore-detached", "--pidfile", str(work / "restore.pid"),
+                "--network-lock", await self.network_lock()]
 
     async def restore(self, images: Path, work: Path, cgroup: Cgroup | None) -> int:
         """Restore detached; returns the restored root's PID (a child of ours when we are a

@@ -116,7 +116,7 @@ def preflight(found: Found) -> list[str]:
                 s.bind((lst["addr"], lst["port"]))
             except OSError:
                 problems.append(f"port {lst['addr']}:{lst['port']} is in use")
-    if not m["pidns"]:  # without its own PID namespace every PID and TID must be free here
+    if not m["pidns"] and not m.get("own_pidns"):  # in the container's PID namespace: every PID must be free
         taken = [p for p in m["pids"] if os.path.exists(f"/proc/{p}")]
         if taken:
             problems.append(f"PIDs {taken[:8]} of the checkpoint are taken")

@@ -1,21 +1,30 @@
-"""PID 1 of a model tree's own PID namespace.
+"""PID 1 of a model tree's own PID and mount namespaces.
 
-llmuxd starts every model tree as ``unshare --pid --fork python -m
-llmuxd.isolation.pidinit --first-pid N -- CMD...``.  Why a PID namespace per tree: CRIU restores
-every process with the PID it had, and in a namespace of its own that PID can never be taken by
-anyone else — in this container, or in a fresh container that happens to have started other
-processes first.  Clashes are impossible by construction instead of detected after the fact.
+llmuxd starts every model tree as::
 
-The cost: the tree sees its parent's /proc, in which its own (inner) PIDs name other processes.
-Code that looks itself up as /proc/<os.getpid()> (psutil.Process(), for one) would find a
-stranger.  So the tree's PIDs start high (``--first-pid``, near the top of pid_max), where the
-outer namespace has no processes: such a look-up fails cleanly (no such process) instead of
-finding — and perhaps signalling — someone else.  /proc/self stays right.
+    unshare --pid --fork --mount --mount-proc python -m llmuxd.isolation.pidinit --stdio LOG -- CMD...
 
-This init: sets ns_last_pid so the server gets ``first-pid``, installs the io_uring seccomp
-filter (CRIU cannot dump io_uring), forks and execs the server, forwards termination signals
-to it, reaps orphans, and exits with the server's status (the kernel then kills whatever is left
-in the namespace).
+Why a PID namespace per tree: CRIU restores every process with the PID it had; in a namespace of
+its own that PID cannot be taken by anyone else — in this container, or in a fresh one that
+happens to have started other processes first.  Clashes are impossible by construction.
+
+Why a mount namespace with its own /proc: a process must find itself as /proc/<os.getpid()>.
+Real vLLM reads /proc/<pid>/status at start (CPU memory affinity) and uses psutil on its own
+PIDs; with the parent's /proc those numbers name strangers (or nobody).  Nothing else differs
+from the container: the namespace is a copy of its mounts, with /proc mounted for the tree.
+
+CRIU works from inside (``nsenter -t INIT -p -m criu dump -t SERVER``, where SERVER is this
+init's child): the tree's namespaces are then CRIU's own, so no mount or namespace state goes
+into the images, and a restore is just as simple — ``--restore DIR`` mode: this init, in a fresh
+pair of namespaces, runs ``criu restore --restore-detached`` as its child (with a high PID, so
+the dumped PIDs are free), takes the restored server as its own child, and goes on as if it had
+started it.
+
+As init it: reopens stdio by path inside the new mount namespace (inherited fds would point at
+the outer one's mounts, which CRIU cannot dump), installs the io_uring seccomp filter (CRIU
+cannot dump io_uring; the server and everything below inherit it), forks the server as a
+session leader, forwards termination signals to it, reaps orphans, and exits with the server's
+status (the kernel then kills whatever is left in the namespace).
 """
 
 from __future__ import annotations
@@ -23,44 +32,96 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+RESTORED = "restored"  # written into the restore work dir once the tree is back: the server's pid
+_HIGH_PID = 1_000_000  # where criu itself runs in a restore, out of the dumped tree's way
 
 
-def default_first_pid() -> int:
-    """High in the PID space: pid_max minus 1/8 of it, at most 1,000,000 below the top."""
+def _reopen_stdio(log: str) -> None:
+    null = os.open("/dev/null", os.O_RDONLY)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+
+
+def _set_last_pid(pid: int) -> None:
     try:
-        pid_max = int(open("/proc/sys/kernel/pid_max").read())
-    except (OSError, ValueError):
-        pid_max = 32768
-    return max(300, pid_max - min(pid_max // 8, 1_000_000))
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid))
+    except OSError as e:
+        print(f"pidinit: cannot set ns_last_pid ({e.strerror})", file=sys.stderr)
+
+
+def _spawn(cmd: list[str], *, session: bool) -> int:
+    child = os.fork()
+    if child == 0:
+        if session:
+            os.setsid()  # CRIU wants the dumped tree's session leader inside the tree
+        try:
+            os.execvp(cmd[0], cmd)
+        except OSError as e:
+            print(f"pidinit: cannot run {cmd[0]}: {e.strerror}", file=sys.stderr)
+            os._exit(127)
+    return child
+
+
+def _forward_to(target: list[int]) -> None:
+    def forward(sig: int, _frame) -> None:
+        for pid in target:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+
+
+def _wait_for(main: int) -> int:
+    """Reap everything; return the exit status of ``main`` when it ends."""
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return 0
+        except InterruptedError:
+            continue
+        if pid == main:
+            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
 def main(argv: list[str]) -> int:
-    first_pid, seccomp, exec_only = None, True, False
+    seccomp, exec_only, stdio, restore = True, False, None, None
     while argv and argv[0] != "--":
         opt = argv.pop(0)
-        if opt == "--first-pid":
-            first_pid = int(argv.pop(0))
-        elif opt == "--no-seccomp":
+        if opt == "--no-seccomp":
             seccomp = False
         elif opt == "--exec":
             exec_only = True
+        elif opt == "--stdio":
+            stdio = argv.pop(0)
+        elif opt == "--restore":
+            restore = Path(argv.pop(0))
         else:
             print(f"pidinit: unknown option {opt}", file=sys.stderr)
             return 2
     cmd = argv[1:]
     if not cmd:
-        print("pidinit: usage: pidinit [--first-pid N] [--no-seccomp] [--exec] -- CMD...", file=sys.stderr)
+        print("pidinit: usage: pidinit [--stdio LOG] [--no-seccomp] [--exec | --restore DIR] -- CMD...",
+              file=sys.stderr)
         return 2
-    if exec_only:
-        # No PID namespace (isolation.pid_namespace false): only install the io_uring filter,
-        # then become the server (same PID, no fork), so a tree started without a namespace is
-        # still dumpable.
-        if seccomp:
-            from .seccomp import block_io_uring
+    if stdio:
+        _reopen_stdio(stdio)
+    if seccomp and restore is None:  # a restored tree brings its own filters back
+        from .seccomp import block_io_uring
 
-            block_io_uring()
+        block_io_uring()
+    if exec_only:
+        # No PID namespace (isolation.pid_namespace false): filter, then become the server.
         try:
             os.execvp(cmd[0], cmd)
         except OSError as e:
@@ -69,42 +130,21 @@ def main(argv: list[str]) -> int:
     if os.getpid() != 1:
         print("pidinit: not PID 1 of a PID namespace (run under unshare --pid --fork)", file=sys.stderr)
         return 2
-    os.setsid()  # CRIU wants the tree's session leader inside the tree (it is: us)
-    if first_pid:
-        try:
-            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-                f.write(str(first_pid - 1))
-        except OSError as e:
-            print(f"pidinit: cannot set ns_last_pid ({e.strerror}); PIDs start low", file=sys.stderr)
-    if seccomp:
-        from .seccomp import block_io_uring
-
-        block_io_uring()
-    child = os.fork()
-    if child == 0:
-        try:
-            os.execvp(cmd[0], cmd)
-        except OSError as e:
-            print(f"pidinit: cannot run {cmd[0]}: {e.strerror}", file=sys.stderr)
-            os._exit(127)
-    for sig in FORWARDED:
-        signal.signal(sig, lambda s, _f: _forward(child, s))
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            return 0
-        except InterruptedError:
-            continue
-        if pid == child:
-            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-
-
-def _forward(child: int, sig: int) -> None:
-    try:
-        os.kill(child, sig)
-    except ProcessLookupError:
-        pass
+    target: list[int] = []
+    _forward_to(target)
+    if restore is None:
+        target.append(_spawn(cmd, session=True))
+        return _wait_for(target[0])
+    # Restore: criu (a high PID) restores the tree detached; its root re-parents to us.
+    _set_last_pid(_HIGH_PID)
+    criu = _spawn(cmd, session=False)
+    code = _wait_for(criu)
+    if code != 0:
+        return code
+    server = int((restore / "restore.pid").read_text().strip())
+    target.append(server)
+    (restore / RESTORED).write_text(str(server))
+    return _wait_for(server)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,14 @@ def all_stats() -> Iterator[Stat]:
 def alive(pid: int) -> bool:
     st = stat(pid)
     return st is not None and not st.zombie
+
+
+def inner_pid(pid: int) -> int | None:
+    """The PID a process has in its own (innermost) PID namespace (NSpid's last field)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    except OSError:
+        pass
+    return None

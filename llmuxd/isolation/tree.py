@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import reaper
 from .cgroups import Cgroup
-from .procfs import alive as _alive, all_stats
+from .procfs import alive as _alive, all_stats, inner_pid
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +50,39 @@ class ProcessTree:
     def returncode(self) -> int | None:
         return self._exited.result() if self._exited is not None and self._exited.done() else None
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        """The command line that runs ``argv`` with this tree's isolation (see pidinit.py)."""
-        if not self.pid_namespace:
-            if not self.block_io_uring:
-                return argv
-            # No namespace, but still no io_uring (CRIU cannot dump it): filter, then exec.
-            return [sys.executable, "-m", "llmuxd.isolation.pidinit", "--exec", "--", *argv]
-        from .pidinit import default_first_pid
-
-        init = [sys.executable, "-m", "llmuxd.isolation.pidinit", "--first-pid", str(default_first_pid())]
+    def wrap(self, argv: list[str], restore_dir: Path | None = None) -> list[str]:
+        """The command line that runs ``argv`` with this tree's isolation (see pidinit.py);
+        with ``restore_dir``, ``argv`` is a `criu restore` that brings the tree back."""
+        init = [sys.executable, "-m", "llmuxd.isolation.pidinit", "--stdio", str(self.log_path)]
         if not self.block_io_uring:
             init.append("--no-seccomp")
-        return ["unshare", "--pid", "--fork", *init, "--", *argv]
+        if not self.pid_namespace:
+            return argv if not self.block_io_uring else [*init, "--exec", "--", *argv]
+        if restore_dir is not None:
+            init += ["--restore", str(restore_dir)]
+        return ["unshare", "--pid", "--fork", "--mount", "--mount-proc", *init, "--", *argv]
 
     @property
-    def init_pid(self) -> int | None:
-        """The tree's topmost process, the one CRIU dumps: the PID namespace's init (whose
-        launcher, `unshare`, stays outside the tree), or the command itself."""
-        return self.root_pid
+    def namespaced(self) -> bool:
+        """The root is the init of the tree's own PID namespace."""
+        return self.pid_namespace and self.root_pid is not None and inner_pid(self.root_pid) == 1
 
-    async def spawn(self, argv: list[str], env: dict[str, str]) -> int:
-        """Start ``argv``: own session (and cgroup, and PID namespace), stdin /dev/null,
-        stdout+stderr appended to the log file (O_APPEND: CRIU restores such files without a
-        size check), no other fds.  Returns the root's PID."""
-        argv = self.wrap(argv)
+    @property
+    def server_pid(self) -> int | None:
+        """The process CRIU dumps: the namespace init's child (the server), else the root."""
+        if not self.namespaced:
+            return self.root_pid
+        try:
+            children = Path(f"/proc/{self.root_pid}/task/{self.root_pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    async def spawn(self, argv: list[str], env: dict[str, str], restore_dir: Path | None = None) -> int:
+        """Start ``argv``: own session (and cgroup, and PID and mount namespaces), stdin
+        /dev/null, stdout+stderr appended to the log file (O_APPEND: CRIU restores such files
+        without a size check), no other fds.  Returns the root's PID."""
+        argv = self.wrap(argv, restore_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         procs_file = None

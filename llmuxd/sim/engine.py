@@ -108,6 +108,9 @@ class Engine:
                 log.error("API server process is gone; engine core exiting")
                 self._release_gpu()
                 os._exit(1)
+            if n % 3 == 0 and self.lease_held:
+                with self.gpu_lock:
+                    gpu.heartbeat()
             if n % 5 == 0 and self.lease_held and gpu.self_start_time() != self.lease_start:
                 # Restored from a checkpoint: the old lease stopped counting when the dumped
                 # process died. Take the GPU memory again (touching the lease dir only now).

@@ -1,11 +1,14 @@
 """Simulated GPU memory: one byte budget shared by every simulator on the machine.
 
-Each awake engine holds a lease file ``<dir>/lease-<pid>.json`` with
-``{"pid", "start_time", "bytes", "model"}``. Leases are taken under an flock on ``<dir>/lock``;
-the lock fd is closed right after, so a live engine keeps no file in the directory open (it may
-be CRIU-dumped). A lease counts only while its process lives: a dead pid, a zombie, or a pid whose
-start time differs from the recorded one (pid reuse, or the same pid restored by CRIU) is ignored
-and removed by the next acquire.
+Each awake engine holds a lease file ``<dir>/lease-<token>.json`` with
+``{"token", "pid", "pidns", "start_time", "beat", "bytes", "model"}``. Leases are taken under an
+flock on ``<dir>/lock``; the lock fd is closed right after, so a live engine keeps no file in the
+directory open (it may be CRIU-dumped). A lease counts only while its holder lives.  Engines run in
+PID namespaces of their own (llmuxd puts each model tree in one, with its own /proc), where a
+pid means nothing to a reader in another namespace; so the holder refreshes ``beat`` (a
+timestamp) every few hundred milliseconds, and a lease whose beat is older than ``TTL`` is dead.
+A reader in the holder's own PID namespace also drops it at once when the pid is gone or its
+start time changed (pid reuse, or a CRIU restore).
 
 Environment: ``LLMUXD_SIM_GPU_DIR`` (default ``/dev/shm/llmuxd-sim-gpu``) and
 ``LLMUXD_SIM_GPU_BYTES`` (default 1 GiB).
@@ -16,12 +19,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 DEFAULT_DIR = "/dev/shm/llmuxd-sim-gpu"
 DEFAULT_BUDGET = 1 << 30
 _PREFIX = "lease-"
+TTL = 2.0  # seconds without a heartbeat after which a lease is dead
+_token: str | None = None  # this process's lease
 
 
 class OutOfMemory(Exception):
@@ -50,13 +57,21 @@ def _start_time(pid: int | str) -> int | None:
     return int(fields[19])
 
 
+def _pidns() -> int:
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
 def _alive(lease: dict[str, Any]) -> bool:
-    start = _start_time(lease["pid"])
-    return start is not None and start == lease.get("start_time")
+    if time.time() - float(lease.get("beat", 0)) > TTL:
+        return False
+    if lease.get("pidns") == _pidns():  # same namespace: the pid tells at once
+        start = _start_time(lease["pid"])
+        return start is not None and start == lease.get("start_time")
+    return True
 
 
-def _lease_path(d: Path, pid: int) -> Path:
-    return d / f"{_PREFIX}{pid}.json"
+def _lease_path(d: Path, token: str) -> Path:
+    return d / f"{_PREFIX}{token}.json"
 
 
 def _read_leases(d: Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -88,23 +103,30 @@ def usage(dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
 
 
 def _proc_pid() -> int:
-    """This process's pid as /proc numbers it.  Differs from os.getpid() inside a PID namespace
-    that sees its parent's /proc (llmuxd starts model trees in their own PID namespace), where
-    os.getpid() would name some other process in /proc."""
+    """This process's pid as /proc numbers it (informational: which process holds a lease)."""
     return int(os.readlink("/proc/self"))
+
+
+def _write(d: Path, token: str, nbytes: int, model: str) -> Path:
+    path = _lease_path(d, token)
+    tmp = d / f".{path.name}.tmp"
+    tmp.write_text(json.dumps({"token": token, "pid": _proc_pid(), "pidns": _pidns(), "start_time": _start_time("self"),
+                               "beat": time.time(), "bytes": nbytes, "model": model}))
+    os.replace(tmp, path)
+    return path
 
 
 def acquire(nbytes: int, model: str, dir: str | os.PathLike[str] | None = None) -> Path:
     """Take (or replace) this process's lease of ``nbytes``; raise OutOfMemory past the budget."""
+    global _token
     d = gpu_dir(dir)
     d.mkdir(parents=True, exist_ok=True)
-    pid = _proc_pid()
     fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         used = 0
         for path, lease in _read_leases(d):
-            if lease["pid"] == pid:
+            if lease.get("token") == _token:
                 continue
             if not _alive(lease):
                 path.unlink(missing_ok=True)
@@ -116,19 +138,30 @@ def acquire(nbytes: int, model: str, dir: str | os.PathLike[str] | None = None) 
                 f"CUDA out of memory. Tried to allocate {nbytes} bytes. GPU has a total capacity of "
                 f"{total} bytes of which {max(total - used, 0)} bytes are free."
             )
-        path = _lease_path(d, pid)
-        tmp = d / f".{path.name}.tmp"
-        tmp.write_text(json.dumps(
-            {"pid": pid, "start_time": _start_time("self"), "bytes": nbytes, "model": model}))
-        os.replace(tmp, path)
-        return path
+        _token = _token or uuid.uuid4().hex
+        return _write(d, _token, nbytes, model)
     finally:
         os.close(fd)
 
 
+def heartbeat(dir: str | os.PathLike[str] | None = None) -> None:
+    """Keep this process's lease alive (call more often than TTL)."""
+    d = gpu_dir(dir)
+    if _token is None:
+        return
+    try:
+        lease = json.loads(_lease_path(d, _token).read_text())
+    except (OSError, ValueError):
+        return
+    _write(d, _token, int(lease["bytes"]), lease.get("model", ""))
+
+
 def release(dir: str | os.PathLike[str] | None = None) -> None:
     """Drop this process's lease, if any."""
-    _lease_path(gpu_dir(dir), _proc_pid()).unlink(missing_ok=True)
+    global _token
+    if _token is not None:
+        _lease_path(gpu_dir(dir), _token).unlink(missing_ok=True)
+        _token = None
 
 
 def self_start_time() -> int | None:
@@ -138,8 +171,10 @@ def self_start_time() -> int | None:
 
 def holds(dir: str | os.PathLike[str] | None = None) -> bool:
     """Whether this process has a valid lease (False after a CRIU restore changed its start time)."""
+    if _token is None:
+        return False
     try:
-        lease = json.loads(_lease_path(gpu_dir(dir), _proc_pid()).read_text())
+        lease = json.loads(_lease_path(gpu_dir(dir), _token).read_text())
     except (OSError, ValueError):
         return False
-    return lease.get("start_time") == _start_time("self")
+    return lease.get("start_time") == _start_time("self") and _alive(lease)
