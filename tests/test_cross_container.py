@@ -84,10 +84,11 @@ def wait_http(url: str, timeout: float = 30) -> None:
 # -- shape (b): mount-namespace containers, llmuxd as the entrypoint ------------------------------
 
 class EntrypointContainer:
-    def __init__(self, name: str, ckpt: Path, hf: Path, config: dict, workdir: Path):
+    def __init__(self, name: str, ckpt: Path, hf: Path, config: dict, workdir: Path, env: dict | None = None):
         cfg = workdir / f"{name}-config.json"
         cfg.write_text(json.dumps(config))
         self.url = f"http://127.0.0.1:{config['port']}"
+        self.env = env
         self.c = mntns.MountContainer(name, binds=[(str(ckpt), CKPT), (str(hf), HF), (str(cfg), "/etc/llmux/config.json"),
                                                    *mntns.repo_binds(REPO)])
 
@@ -95,7 +96,8 @@ class EntrypointContainer:
         self.c.start()
         # The image's install (files stage: units, D-Bus policy, /usr/local/bin/llmuxd -> venv).
         self.c.run(["bash", f"{REPO}/packaging/install.sh", "--stages", "files", "--venv", VENV])
-        self.proc = self.c.spawn(["sh", f"{REPO}/packaging/entrypoint.sh"], stdout="/var/log/llmuxd/entrypoint.log")
+        self.proc = self.c.spawn(["sh", f"{REPO}/packaging/entrypoint.sh"], stdout="/var/log/llmuxd/entrypoint.log",
+                                 env=self.env)
         wait_http(self.url)
         return self
 

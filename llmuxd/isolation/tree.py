@@ -22,6 +22,22 @@ from .procfs import alive as _alive, all_stats, inner_pid
 log = logging.getLogger(__name__)
 
 
+def namespace_members(pid: int) -> list[int]:
+    """PIDs of all live processes in the PID namespace that ``pid`` lives in."""
+    try:
+        ns = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return []
+    out = []
+    for st in all_stats():
+        try:
+            if not st.zombie and os.readlink(f"/proc/{st.pid}/ns/pid") == ns:
+                out.append(st.pid)
+        except OSError:
+            continue
+    return sorted(out)
+
+
 def session_members(sid: int) -> list[int]:
     """PIDs of all live processes whose session id is ``sid`` (zombies excluded)."""
     return sorted(st.pid for st in all_stats() if st.session == sid and not st.zombie)
@@ -179,7 +195,10 @@ class ProcessTree:
         # namespace the init leads the session; its launcher `unshare` stays outside it.)
         if not self.root_pid:
             return []
-        members = set(session_members(self.root_pid))
+        if self.namespaced:  # exact: everything in the tree's PID namespace (sessions may differ)
+            members = set(namespace_members(self.root_pid))
+        else:
+            members = set(session_members(self.root_pid))
         if self._launcher and _alive(self._launcher):
             members.add(self._launcher)
         return sorted(members)

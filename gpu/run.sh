@@ -1,0 +1,51 @@
+#!/bin/bash
+# The GPU run, on the GPU machine, from the repository root (see gpu/drive.py for what it does).
+#
+# Needs, carried with the working tree (both git-ignored):
+#   .cache/criu-root/   CRIU 4.2.1's extracted root (a copy of /opt/llmuxd/criu, as
+#                       packaging/install-criu.sh makes it), run with its own loader;
+#   .cache/gpu-wheels/  llmuxd's Python deps missing from the machine's image, for Python 3.12:
+#                       pydantic, pydantic-core, annotated-types, typing-inspection,
+#                       typing-extensions, pyzmq, sdnotify, dbus-fast, protobuf<7.
+# Optional: .cache/llmuxd-src/llmuxd, a pinned copy of llmuxd (e.g. `git archive HEAD llmuxd |
+#   tar -x -C .cache/llmuxd-src`) used instead of the checkout's, which may be mid-edit.
+# Device call: run `OUT=$OUT bash gpu/run.sh` carrying those folders (about 24 MiB); ~85 s of
+# command time plus the machine's start.  Arguments go to gpu/drive.py (--hidden, --layers, ...).
+# Everything is put outside /tmp (each test container gets a fresh tmpfs there): code in
+# /opt/llmuxd-gpu, CRIU in /opt/llmuxd/criu, HF cache + checkpoints + logs in /var/lib/llmuxd-gpu.
+# Results: $OUT/gpu-h200.json, gpu-h200.md, drive.log, setup.log, logs.tar.gz.
+set -u
+OUT=${OUT:-/var/tmp/llmuxd-gpu-out}
+mkdir -p "$OUT"
+REPO=$(pwd)
+ROOT=/opt/llmuxd-gpu
+STATE=/var/lib/llmuxd-gpu
+{
+  echo "repo: $REPO"; date; uname -a; python3 -V; command -v python3
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
+  command -v unshare mount iptables iptables-restore nft || true
+  rm -rf "$ROOT" "$STATE" && mkdir -p "$ROOT/src" "$STATE" /opt/llmuxd
+  # llmuxd from a pinned snapshot when one is carried (the checkout may be mid-edit), else the checkout's
+  if [ -d .cache/llmuxd-src/llmuxd ]; then cp -a .cache/llmuxd-src/llmuxd "$ROOT/src/"; else cp -a llmuxd "$ROOT/src/"; fi
+  cp -a gpu "$ROOT/src/"
+  [ -x /opt/llmuxd/criu/usr/sbin/criu ] || cp -a .cache/criu-root /opt/llmuxd/criu
+  C=/opt/llmuxd/criu
+  printf '#!/bin/sh\nexec %s/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path %s/usr/lib/x86_64-linux-gnu %s/usr/sbin/criu "$@"\n' \
+    "$C" "$C" "$C" >"$ROOT/criu"
+  chmod +x "$ROOT/criu"
+  "$ROOT/criu" --version && "$ROOT/criu" check
+  [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target "$ROOT/site" .cache/gpu-wheels/*.whl
+} >"$OUT/setup.log" 2>&1
+export PYTHONPATH=$ROOT/site:$ROOT/src:/opt/llmuxd/criu/usr/lib/python3/dist-packages
+export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export PYTHONUNBUFFERED=1
+python3 -c 'import llmuxd.cli, pydantic, zmq, pycriu, torch; print("imports ok; cuda:", torch.cuda.is_available())' >>"$OUT/setup.log" 2>&1
+cd /
+timeout "${DRIVE_TIMEOUT:-540}" python3 "$ROOT/src/gpu/drive.py" --out "$OUT" --criu "$ROOT/criu" "$@" >"$OUT/drive.log" 2>&1
+rc=$?
+echo "drive.py exit status $rc" >>"$OUT/drive.log"
+# what llmuxd, the backends and CRIU wrote (no images)
+tar -czf "$OUT/logs.tar.gz" --exclude='*.img' -C "$STATE" logs config.json $(cd "$STATE" && ls llmuxd-*.log 2>/dev/null) \
+  $(cd "$STATE" && ls -d ck/ck/images/manifest.json ck/ck/images/dump.log 2>/dev/null) 2>>"$OUT/setup.log"
+tail -c 6000 "$OUT/drive.log"
+exit $rc
