@@ -51,8 +51,10 @@ class VllmBackend:
         self.url = f"http://127.0.0.1:{self.cfg.port}"
         self.log_path = Path(config.log_dir) / f"{name}.log"
         iso = config.isolation
+        # Distinct first PIDs per model (see pidinit.py): 1000, 2000, ... in config order.
+        first_pid = 1000 * (1 + list(config.models).index(name) % 30)
         self.tree = ProcessTree(name, self.log_path, cgroup, pid_namespace=iso.pid_namespace,
-                                block_io_uring=iso.block_io_uring)
+                                block_io_uring=iso.block_io_uring, first_pid=first_pid)
         self._on_exit = on_exit
         self._expect_exit = False
         self._monitor: asyncio.Task | None = None

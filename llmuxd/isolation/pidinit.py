@@ -20,6 +20,10 @@ pair of namespaces, runs ``criu restore --restore-detached`` as its child (with 
 the dumped PIDs are free), takes the restored server as its own child, and goes on as if it had
 started it.
 
+Trees share the container's network namespace, so names derived from a PID (abstract unix
+sockets: the CUDA driver makes some) would collide between two trees whose servers both have
+PID 2 in their namespaces: each model's server starts at its own ``--first-pid``.
+
 As init it: reopens stdio by path inside the new mount namespace (inherited fds would point at
 the outer one's mounts, which CRIU cannot dump), installs the io_uring seccomp filter (CRIU
 cannot dump io_uring; the server and everything below inherit it), forks the server as a
@@ -36,7 +40,6 @@ from pathlib import Path
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 RESTORED = "restored"  # written into the restore work dir once the tree is back: the server's pid
-_HIGH_PID = 1_000_000  # where criu itself runs in a restore, out of the dumped tree's way
 
 
 def _reopen_stdio(log: str) -> None:
@@ -47,6 +50,14 @@ def _reopen_stdio(log: str) -> None:
     os.dup2(out, 2)
     os.close(null)
     os.close(out)
+
+
+def _high_pid() -> int:
+    """Where criu itself runs in a restore: near pid_max, out of the dumped tree's way."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text()) - 500
+    except (OSError, ValueError):
+        return 32000
 
 
 def _set_last_pid(pid: int) -> None:
@@ -95,7 +106,7 @@ def _wait_for(main: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    seccomp, exec_only, stdio, restore = True, False, None, None
+    seccomp, exec_only, stdio, restore, first_pid = True, False, None, None, None
     while argv and argv[0] != "--":
         opt = argv.pop(0)
         if opt == "--no-seccomp":
@@ -106,6 +117,8 @@ def main(argv: list[str]) -> int:
             stdio = argv.pop(0)
         elif opt == "--restore":
             restore = Path(argv.pop(0))
+        elif opt == "--first-pid":
+            first_pid = int(argv.pop(0))
         else:
             print(f"pidinit: unknown option {opt}", file=sys.stderr)
             return 2
@@ -133,10 +146,12 @@ def main(argv: list[str]) -> int:
     target: list[int] = []
     _forward_to(target)
     if restore is None:
+        if first_pid:  # distinct per model: PID-derived names (abstract sockets) never collide
+            _set_last_pid(first_pid - 1)
         target.append(_spawn(cmd, session=True))
         return _wait_for(target[0])
     # Restore: criu (a high PID) restores the tree detached; its root re-parents to us.
-    _set_last_pid(_HIGH_PID)
+    _set_last_pid(_high_pid())
     criu = _spawn(cmd, session=False)
     code = _wait_for(criu)
     if code != 0:

@@ -47,12 +47,13 @@ class ProcessTree:
     """Spawns one command as the root of a new session and owns everything under it."""
 
     def __init__(self, name: str, log_path: Path, cgroup: Cgroup | None = None, *,
-                 pid_namespace: bool = False, block_io_uring: bool = False):
+                 pid_namespace: bool = False, block_io_uring: bool = False, first_pid: int | None = None):
         self.name = name
         self.log_path = log_path
         self.cgroup = cgroup
         self.pid_namespace = pid_namespace
         self.block_io_uring = block_io_uring
+        self.first_pid = first_pid
         self.root_pid: int | None = None
         self._launcher: int | None = None  # `unshare`, parent of the namespace init
         self._proc: asyncio.subprocess.Process | None = None
@@ -76,6 +77,8 @@ class ProcessTree:
             return argv if not self.block_io_uring else [*init, "--exec", "--", *argv]
         if restore_dir is not None:
             init += ["--restore", str(restore_dir)]
+        elif self.first_pid:
+            init += ["--first-pid", str(self.first_pid)]
         return ["unshare", "--pid", "--fork", "--mount", "--mount-proc", *init, "--", *argv]
 
     @property
