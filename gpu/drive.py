@@ -518,7 +518,8 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--kv-bytes", type=int, default=2 << 30)
     ap.add_argument("--device", default="cuda", help="the backend's --device ('' = cuda when available)")
-    ap.add_argument("--pid-namespace", action="store_true", help="llmuxd's isolation.pid_namespace (default off)")
+    ap.add_argument("--pid-namespace", action=argparse.BooleanOptionalAction, default=True,
+                    help="llmuxd's isolation.pid_namespace (default on, as in llmuxd)")
     ap.add_argument("--render", type=Path, help="only print the table of a results file")
     args = ap.parse_args()
     if args.render:
