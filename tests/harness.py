@@ -127,7 +127,7 @@ class LlmuxdProcess:
 
 def alternating_load(url: str, clients: int, rounds: int, max_tokens: int) -> tuple[list, list]:
     """``clients`` concurrent official-openai clients, each alternating between m1 and m2 for
-    ``rounds`` requests, odd clients streaming.  Returns ([(model, prompt, text)], [errors])."""
+    ``rounds`` requests, odd clients streaming, greedy.  Returns ([(model, prompt, text)], [errors])."""
     import asyncio
 
     import openai
@@ -140,10 +140,12 @@ def alternating_load(url: str, clients: int, rounds: int, max_tokens: int) -> tu
             model = ("m1", "m2")[(i + r) % 2]
             prompt = f"client {i} round {r}"
             if i % 2:
-                stream = await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True)
+                stream = await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
+                                                      temperature=0)
                 text = "".join([c.choices[0].text async for c in stream])
             else:
-                text = (await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens)).choices[0].text
+                text = (await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                                     temperature=0)).choices[0].text
             results.append((model, prompt, text))
 
     async def run() -> None:

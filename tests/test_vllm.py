@@ -100,3 +100,84 @@ def test_real_vllm_cross_container_entrypoint_shape(vllm, tmp_path, eager):
               f"{wake:.2f} s {st['last_restore']['seconds']}; images {manifest['image_bytes'] >> 20} MiB")
     finally:
         b.stop()
+
+
+def test_real_vllm_cross_container_systemd_shape(vllm, tmp_path):
+    from systemd_env import ServiceContainer, require_containers
+
+    require_containers()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    port, mport = free_ports(2)
+    config = mission(port, mport, vllm)
+    binds = [(str(ckpt), "/tmp/llmux-checkpoints"), (VLLM_HF, "/root/.cache/huggingface"), (VLLM_VENV, VLLM_VENV)]
+    a = ServiceContainer("va", tmp_path, config, ENV, binds=binds).start()
+    try:
+        a.c.systemctl("start", "llmuxd", check=True)
+        r = httpx.post(a.url + "/control/wake", json={"model": "qwen3-0.6b"}, timeout=600)
+        log = a.c.path("/var/log/llmuxd/qwen3-0.6b.log")
+        assert r.status_code == 200, (r.text, log.read_text()[-3000:] if log.exists() else "no log")
+        answer = chat(a.url, "qwen3-0.6b")
+        r = httpx.post(a.url + "/control/sleep", json={"model": "qwen3-0.6b"}, timeout=600).json()
+        assert r["state"] == "checkpointed", (r, a.c.journal("llmuxd")[-4000:])
+    finally:
+        a.stop()
+    b = ServiceContainer("vb", tmp_path, config, ENV, binds=binds).start()
+    try:
+        b.c.systemctl("restart", "llmuxd-restore", check=True)
+        b.c.systemctl("start", "llmuxd", check=True)
+        r = httpx.post(b.url + "/control/wake", json={"model": "qwen3-0.6b"}, timeout=600).json()
+        assert r["state"] == "awake", (r, b.c.journal("llmuxd")[-4000:])
+        assert _status(b.url)["last_wake_kind"] == "restore"
+        assert chat(b.url, "qwen3-0.6b") == answer
+    finally:
+        b.stop()
+
+
+def test_two_real_models_switching_under_load(vllm, make_daemon, tmp_path):
+    """Two real vLLM models (discard + keep_running) behind llmuxd, 8 concurrent official-openai
+    clients alternating between them, streaming and not: every answer equals what that model
+    gives when called directly on its own port."""
+    from harness import alternating_load
+
+    p = free_ports(2)
+    models = {"m1": model("llmuxd-test/tiny-a", p[0], "discard", "keep_running"),
+              "m2": model("llmuxd-test/tiny-b", p[1], "discard", "keep_running")}
+    d = make_daemon(models=models, vllm_command=vllm, env={**ENV, "HF_HOME": VLLM_HF},
+                    policy={"startup_timeout_secs": 600, "request_timeout_secs": 900, "min_active_secs": 0})
+    prompts = {f"client {i} round {r}" for i in range(8) for r in range(2)}
+    direct: dict[tuple[str, str], str] = {}
+    for m in ("m1", "m2"):  # reference answers, straight from each backend's own port
+        assert d.control("wake", m, timeout=600).status_code == 200
+        port = d.config["models"][m]["port"]
+        for prompt in prompts:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                           json={"model": m, "prompt": prompt, "max_tokens": 6, "temperature": 0})
+            direct[(m, prompt)] = r.json()["choices"][0]["text"]
+    results, errors = alternating_load(d.url, 8, 2, 6)
+    assert not errors, errors[:3]
+    assert len(results) == 16
+    wrong = [(m, p) for m, p, t in results if t != direct[(m, p)]]
+    assert not wrong, wrong
+    st = d.status()["models"]
+    assert {st["m1"]["last_wake_kind"], st["m2"]["last_wake_kind"]} <= {"wake", "cold_start"}
+
+
+def test_llmuxd_validate_on_real_vllm(vllm, tmp_path):
+    from harness import LLMUXD
+
+    port, mport = free_ports(2)
+    config = {"models": {"qwen3-0.6b": model("Qwen/Qwen3-0.6B", mport)}, "port": port, "host": "127.0.0.1",
+              "vllm_command": vllm, "log_dir": str(tmp_path / "logs"),
+              "checkpoint": {"criu_path": "/usr/local/bin/criu", "images_dir": str(tmp_path / "ck")},
+              "policy": {"startup_timeout_secs": 600}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    r = subprocess.run([LLMUXD, "validate", "qwen3-0.6b", "--config", str(tmp_path / "config.json"), "--cycles", "1",
+                        "--policies", "discard+keep_running,discard+checkpoint,retain+stop"],
+                       capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, **ENV, "HF_HOME": VLLM_HF, "HOME": str(tmp_path)})
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines()[2:-1]}
+    assert rows["discard+checkpoint"][5] == "restore" and rows["discard+keep_running"][5] == "wake"
+    assert r.stdout.splitlines()[-1] == "all responses matched"

@@ -45,7 +45,8 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
 IMAGE=${IMAGE%/}
 case "$IMAGE/" in /tmp/*) die "LLMUXD_TEST_IMAGE must not be under /tmp: $IMAGE" ;; esac
 
-PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,python3,python3-venv,procps,curl,iproute2,ca-certificates,util-linux,less
+# libnuma1: the real vLLM CPU build (tests/test_vllm.py, run from a bound venv) loads it, as vLLM's own image has it.
+PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,python3,python3-venv,procps,curl,iproute2,ca-certificates,util-linux,less,libnuma1
 [[ -n "${LLMUXD_TEST_EXTRA_PACKAGES:-}" ]] && PACKAGES+=",$LLMUXD_TEST_EXTRA_PACKAGES"
 # Units that slow the boot down or make no sense in a test container ("ln -s /dev/null": masked,
 # whether or not the unit exists).

@@ -1,9 +1,13 @@
-"""Benchmark (figures, not a test): checkpoint and restore of a simulated model through llmuxd.
+"""Benchmark (figures, not a test): checkpoint and restore of one model through llmuxd.
 
 Prints, as medians over N rounds measured in one run: cold start to first token, sleep with
 discard + checkpoint (and the bare `criu dump` inside it), image size, restore to first token
-(and the bare `criu restore` inside it), and the ratios — restore vs cold start, llmuxd's
-overhead over bare CRIU.  Usage: .venv/bin/python bench/checkpoint_sim.py [--rounds N]
+(and the bare `criu restore` inside it), sleep/wake with discard + keep_running, and the ratios —
+restore vs cold start, llmuxd's overhead over bare CRIU.
+
+  .venv/bin/python bench/checkpoint.py [--rounds N]              # the simulator
+  .venv/bin/python bench/checkpoint.py --vllm [--rounds N]       # real vLLM (CPU build;
+                                                                     # scripts/setup-vllm.sh first)
 """
 
 from __future__ import annotations
@@ -43,10 +47,10 @@ def wait_up(url: str) -> None:
     raise RuntimeError("llmuxd did not come up")
 
 
-def first_token(url: str) -> float:
+def first_token(url: str, model: str = "bench") -> float:
     t = time.monotonic()
-    with httpx.stream("POST", url + "/v1/completions", timeout=300,
-                      json={"model": "bench", "prompt": "benchmark", "max_tokens": 8, "stream": True}) as r:
+    with httpx.stream("POST", url + "/v1/completions", timeout=900,
+                      json={"model": model, "prompt": "benchmark", "max_tokens": 8, "stream": True}) as r:
         for chunk in r.iter_raw():
             if chunk:
                 return time.monotonic() - t
@@ -56,25 +60,38 @@ def first_token(url: str) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--vllm", action="store_true", help="real vLLM (CPU build) instead of the simulator")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmuxd-bench-"))
     env = dict(os.environ, HF_HOME=str(work / "hf"), HOME=str(work / "home"), LLMUXD_SIM_GPU_DIR=str(work / "gpu"))
     (work / "home").mkdir()
-    subprocess.run([BIN / "llmuxd-vllm-sim", "make-model", "bench/model", "--seed", "5"], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    port, mport = free_port(), free_port()
-    config = {"models": {"bench": {"model_path": "bench/model", "port": mport,
-                                   "eviction": {"weights": "discard", "process": "checkpoint"}}},
+    if args.vllm:
+        venv = os.environ.get("LLMUXD_VLLM_VENV", "/opt/llmuxd/vllm-venv")
+        env.update(HF_HOME=os.environ.get("LLMUXD_VLLM_HF_HOME", "/opt/llmuxd/vllm-hf"), VLLM_HOST_IP="127.0.0.1",
+                   HF_HUB_OFFLINE="1")
+        command, path = f"{venv}/bin/vllm", "Qwen/Qwen3-0.6B"
+        extra = {"enable_sleep_mode": False, "extra_args": ["--host", "127.0.0.1", "--max-model-len", "256",
+                                                             "--enforce-eager", "--kv-cache-memory-bytes", "67108864"]}
+    else:
+        subprocess.run([BIN / "llmuxd-vllm-sim", "make-model", "bench/model", "--seed", "5"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        command, path, extra = str(BIN / "llmuxd-vllm-sim"), "bench/model", {}
+    port, mport, kport = free_port(), free_port(), free_port()
+    config = {"models": {"bench": {"model_path": path, "port": mport, **extra,
+                                   "eviction": {"weights": "discard", "process": "checkpoint"}},
+                         "kr": {"model_path": path, "port": kport, **extra,
+                                "eviction": {"weights": "discard", "process": "keep_running"}}},
               "checkpoint": {"criu_path": shutil.which("criu") or "/usr/local/bin/criu",
                              "images_dir": str(work / "ck"), "keep_images": False},
-              "port": port, "host": "127.0.0.1", "vllm_command": str(BIN / "llmuxd-vllm-sim"),
-              "log_dir": str(work / "logs"), "policy": {"min_active_secs": 0}}
+              "port": port, "host": "127.0.0.1", "vllm_command": command,
+              "log_dir": str(work / "logs"), "policy": {"min_active_secs": 0, "startup_timeout_secs": 900}}
     (work / "config.json").write_text(json.dumps(config))
     log = open(work / "llmuxd.log", "wb")
     daemon = subprocess.Popen([BIN / "llmuxd", "serve", "--config", work / "config.json"], env=env,
                               stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    rows: dict[str, list[float]] = {k: [] for k in ("cold", "sleep", "dump", "image", "restore_ftt", "restore", "criu_restore")}
+    rows: dict[str, list[float]] = {k: [] for k in ("cold", "sleep", "dump", "image", "restore_ftt", "restore",
+                                                    "criu_restore", "kr_sleep", "kr_wake")}
     try:
         wait_up(url)
         c = httpx.Client(base_url=url, timeout=300)
@@ -91,6 +108,10 @@ def main() -> int:
             assert st["last_wake_kind"] == "restore", st
             rows["restore"].append(st["last_wake_secs"])
             rows["criu_restore"].append(st["last_restore"]["seconds"]["criu_restore"])
+            # discard + keep_running: vLLM's own sleep level 2 and the wake sequence
+            first_token(url, "kr")
+            rows["kr_sleep"].append(c.post("/control/sleep", json={"model": "kr"}).json()["duration_secs"])
+            rows["kr_wake"].append(c.post("/control/wake", json={"model": "kr"}).json()["duration_secs"])
             # keep_images is false: the restore consumed the checkpoint.  A fresh daemon cold-starts.
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(60)
@@ -102,7 +123,8 @@ def main() -> int:
         daemon.wait(60)
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    print(f"\nllmuxd checkpoint/restore on the simulator, median of {args.rounds} rounds (one run):\n")
+    what = "real vLLM (CPU build, tiny Qwen3)" if args.vllm else "the simulator"
+    print(f"\nllmuxd checkpoint/restore on {what}, median of {args.rounds} rounds (one run):\n")
     print(f"  {'cold start -> first token':<44} {med['cold']:8.3f} s")
     print(f"  {'sleep (discard + checkpoint), total':<44} {med['sleep']:8.3f} s")
     print(f"  {'  of which bare criu dump':<44} {med['dump']:8.3f} s")
@@ -110,7 +132,10 @@ def main() -> int:
     print(f"  {'restore -> first token':<44} {med['restore_ftt']:8.3f} s")
     print(f"  {'  restore transition (to serving)':<44} {med['restore']:8.3f} s")
     print(f"  {'  of which bare criu restore':<44} {med['criu_restore']:8.3f} s")
+    print(f"  {'sleep level 2 (discard + keep_running)':<44} {med['kr_sleep']:8.3f} s")
+    print(f"  {'wake (wake_up, reload_weights, reset cache)':<44} {med['kr_wake']:8.3f} s")
     print(f"\n  restore-to-first-token / cold-start-to-first-token: {med['restore_ftt'] / med['cold']:.2f}")
+    print(f"  discard wake / cold start:                          {med['kr_wake'] / med['cold']:.3f}")
     print(f"  llmuxd sleep / bare criu dump:                        {med['sleep'] / med['dump']:.2f}")
     print(f"  llmuxd restore / bare criu restore:                   {med['restore'] / med['criu_restore']:.2f}")
     return 0
