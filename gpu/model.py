@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from llmuxd.sim.model import link_snapshot
+
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ARCH = "LlmuxdGpuTestLM"
@@ -222,16 +224,7 @@ def make_model(repo_id: str, hf_home: Path, *, hidden: int, layers: int, vocab: 
     raw = json.dumps(cfg, indent=2).encode()
     files["config.json"] = hashlib.sha256(raw).hexdigest()
     (blobs / files["config.json"]).write_bytes(raw)
-    commit = hashlib.sha1(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True, exist_ok=True)
-    for name, sha in files.items():
-        link = snap / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(Path("..", "..", "blobs", sha))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
+    snap, _ = link_snapshot(repo, files)
     wbytes = sum(_nbytes(s, d.dtype) for s in weight_shapes(d).values())
     return Made(snap, wbytes, d.kv_bytes)
 

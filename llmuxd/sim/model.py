@@ -182,6 +182,13 @@ def make_model(repo_id: str, seed: int, hf_home_dir: str | os.PathLike[str] | No
     }, indent=2).encode()
     files = {"config.json": _write_blob(blobs, config),
              "model.safetensors": _write_blob(blobs, weights)}
+    snap, commit = link_snapshot(repo, files)
+    return MadeModel(repo_dir=repo, snapshot=snap, commit=commit)
+
+
+def link_snapshot(repo: Path, files: dict[str, str]) -> tuple[Path, str]:
+    """Lay out ``snapshots/<commit>/<name> -> ../../blobs/<sha256>`` and ``refs/main`` for blobs
+    already in ``repo/blobs`` (HF cache layout); returns the snapshot folder and the commit."""
     commit = hashlib.sha1(json.dumps(files, sort_keys=True).encode()).hexdigest()
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True, exist_ok=True)
@@ -192,4 +199,4 @@ def make_model(repo_id: str, seed: int, hf_home_dir: str | os.PathLike[str] | No
         link.symlink_to(Path("..", "..", "blobs", sha))
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
-    return MadeModel(repo_dir=repo, snapshot=snap, commit=commit)
+    return snap, commit
