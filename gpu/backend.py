@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import multiprocessing
 import os
 import signal
 import socket
@@ -60,25 +59,8 @@ class GpuEngineClient(EngineClient):
                                        input_address=self.input_address, output_address=self.output_address,
                                        shm_name=self.shm.name, enforce_eager=enforce_eager, device=device)
 
-    async def start(self) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        self.ready = loop.create_future()
-        self._reader = asyncio.create_task(self._read_outputs())
-        self.proc = multiprocessing.get_context("spawn").Process(
-            target=_engine_main, args=(self.gpu_cfg,), name="EngineCore_DP0", daemon=False)
-        self.proc.start()
-        log.info("Started engine core process (pid=%d)", self.proc.pid)
-        loop.add_reader(self.proc.sentinel, self._on_exit)
-        self.info = await self.ready
-        return self.info
-
-
-    def _on_exit(self) -> None:
-        # The sentinel can fire before the child is reapable: wait for its exit status, or
-        # shutdown() would take it for alive and block sending to an engine that is gone.
-        assert self.proc is not None
-        self.proc.join(2.0)
-        super()._on_exit()
+    def _engine_process(self) -> tuple[Any, tuple]:
+        return _engine_main, (self.gpu_cfg,)
 
 
 class GpuApi(Api):

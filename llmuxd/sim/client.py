@@ -86,18 +86,25 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         self.ready = loop.create_future()
         self._reader = asyncio.create_task(self._read_outputs())
+        target, args = self._engine_process()
         self.proc = multiprocessing.get_context("spawn").Process(
-            target=run_engine, args=(self.cfg,), name="EngineCore_DP0", daemon=False)
+            target=target, args=args, name="EngineCore_DP0", daemon=False)
         self.proc.start()
         log.info("Started engine core process (pid=%d)", self.proc.pid)
         loop.add_reader(self.proc.sentinel, self._on_exit)
         self.info = await self.ready
         return self.info
 
+    def _engine_process(self) -> tuple[Any, tuple]:
+        """What the engine-core process runs (a subclass may run another engine)."""
+        return run_engine, (self.cfg,)
+
     def _on_exit(self) -> None:
         assert self.proc is not None
         asyncio.get_running_loop().remove_reader(self.proc.sentinel)
-        self.proc.join(0)
+        # The sentinel can fire before the child is reapable: wait for its exit status, or
+        # shutdown() would take it for alive and block sending to an engine that is gone.
+        self.proc.join(2.0)
         code = self.proc.exitcode
         self.dead = True
         if self.ready and not self.ready.done():
