@@ -20,11 +20,8 @@ the engine runs on CPU tensors (the tests on a machine without a GPU).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,8 +30,8 @@ from aiohttp import web
 
 from llmuxd.sim import model as simmodel
 from llmuxd.sim.api import Api
-from llmuxd.sim.client import EngineClient, EngineDeadError
-from llmuxd.sim.logs import setup_logging
+from llmuxd.sim.client import EngineClient
+from llmuxd.sim.server import serve_with
 
 log = logging.getLogger("gpu.backend")
 
@@ -86,75 +83,16 @@ def _serve_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(args: argparse.Namespace, path: str, served: list[str], sock: socket.socket) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    code = 0
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    def on_death(exit_code: int | None) -> None:
-        nonlocal code
-        log.error("Engine core proc EngineCore_DP0 died unexpectedly (exit code %s), shutting down API server",
-                  exit_code)
-        code = 1
-        stop.set()
-
-    engine = GpuEngineClient(model=args.model, model_path=path, served_name=served[0],
-                             enforce_eager=args.enforce_eager, device=args.device)
-    engine.on_death = on_death
-    runner: web.AppRunner | None = None
-    try:
-        start = asyncio.create_task(engine.start())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not start.done():
-            start.cancel()
-            return code
-        stopped.cancel()
-        try:
-            start.result()
-        except EngineDeadError as e:
-            log.error("Engine core initialization failed (%s)", e)
-            return 1
-        api = GpuApi(engine, served_names=served, model_path=path, sleep_allowed=args.enable_sleep_mode,
-                     fail_sleep=False, never_healthy=False, dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE") == "1")
-        runner = web.AppRunner(api.app(), access_log_format='%a "%r" %s %b')
-        await runner.setup()
-        await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
-        log.info("Starting vLLM API server on http://%s:%d (engine pid %d)", args.host, args.port, engine.engine_pid)
-        await stop.wait()
-        return code
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        await engine.shutdown(timeout=10.0)
-        sock.close()
-        log.info("API server exiting with code %d", code)
-
-
 def serve(argv: list[str]) -> int:
-    args, unknown = _serve_parser().parse_known_args(argv)
-    setup_logging()
-    if unknown:
-        log.info("Ignoring vLLM arguments this backend does not model: %s", " ".join(unknown))
-    try:
-        path = simmodel.resolve(args.model)
-    except simmodel.ModelNotFound as e:
-        log.error("%s", e)
-        return 1
-    served = args.served_model_name or [args.model]
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as e:
-        log.error("Cannot bind %s:%d: %s", args.host, args.port, e)
-        return 1
-    sock.set_inheritable(False)
-    log.info("GPU test backend serving %s (%s) as %s", args.model, path, served)
-    return asyncio.run(_serve(args, str(path), served, sock))
+    def engine(args: argparse.Namespace, path: str, served: list[str]) -> GpuEngineClient:
+        return GpuEngineClient(model=args.model, model_path=path, served_name=served[0],
+                               enforce_eager=args.enforce_eager, device=args.device)
+
+    def api(args: argparse.Namespace, engine: EngineClient, path: str, served: list[str]) -> GpuApi:
+        return GpuApi(engine, served_names=served, model_path=path, sleep_allowed=args.enable_sleep_mode,
+                      fail_sleep=False, never_healthy=False, dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE") == "1")
+
+    return serve_with(argv, _serve_parser(), "the GPU test backend", engine, api, engine_stop_timeout=10.0)
 
 
 def make_model_cmd(argv: list[str]) -> int:

@@ -538,7 +538,7 @@ def assess(facts: dict[str, Any], config: Config | None, config_info: dict[str, 
     use_seccomp = config.isolation.block_io_uring if config is not None else True
     sec_ok = k["seccomp"] and k["seccomp_errno"]
     add(Check("kernel", "seccomp", OK if sec_ok else WARN,
-              (f"available, SECCOMP_RET_ERRNO supported: the io_uring filter works"
+              ("available, SECCOMP_RET_ERRNO supported: the io_uring filter works"
                + (f" (this process already runs under a filter, mode {k['seccomp_mode']})" if k["seccomp_mode"] else "")
                if sec_ok else "not available: io_uring cannot be blocked, uvloop's ring makes trees undumpable")
               + ("" if use_seccomp else " (isolation.block_io_uring is off)")))

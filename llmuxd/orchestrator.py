@@ -16,7 +16,7 @@ from .checkpoint import cuda as cudamod
 from .checkpoint.checkpointer import CheckpointFailed, Checkpointer
 from .checkpoint.criu import Criu
 from .checkpoint.store import remove_partials
-from .config import CheckpointConfig, Config, ProcessEviction, WeightsEviction
+from .config import CheckpointConfig, Config, ProcessEviction
 from .errors import NotSupported
 from .isolation import procfs
 from .isolation.cgroups import Cgroup

@@ -62,12 +62,12 @@ class Criu:
 
     async def _run(self, args: list[str], *, cgroup: Cgroup | None = None, timeout: float | None = None,
                    enter: int | None = None) -> tuple[int, str]:
-        join = None
+        preexec = None
         if cgroup is not None:
             cgroup.create()
             procs = str(cgroup.path / "cgroup.procs")
 
-            def join() -> None:  # the restored tree is criu's: it must be born in the model's cgroup
+            def preexec() -> None:  # the restored tree is criu's: it must be born in the model's cgroup
                 with open(procs, "w") as f:
                     f.write("0")
 
@@ -75,7 +75,7 @@ class Criu:
             prefix = ["nsenter", "-t", str(enter), "-p", "-m", "--"] if enter else []
             proc = await asyncio.create_subprocess_exec(
                 *prefix, self.path, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, close_fds=True, preexec_fn=join,
+                stderr=asyncio.subprocess.STDOUT, close_fds=True, preexec_fn=preexec,
             )
         except (OSError, subprocess.SubprocessError) as e:
             raise CriuError(args[0], f"cannot run {self.path}: {e}") from None

@@ -30,7 +30,7 @@ import quopri
 import stat
 import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Callable
 
 from aiohttp import web
 
@@ -70,7 +71,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve(args: argparse.Namespace, path: str, served: list[str], sock: socket.socket) -> int:
+async def run_server(args: argparse.Namespace, sock: socket.socket, make_engine: Callable[[], EngineClient],
+                     make_api: Callable[[EngineClient], Api], engine_stop_timeout: float | None = None) -> int:
+    """The API server's life: start the engine, then serve until a signal or the engine's death,
+    as vLLM does (also used by the GPU test backend, gpu/backend.py, with its own engine)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     exit_code = 0
@@ -89,10 +93,7 @@ async def _serve(args: argparse.Namespace, path: str, served: list[str], sock: s
         exit_code = 1
         stop.set()
 
-    engine = EngineClient(model=args.model, model_path=path, served_name=served[0],
-                          load_seconds=args.sim_load_seconds, token_delay=args.sim_token_delay,
-                          crash_after_tokens=args.sim_crash_after_tokens,
-                          gpu_bytes=args.sim_model_bytes)
+    engine = make_engine()
     engine.on_death = on_death
     runner: web.AppRunner | None = None
     try:
@@ -109,11 +110,7 @@ async def _serve(args: argparse.Namespace, path: str, served: list[str], sock: s
             log.error("Engine core initialization failed (%s). See root cause above.", e)
             exit_code = 1
             return exit_code
-        api = Api(engine, served_names=served, model_path=path,
-                  sleep_allowed=args.enable_sleep_mode or os.environ.get("LLMUXD_SIM_CPU_LIKE") == "1",
-                  fail_sleep=args.sim_fail_sleep, never_healthy=args.sim_never_healthy,
-                  dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE") == "1")
-        runner = web.AppRunner(api.app(), access_log_format='%a "%r" %s %b')
+        runner = web.AppRunner(make_api(engine).app(), access_log_format='%a "%r" %s %b')
         await runner.setup()
         await web.SockSite(runner, sock, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT).start()
         log.info("Starting vLLM API server on http://%s:%d (engine pid %d)", args.host, args.port,
@@ -123,19 +120,26 @@ async def _serve(args: argparse.Namespace, path: str, served: list[str], sock: s
     finally:
         if runner is not None:
             await runner.cleanup()
-        await engine.shutdown()
+        if engine_stop_timeout is None:
+            await engine.shutdown()
+        else:
+            await engine.shutdown(timeout=engine_stop_timeout)
         sock.close()
         log.info("API server exiting with code %d", exit_code)
 
 
-def serve(argv: list[str]) -> int:
-    """``serve`` subcommand."""
-    args, unknown = _serve_parser().parse_known_args(argv)
+def serve_with(argv: list[str], parser: argparse.ArgumentParser, what: str,
+               make_engine: Callable[[argparse.Namespace, str, list[str]], EngineClient],
+               make_api: Callable[[argparse.Namespace, EngineClient, str, list[str]], Api],
+               engine_stop_timeout: float | None = None) -> int:
+    """``serve``: vLLM's command line, the model resolved like vLLM does, the port reserved
+    before the engine starts; ``make_engine``/``make_api`` say what serves."""
+    args, unknown = parser.parse_known_args(argv)
     setup_logging()
     if unknown:
-        log.info("Ignoring vLLM arguments the simulator does not model: %s", " ".join(unknown))
+        log.info("Ignoring vLLM arguments %s does not model: %s", what, " ".join(unknown))
     try:
-        path = model.resolve(args.model)
+        path = str(model.resolve(args.model))
     except model.ModelNotFound as e:
         log.error("%s", e)
         return 1
@@ -145,8 +149,26 @@ def serve(argv: list[str]) -> int:
     except OSError as e:
         log.error("Cannot bind %s:%d: %s", args.host, args.port, e)
         return 1
-    log.info("vLLM simulator serving %s (%s) as %s", args.model, path, served)
-    return asyncio.run(_serve(args, str(path), served, sock))
+    log.info("%s serving %s (%s) as %s", what, args.model, path, served)
+    return asyncio.run(run_server(args, sock, lambda: make_engine(args, path, served),
+                                  lambda engine: make_api(args, engine, path, served), engine_stop_timeout))
+
+
+def serve(argv: list[str]) -> int:
+    """``serve`` subcommand."""
+
+    def engine(args: argparse.Namespace, path: str, served: list[str]) -> EngineClient:
+        return EngineClient(model=args.model, model_path=path, served_name=served[0],
+                            load_seconds=args.sim_load_seconds, token_delay=args.sim_token_delay,
+                            crash_after_tokens=args.sim_crash_after_tokens, gpu_bytes=args.sim_model_bytes)
+
+    def api(args: argparse.Namespace, engine: EngineClient, path: str, served: list[str]) -> Api:
+        return Api(engine, served_names=served, model_path=path,
+                   sleep_allowed=args.enable_sleep_mode or os.environ.get("LLMUXD_SIM_CPU_LIKE") == "1",
+                   fail_sleep=args.sim_fail_sleep, never_healthy=args.sim_never_healthy,
+                   dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE") == "1")
+
+    return serve_with(argv, _serve_parser(), "the vLLM simulator", engine, api)
 
 
 def make_model_cmd(argv: list[str]) -> int:
