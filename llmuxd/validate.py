@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from .checkpoint import cuda as cudamod
-from .checkpoint.commands import CommandError, _model
+from .checkpoint.commands import CommandError, _model, _tidy
 from .config import Config, Eviction, ProcessEviction, WeightsEviction
 from .isolation.reaper import reap_forever
 
@@ -83,6 +83,7 @@ async def validate(config: Config, name: str, policies: list[str], cycles: int) 
             finally:
                 await model.stop()
                 await model.close()
+                _tidy(model)
                 if ev.process is ProcessEviction.CHECKPOINT:
                     model.checkpointer.discard()
     finally:

@@ -51,6 +51,28 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
         time.sleep(interval)
 
 
+def remove_cgroups(port: int) -> None:
+    """Remove what is left (empty) of the llmuxd-<port> cgroup layout a test daemon made without
+    systemd: a daemon killed by a test cannot clean it up itself."""
+    from llmuxd.isolation.cgroups import cgroup2_mount, own_cgroup
+
+    mount = cgroup2_mount()
+    if mount is None:
+        return
+    base = mount / (own_cgroup() or "/").lstrip("/") / f"llmuxd-{port}"
+    if not base.is_dir():
+        return
+    for d in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [base]:
+        for _ in range(50):  # a killed tree may take a moment to leave its cgroup
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
 class LlmuxdProcess:
     """``llmuxd serve`` as a child process with its own config and environment."""
 
@@ -122,6 +144,7 @@ class LlmuxdProcess:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        remove_cgroups(self.port)
         return self.proc.returncode
 
 

@@ -58,6 +58,18 @@ def _model(config: Config, name: str, force_checkpoint: bool):
     return Model(name, config, [], cgroup)
 
 
+def _tidy(model) -> None:
+    """Leave no empty cgroup behind: the model's, and the llmuxd-<port> base if nothing else
+    (a daemon) uses it."""
+    if model.cgroup is None or model.cgroup.populated():
+        return
+    model.cgroup.remove()
+    try:
+        model.cgroup.path.parent.rmdir()  # fails while a daemon (or another model) lives there
+    except OSError:
+        pass
+
+
 async def checkpoint_model(config: Config, name: str) -> int:
     """Start the model if needed (cold start or restore), warm it up, checkpoint it, exit."""
     model = _model(config, name, force_checkpoint=True)
@@ -77,6 +89,7 @@ async def checkpoint_model(config: Config, name: str) -> int:
     finally:
         await model.stop()
         await model.close()
+        _tidy(model)
         reaper.cancel()
 
 
@@ -106,6 +119,7 @@ async def restore_model(config: Config, name: str, detached: bool) -> int:
         return 0
     finally:
         await model.close()
+        _tidy(model)
         reaper.cancel()
 
 
