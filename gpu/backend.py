@@ -31,7 +31,7 @@ from aiohttp import web
 from llmuxd.sim import model as simmodel
 from llmuxd.sim.api import Api
 from llmuxd.sim.client import EngineClient
-from llmuxd.sim.server import serve_with
+from llmuxd.sim.server import run_subcommand, serve_with
 
 log = logging.getLogger("gpu.backend")
 
@@ -119,12 +119,7 @@ def make_model_cmd(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve": serve, "make-model": make_model_cmd}
-    if not argv or argv[0] not in commands:
-        print(__doc__.strip(), file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return commands[argv[0]](argv[1:])
+    return run_subcommand(argv, {"serve": serve, "make-model": make_model_cmd}, __doc__)
 
 
 if __name__ == "__main__":

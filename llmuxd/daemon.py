@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 
 from aiohttp import web
@@ -29,12 +28,6 @@ def _cgroup_layout(config: Config) -> CgroupLayout | None:
         return None
     log.info("cgroups: llmuxd in %s/supervisor, model trees in %s/model-<name>", layout.base.path, layout.base.path)
     return layout
-
-
-def _system_bus_available() -> bool:
-    address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
-    return any(os.path.exists(part.split("=", 1)[1]) for part in address.split(";")
-               if part.startswith("unix:path="))
 
 
 def become_subreaper() -> None:
@@ -84,9 +77,9 @@ class Daemon:
     async def _start_dbus(self) -> None:
         if self.dbus_mode == "off":
             return
-        from .api.dbus import DbusTransport
+        from .api.dbus import DbusTransport, system_bus_available
 
-        if self.dbus_mode == "auto" and not _system_bus_available():
+        if self.dbus_mode == "auto" and not system_bus_available():
             log.info("D-Bus: no system bus here; D-Bus control is off (use --dbus session for development)")
             return
         bus = "system" if self.dbus_mode == "auto" else self.dbus_mode

@@ -26,13 +26,13 @@ from typing import Any
 
 from .checkpoint import cuda
 from .config import DEFAULT_CONFIG_PATH, CheckpointConfig, Config, ConfigError, ProcessEviction, load_config
+from .api.dbus import bus_socket_paths, system_bus_address
 from .isolation.cgroups import cgroup2_mount, own_cgroup
 
 OK, WARN, NO = "OK", "WARN", "NO"
 CRIU_MIN = (4, 2)
 DBUS_POLICY = "io.llmux.Llmuxd1.conf"
 DBUS_POLICY_DIRS = ("/usr/share/dbus-1/system.d", "/etc/dbus-1/system.d")
-DEFAULT_SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
 INSTALL_CRIU = "packaging/install-criu.sh (CRIU 4.2.x from Debian forky in its own root)"
 
 
@@ -267,20 +267,6 @@ def systemd_facts() -> dict[str, Any]:
     return f
 
 
-def bus_socket_paths(address: str) -> list[str]:
-    """The unix socket paths in a D-Bus address (``unix:path=/x,guid=..;unix:abstract=...``)."""
-    paths = []
-    for part in address.split(";"):
-        transport, _, params = part.partition(":")
-        if transport != "unix":
-            continue
-        for kv in params.split(","):
-            k, _, v = kv.partition("=")
-            if k == "path" and v:
-                paths.append(v)
-    return paths
-
-
 async def _bus_connect(address: str, timeout: float) -> str | None:
     """None when a connection to the bus at ``address`` says hello within ``timeout``; else why not."""
     from dbus_fast.aio import MessageBus
@@ -297,7 +283,7 @@ async def _bus_connect(address: str, timeout: float) -> str | None:
 
 
 def dbus_facts(timeout: float = 2.0) -> dict[str, Any]:
-    address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", DEFAULT_SYSTEM_BUS)
+    address = system_bus_address()
     sockets = [p for p in bus_socket_paths(address) if os.path.exists(p)]
     f: dict[str, Any] = {"address": address, "socket": sockets[0] if sockets else None, "connect": False,
                          "connect_detail": "", "policy": None}

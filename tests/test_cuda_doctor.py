@@ -594,7 +594,8 @@ def test_doctor_connects_to_a_real_bus(tmp_path, monkeypatch):
     """A real dbus-daemon (session config, private socket) stands where the system bus would be."""
     import time
 
-    from llmuxd.doctor import bus_socket_paths, dbus_facts
+    from llmuxd.api.dbus import bus_socket_paths
+    from llmuxd.doctor import dbus_facts
 
     assert bus_socket_paths("unix:path=/a,guid=x;tcp:host=h,port=1;unix:abstract=z") == ["/a"]
 

@@ -222,6 +222,31 @@ class _Events(Listener):
 
 
 # -- the transport -------------------------------------------------------------------------------
+SYSTEM_BUS_DEFAULT = "unix:path=/run/dbus/system_bus_socket"
+
+
+def system_bus_address() -> str:
+    return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", SYSTEM_BUS_DEFAULT)
+
+
+def bus_socket_paths(address: str) -> list[str]:
+    """The unix socket paths in a D-Bus address (``unix:path=/x,guid=..;unix:abstract=...``)."""
+    paths = []
+    for part in address.split(";"):
+        transport, _, params = part.partition(":")
+        if transport != "unix":
+            continue
+        for kv in params.split(","):
+            k, _, v = kv.partition("=")
+            if k == "path" and v:
+                paths.append(v)
+    return paths
+
+
+def system_bus_available() -> bool:
+    return any(os.path.exists(p) for p in bus_socket_paths(system_bus_address()))
+
+
 class DbusStartError(Exception):
     """The transport could not start: the bus is unreachable or the name cannot be owned."""
 
@@ -249,8 +274,7 @@ class DbusTransport:
     @property
     def where(self) -> str:
         if self.bus_spec == "system":
-            addr = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/var/run/dbus/system_bus_socket")
-            return f"the system bus ({addr})"
+            return f"the system bus ({system_bus_address()})"
         if self.bus_spec == "session":
             return f"the session bus ({os.environ.get('DBUS_SESSION_BUS_ADDRESS', 'DBUS_SESSION_BUS_ADDRESS unset')})"
         return f"the bus at {self.bus_spec}"

@@ -7,7 +7,7 @@ Layout under llmuxd's base cgroup (its systemd service cgroup with ``Delegate=ye
                              once controllers are enabled below it)
     <base>/model-<name>      one model's whole process tree
 
-A tree in its own cgroup can be listed (``cgroup.procs``), frozen (``cgroup.freeze``: a consistent
+A tree in its own cgroup can be listed (``cgroup.procs``), frozen by CRIU (``--freeze-cgroup``: a consistent
 snapshot for CRIU), and killed with nothing escaping (``cgroup.kill``), and it is found again
 after llmuxd restarts.  Works with a pure cgroup v2 mount (/sys/fs/cgroup) and with the hybrid
 layout (cgroup2 at /sys/fs/cgroup/unified).
@@ -122,14 +122,6 @@ class Cgroup:
                 except ProcessLookupError:
                     pass
         await self._wait(lambda: not self.populated(), timeout, "empty")
-
-    async def freeze(self, timeout: float = 10.0) -> None:
-        (self.path / "cgroup.freeze").write_text("1")
-        await self._wait(lambda: _events(self.path).get("frozen") == "1", timeout, "frozen")
-
-    async def thaw(self, timeout: float = 10.0) -> None:
-        (self.path / "cgroup.freeze").write_text("0")
-        await self._wait(lambda: _events(self.path).get("frozen") == "0", timeout, "thawed")
 
     def remove(self) -> None:
         try:

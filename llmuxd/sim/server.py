@@ -180,14 +180,18 @@ def make_model_cmd(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point."""
+def run_subcommand(argv: list[str] | None, commands: dict[str, Callable[[list[str]], int]], usage: str) -> int:
+    """``PROG COMMAND ARGS...``: run the command, or print the usage."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve": serve, "make-model": make_model_cmd}
     if not argv or argv[0] not in commands:
-        print(__doc__.strip(), file=sys.stderr)
+        print(usage.strip(), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    return run_subcommand(argv, {"serve": serve, "make-model": make_model_cmd}, __doc__)
 
 
 if __name__ == "__main__":
