@@ -109,6 +109,14 @@ class PolicyConfig(_Strict):
     drain_before_switch: bool = True
     min_active_secs: float = Field(default=5, ge=0)
     startup_timeout_secs: float = Field(default=1800, gt=0)
+    # llmuxd: how long an eviction waits for in-flight requests; streams still open then end
+    # with an SSE error frame and the switch goes on.
+    drain_timeout_secs: float = Field(default=30, gt=0)
+    # llmuxd: the longest silence tolerated from a backend while it answers (between two
+    # chunks of a stream, or before the response starts).
+    upstream_read_timeout_secs: float = Field(default=300, gt=0)
+    # llmuxd: requests waiting for their model at most; more get 429 with Retry-After.
+    max_queued_requests: int = Field(default=1024, ge=1)
     eviction: Eviction = Eviction()
     sleep_level: int | None = Field(default=None, ge=1, le=5)
     # llmux's cost_aware / time_slice tuning; accepted, not acted on (llmuxd schedules FIFO).
@@ -125,6 +133,13 @@ class CheckpointConfig(_Strict):
     images_dir: str = "/tmp/llmux-checkpoints"
     cuda_checkpoint_path: str = "cuda-checkpoint"
     keep_images: bool = True
+    # llmuxd: a root-only file holding a secret key; with it every checkpoint carries a keyed
+    # MAC over its manifest and the digests of its images and saved files, and a checkpoint
+    # without a valid tag is refused (for checkpoint folders shared between hosts/containers).
+    key_file: str | None = None
+    # llmuxd: CRIU dump and restore are killed after this long.
+    dump_timeout_secs: float = Field(default=600, gt=0)
+    restore_timeout_secs: float = Field(default=300, gt=0)
 
 
 class IsolationConfig(_Strict):
@@ -143,12 +158,25 @@ class Config(_Strict):
     port: int = Field(default=3000, ge=1, le=65535)
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: /metrics on `port` only
     vllm_command: str = Field(default="vllm", min_length=1)
-    admin_port: int | None = None  # llmux's separate admin port; llmuxd serves /control on `port`
+    admin_port: int | None = Field(default=None, ge=1, le=65535)  # llmux's: /control on its own listener
     warmup: bool = False
     # llmuxd's own settings.
     host: str = "0.0.0.0"
+    # Where admin_port listens (control API alone); loopback unless said otherwise.
+    admin_host: str = "127.0.0.1"
+    # The address every backend is started bound to (vLLM's --host).
+    backend_host: str = "127.0.0.1"
+    # Allows /control/* from non-loopback peers with `Authorization: Bearer <token>`.  Also
+    # from $LLMUXD_CONTROL_TOKEN or the systemd credential `control-token` (preferred: the
+    # config file need not hold a secret).
+    control_token: str | None = Field(default=None, min_length=16)
+    # When set, the OpenAI routes (/v1/*) need `Authorization: Bearer <one of these>`.
+    api_keys: list[str] = []
     log_dir: str = "/var/log/llmuxd"
     max_request_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    max_json_depth: int = Field(default=64, ge=2, le=10000)
+    # A client must have sent its whole request within this long.
+    client_timeout_secs: float = Field(default=60, gt=0)
     # On stop, checkpoint the models whose process eviction is `checkpoint`, so that the next
     # container restores them (also `llmuxd serve --checkpoint-on-stop`).
     checkpoint_on_stop: bool = False
@@ -180,8 +208,6 @@ class Config(_Strict):
         for key in ("coalesce_window_ms", "amortization_factor", "max_wait_secs", "tick_interval_ms", "min_quantum_ms"):
             if getattr(self.policy, key) is not None:
                 notes.append(f"policy.{key}: only used by llmux's cost_aware/time_slice policies")
-        if self.admin_port is not None:
-            notes.append("admin_port: the control API is served on `port` under /control")
         if self.warmup:
             notes.append("warmup: not implemented; models start on first use")
         return notes
@@ -207,10 +233,13 @@ def _relation_problems(data: Any) -> list[str]:
     """Checks across fields, run on the raw data so they are reported next to type errors."""
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         return []
-    problems = []
+    problems: list[str] = []
     own = {data.get("port", 3000): "llmuxd's own port"}
-    if data.get("metrics_port"):
-        own[data["metrics_port"]] = "llmuxd's metrics_port"
+    for key in ("metrics_port", "admin_port"):
+        if data.get(key):
+            if data[key] in own:
+                problems.append(f"{key}: {data[key]} is {own[data[key]]}")
+            own[data[key]] = f"llmuxd's {key}"
     seen: dict[Any, str] = {}
     for name, m in data["models"].items():
         if not isinstance(name, str) or not _MODEL_NAME.match(name):

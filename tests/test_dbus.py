@@ -369,7 +369,7 @@ def test_unknown_model_and_other_errors(daemon, buses):
         (UnknownModel("x", ["m1"]), "UnknownModel"), (SwitchFailed("s"), "SwitchFailed"),
         (QueueTimeout("q"), "QueueTimeout"), (ShuttingDown("d"), "ShuttingDown"),
         (NotSupported("n"), "NotSupported"), (TransitionFailed("t"), "TransitionFailed"),
-        (BadRequest("b"), "BadRequest"), (BackendDied("died"), "Failed"), (RuntimeError("boom"), "Failed"),
+        (BadRequest("b"), "BadRequest"), (BackendDied("died"), "BackendDied"), (RuntimeError("boom"), "Failed"),
     ]:
         err = to_dbus_error(exc)
         assert err.type == ERROR_PREFIX + name and err.text.endswith(str(exc))

@@ -56,10 +56,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from ..errors import (
-    BadRequest, LlmuxdError, NotSupported, PayloadTooLarge, QueueTimeout, ShuttingDown, SwitchFailed,
-    TransitionFailed, UnknownModel,
-)
+from ..errors import LlmuxdError
 from ..orchestrator import Listener, State
 from ..switcher import Switcher
 
@@ -72,25 +69,10 @@ ERROR_PREFIX = INTERFACE + ".Error."
 INSPECT_SIGNATURE = "sa(ssaussddss)"
 
 # -- errors: the one place where domain errors become D-Bus errors ----------------------------
-_ERROR_NAMES: dict[type[LlmuxdError], str] = {
-    UnknownModel: "UnknownModel",
-    SwitchFailed: "SwitchFailed",
-    QueueTimeout: "QueueTimeout",
-    ShuttingDown: "ShuttingDown",
-    NotSupported: "NotSupported",
-    TransitionFailed: "TransitionFailed",
-    BadRequest: "BadRequest",
-    PayloadTooLarge: "BadRequest",
-}
-
-
 def to_dbus_error(exc: Exception) -> DBusError:
-    """The named D-Bus error a client is told for ``exc``."""
+    """The named D-Bus error a client is told for ``exc``: the domain error's own name."""
     if isinstance(exc, LlmuxdError):
-        for cls in type(exc).__mro__:
-            if cls in _ERROR_NAMES:
-                return DBusError(ERROR_PREFIX + _ERROR_NAMES[cls], exc.message)
-        return DBusError(ERROR_PREFIX + "Failed", exc.message)
+        return DBusError(ERROR_PREFIX + (exc.dbus_name or type(exc).__name__), exc.message)
     return DBusError(ERROR_PREFIX + "Failed", f"internal error in llmuxd: {type(exc).__name__}: {exc}")
 
 

@@ -6,25 +6,9 @@ import logging
 
 from aiohttp import web
 
-from ..errors import (
-    BackendDied, BadRequest, LlmuxdError, NotSupported, PayloadTooLarge, QueueTimeout, ShuttingDown,
-    SwitchFailed, TransitionFailed, UnknownModel,
-)
+from ..errors import LlmuxdError, PayloadTooLarge
 
 log = logging.getLogger(__name__)
-
-# error class -> (HTTP status, OpenAI error type)
-_STATUS: dict[type[LlmuxdError], tuple[int, str]] = {
-    BadRequest: (400, "invalid_request_error"),
-    PayloadTooLarge: (413, "invalid_request_error"),
-    UnknownModel: (404, "invalid_request_error"),
-    SwitchFailed: (503, "server_error"),
-    ShuttingDown: (503, "server_error"),
-    QueueTimeout: (504, "timeout_error"),
-    BackendDied: (502, "server_error"),
-    TransitionFailed: (500, "server_error"),
-    NotSupported: (501, "server_error"),
-}
 
 
 def envelope(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
@@ -32,13 +16,11 @@ def envelope(message: str, type_: str, code: str | None = None, param: str | Non
 
 
 def error_response(exc: LlmuxdError) -> web.Response:
-    status, type_ = _STATUS.get(type(exc), (500, "server_error"))
-    param = getattr(exc, "param", None) or ("model" if isinstance(exc, UnknownModel) else None)
-    headers = {}
-    retry_after = getattr(exc, "retry_after_secs", None)
-    if retry_after:
-        headers["Retry-After"] = str(retry_after)
-    return web.json_response(envelope(exc.message, type_, exc.code, param), status=status, headers=headers)
+    headers = {"Retry-After": str(exc.retry_after_secs)} if exc.retry_after_secs else {}
+    if exc.http_status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return web.json_response(envelope(exc.message, exc.openai_type, exc.code, getattr(exc, "param", None)),
+                             status=exc.http_status, headers=headers)
 
 
 @web.middleware

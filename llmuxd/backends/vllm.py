@@ -11,6 +11,7 @@ from typing import Callable
 
 import aiohttp
 
+from .. import redact
 from ..config import Config, WeightsEviction
 from ..isolation.cgroups import Cgroup
 from ..isolation.tree import ProcessTree
@@ -48,7 +49,7 @@ class VllmBackend:
         self.config = config
         self.eviction = config.eviction_for(name)
         self.served_name = served_name(name, self.cfg.extra_args)
-        self.url = f"http://127.0.0.1:{self.cfg.port}"
+        self.url = f"http://{_connect_host(self.bind_host)}:{self.cfg.port}"
         self.log_path = Path(config.log_dir) / f"{name}.log"
         iso = config.isolation
         # Distinct first PIDs per model (see pidinit.py): 1000, 2000, ... in config order.
@@ -61,8 +62,22 @@ class VllmBackend:
         self._session: aiohttp.ClientSession | None = None
 
     # -- process -------------------------------------------------------------------------
+    @property
+    def bind_host(self) -> str:
+        """Where the backend listens: ``backend_host`` (loopback by default), unless the
+        model's ``extra_args`` name a ``--host`` themselves."""
+        args = list(self.cfg.extra_args)
+        for i, a in enumerate(args):
+            if a == "--host" and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith("--host="):
+                return a.split("=", 1)[1]
+        return self.config.backend_host
+
     def argv(self) -> list[str]:
         argv = [*self.config.vllm_command.split(), "serve", self.cfg.model_path, "--port", str(self.cfg.port)]
+        if not any(a == "--host" or a.startswith("--host=") for a in self.cfg.extra_args):
+            argv += ["--host", self.config.backend_host]
         if self.served_name == self.name:
             argv += ["--served-model-name", self.name]
         wants_sleep = self.eviction.weights is not WeightsEviction.RETAIN
@@ -89,10 +104,10 @@ class VllmBackend:
         argv = self.argv()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
-            f.write(f"\n--- llmuxd: starting {' '.join(argv)} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.write(f"\n--- llmuxd: starting {redact.command_line(argv)} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self._expect_exit = False
         pid = await self.tree.spawn(argv, self.env())
-        log.info("%s: spawned pid %d: %s (log %s)", self.name, pid, " ".join(argv), self.log_path)
+        log.info("%s: spawned pid %d: %s (log %s)", self.name, pid, redact.command_line(argv), self.log_path)
         self._watch_exit()
 
     def adopt(self, root_pid: int) -> None:
@@ -207,3 +222,12 @@ class VllmBackend:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
             return None
         return {"served": served, "sleeping": sleeping}
+
+
+def _connect_host(bind: str) -> str:
+    """The address llmuxd connects to for a backend bound at ``bind``."""
+    if bind in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind == "::":
+        return "[::1]"
+    return f"[{bind}]" if ":" in bind else bind
