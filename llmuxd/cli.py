@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -14,20 +15,27 @@ from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
 
 def _daemon_url(args: argparse.Namespace) -> str:
+    """The control API's address: ``--url``, else the config's ``admin_host:admin_port`` when
+    control has its own listener, else loopback on the config's ``port``."""
     if args.url:
         return args.url.rstrip("/")
-    port = 3000
     try:
-        port = load_config(args.config).port
+        config = load_config(args.config)
     except ConfigError:
-        pass
-    return f"http://127.0.0.1:{port}"
+        return "http://127.0.0.1:3000"
+    if config.admin_port:
+        host = "127.0.0.1" if config.admin_host in ("", "0.0.0.0") else config.admin_host
+        return f"http://{f'[{host}]' if ':' in host else host}:{config.admin_port}"
+    return f"http://127.0.0.1:{config.port}"
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(_daemon_url(args) + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("LLMUXD_CONTROL_TOKEN")  # needed for a daemon that is not on loopback
+    if token:
+        headers["Authorization"] = f"Bearer {token.strip()}"
+    req = urllib.request.Request(_daemon_url(args) + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as r:
             return json.loads(r.read())

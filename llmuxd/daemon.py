@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 from aiohttp import web
 
-from .api.http import build_app, build_metrics_app
-from .config import Config
+from .api.auth import Access
+from .api.http import ServerLog, build_admin_app, build_app, build_metrics_app
+from .config import Config, ConfigError
 from .checkpoint.fsview import container_epoch
 from .isolation.cgroups import CgroupLayout, CgroupUnavailable
 from .isolation.reaper import reap_forever
@@ -42,6 +44,7 @@ def become_subreaper() -> None:
 class Daemon:
     def __init__(self, config: Config, dbus: str = "auto", checkpoint_on_stop: bool = False):
         self.config = config
+        self.access = Access.from_config(config)  # first: takes the token out of the environment
         self.dbus_mode = dbus
         self.checkpoint_on_stop = checkpoint_on_stop or config.checkpoint_on_stop
         self.cgroups: CgroupLayout | None = None
@@ -63,9 +66,14 @@ class Daemon:
         self.switcher.add_listener(self.notifier)
         await self.switcher.adopt_running()
         self.switcher.start()
-        await self._serve(build_app(self.switcher), self.config.port)
+        admin = self.config.admin_port
+        await self._serve(build_app(self.switcher, self.access, with_control=not admin), self.config.host,
+                          self.config.port)
+        if admin:
+            await self._serve(build_admin_app(self.switcher, self.access), self.config.admin_host, admin)
+            log.info("control API on http://%s:%d (not on the main port)", self.config.admin_host, admin)
         if self.config.metrics_port:
-            await self._serve(build_metrics_app(self.switcher), self.config.metrics_port)
+            await self._serve(build_metrics_app(self.switcher), self.config.host, self.config.metrics_port)
         await self._start_dbus()
         log.info(
             "llmuxd serving %d model(s) on http://%s:%d: %s", len(self.config.models), self.config.host,
@@ -86,11 +94,17 @@ class Daemon:
         self.dbus = DbusTransport(self.switcher, bus=bus)
         await self.dbus.start()
 
-    async def _serve(self, app: web.Application, port: int) -> None:
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    async def _serve(self, app: web.Application, host: str, port: int) -> None:
+        # keepalive_timeout: aiohttp closes a connection that has not sent a complete request
+        # head this long after connecting (or after its last response): a client trickling its
+        # headers is dropped.  handler_cancellation: a client that goes away cancels its handler,
+        # so its upstream request is aborted at once.
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, logger=ServerLog(),
+                               keepalive_timeout=self.config.client_timeout_secs, handler_cancellation=True,
+                               shutdown_timeout=15)
         await runner.setup()
         self._runners.append(runner)
-        await web.TCPSite(runner, self.config.host, port, reuse_address=True).start()
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -107,6 +121,8 @@ class Daemon:
         self.notifier.stopping()
         keepalive = asyncio.create_task(self._extend_stop_timeout())
         try:
+            if self.switcher is not None:  # open streams end now, with an error frame
+                self.switcher.revoke_all("llmuxd is shutting down")
             for runner in self._runners:
                 await runner.shutdown()
             if self.switcher is not None:
@@ -135,7 +151,11 @@ class Daemon:
 
 
 async def serve(config: Config, **options) -> None:
-    daemon = Daemon(config, **options)
+    try:
+        daemon = Daemon(config, **options)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         await daemon.start()
         await daemon.run_until_stopped()

@@ -106,6 +106,14 @@ class BackendDied(LlmuxdError):
     http_status = 502
 
 
+class Evicted(LlmuxdError):
+    """The model was taken away while a request was being served (drain deadline, shutdown)."""
+
+    code = "model_evicted"
+    http_status = 503
+    retry_after_secs = 5
+
+
 class TransitionFailed(LlmuxdError):
     """A control-plane transition (sleep, wake) failed; the model state says where it ended."""
 

@@ -11,7 +11,11 @@ Admission rules (one model awake at a time, all models share one GPU):
   requests for one model share one activation;
 * when an activation completes, every request waiting for that model is admitted *before* the
   worker can look at the next switch, so the next eviction drains them first (no thrash loop);
-* a freshly woken model stays awake ``min_active_secs`` before a switch may evict it.
+* a freshly woken model stays awake ``min_active_secs`` before a switch may evict it;
+* at most ``max_queued_requests`` wait at a time; more are refused (429);
+* an eviction drains at most ``drain_timeout_secs``: the requests still in flight then have
+  their :class:`Lease` revoked (the proxy ends them: an SSE error frame for a stream), so a
+  stalled stream or a client that stopped reading never freezes the switches behind it.
 """
 
 from __future__ import annotations
@@ -25,11 +29,31 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from .config import Config, ProcessEviction
 from .isolation.cgroups import CgroupLayout
-from .errors import QueueTimeout, ShuttingDown, SwitchFailed, TransitionFailed, UnknownModel
+from .errors import (
+    Evicted, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests, TransitionFailed, UnknownModel,
+)
 from .metrics import Metrics
 from .orchestrator import Listener, Model, State, TransitionError
 
 log = logging.getLogger(__name__)
+
+#: After the drain deadline, how long revoked requests get to end before the eviction goes on.
+REVOKE_GRACE_SECS = 5.0
+
+
+class Lease:
+    """One admitted request's hold on its model.  ``revoked`` is set when the controller takes
+    the model away before the request ended; the holder must then stop and release it."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.revoked = asyncio.Event()
+        self.reason: Evicted | None = None
+
+    def revoke(self, reason: Evicted) -> None:
+        if not self.revoked.is_set():
+            self.reason = reason
+            self.revoked.set()
 
 
 @dataclass
@@ -53,7 +77,7 @@ class Switcher(Listener):
         self._active: str | None = None
         self._switching: tuple[str | None, str] | None = None
         self._evicting: str | None = None
-        self._in_flight = {name: 0 for name in self.models}
+        self._leases: dict[str, set[Lease]] = {name: set() for name in self.models}
         self._idle = {name: asyncio.Event() for name in self.models}
         for ev in self._idle.values():
             ev.set()
@@ -147,24 +171,28 @@ class Switcher(Listener):
             raise UnknownModel(name, list(self.models)) from None
 
     @contextlib.asynccontextmanager
-    async def serving(self, name: str) -> AsyncIterator[Model]:
-        """Hold the model awake for the duration of one request."""
-        model = self.model(name)
-        await self._admit(name)
+    async def serving(self, name: str) -> AsyncIterator[Lease]:
+        """Hold the model awake for the duration of one request; the lease says when the
+        controller needs it back first."""
+        self.model(name)
+        lease = await self._admit(name)
         try:
-            yield model
+            yield lease
         finally:
-            self._release(name)
+            self._release(lease)
 
     def _admissible(self, name: str) -> bool:
         return self.active == name and self.models[name].state is State.AWAKE and self._evicting != name
 
-    async def _admit(self, name: str) -> None:
+    async def _admit(self, name: str) -> Lease:
         if self._closing:
             raise ShuttingDown("llmuxd is shutting down")
         if self._admissible(name):
-            self._take(name)
-            return
+            return self._take(name)
+        limit = self.policy.max_queued_requests
+        if self.queue_depth >= limit:
+            raise TooManyRequests(f"{limit} requests are already waiting for their models; try again later",
+                                  model=name)
         started = time.monotonic()
         fut = asyncio.get_running_loop().create_future()
         self._waiting[name].append(fut)
@@ -181,7 +209,7 @@ class Switcher(Listener):
             raise QueueTimeout(
                 f"timed out after {self.policy.request_timeout_secs:g} s waiting for model '{name}'", model=name
             )
-        fut.result()  # admitted (in-flight already counted) or raises the activation's error
+        return fut.result()  # the lease taken on admission, or raises the activation's error
 
     def _forget(self, name: str, fut: asyncio.Future) -> None:
         """A waiter gives up: drop its place, or hand back the admission it just got."""
@@ -189,19 +217,40 @@ class Switcher(Listener):
             self._waiting[name].remove(fut)
             self.metrics.queued.labels(name).dec()
         elif fut.done() and not fut.cancelled() and fut.exception() is None:
-            self._release(name)
+            self._release(fut.result())
         fut.cancel()
 
-    def _take(self, name: str) -> None:
-        self._in_flight[name] += 1
+    @property
+    def queue_depth(self) -> int:
+        return sum(len(w) for w in self._waiting.values())
+
+    def _take(self, name: str) -> Lease:
+        lease = Lease(name)
+        self._leases[name].add(lease)
         self._idle[name].clear()
         self.metrics.in_flight.labels(name).inc()
+        return lease
 
-    def _release(self, name: str) -> None:
-        self._in_flight[name] -= 1
-        self.metrics.in_flight.labels(name).dec()
-        if self._in_flight[name] == 0:
-            self._idle[name].set()
+    def _release(self, lease: Lease) -> None:
+        leases = self._leases[lease.model]
+        if lease not in leases:
+            return
+        leases.remove(lease)
+        self.metrics.in_flight.labels(lease.model).dec()
+        if not leases:
+            self._idle[lease.model].set()
+
+    def revoke(self, name: str, reason: Evicted) -> int:
+        """Revoke every lease held on ``name``; returns how many."""
+        leases = list(self._leases[name])
+        for lease in leases:
+            lease.revoke(reason)
+        return len(leases)
+
+    def revoke_all(self, message: str) -> None:
+        """At shutdown: end every request in flight now, instead of waiting for it."""
+        for name in self.models:
+            self.revoke(name, Evicted(message, model=name))
 
     def _settle(self, name: str, error: Exception | None) -> None:
         """Admit (error None) or fail every request waiting for ``name``."""
@@ -211,8 +260,7 @@ class Switcher(Listener):
             if fut.done():
                 continue
             if error is None:
-                self._take(name)
-                fut.set_result(None)
+                fut.set_result(self._take(name))
             else:
                 fut.set_exception(error)
 
@@ -230,11 +278,11 @@ class Switcher(Listener):
     def status(self) -> dict:
         models = {}
         for name, m in self.models.items():
-            models[name] = {**m.status(), "in_flight": self._in_flight[name], "waiting": len(self._waiting[name])}
+            models[name] = {**m.status(), "in_flight": len(self._leases[name]), "waiting": len(self._waiting[name])}
         return {
             "active_model": self.active,
             "switching": {"from": self.switching[0], "to": self.switching[1]} if self.switching else None,
-            "queue_depth": sum(len(w) for w in self._waiting.values()),
+            "queue_depth": self.queue_depth,
             "models": models,
         }
 
@@ -325,13 +373,33 @@ class Switcher(Listener):
         try:
             if self.policy.drain_before_switch:
                 started = time.monotonic()
-                await self._idle[name].wait()
+                await self._drain(name)
                 self.metrics.phase_done(name, "drain", time.monotonic() - started)
             return await model.sleep()
         finally:
             self._evicting = None
             if self.active == name:
                 self.active = None
+
+    async def _drain(self, name: str) -> None:
+        """Wait for ``name``'s requests to end, at most ``drain_timeout_secs``; then revoke what
+        is left and give it ``REVOKE_GRACE_SECS`` to end.  The eviction goes on either way."""
+        deadline = self.policy.drain_timeout_secs
+        try:
+            await asyncio.wait_for(self._idle[name].wait(), deadline)
+            return
+        except TimeoutError:
+            pass
+        n = self.revoke(name, Evicted(
+            f"model '{name}' is being evicted and this request was still running after the drain deadline "
+            f"({deadline:g} s)", model=name))
+        log.warning("%s: %d request(s) still in flight after the drain deadline (%g s): ending them", name, n,
+                    deadline, extra={"MODEL": name, "EVENT": "drain_timeout"})
+        try:
+            await asyncio.wait_for(self._idle[name].wait(), REVOKE_GRACE_SECS)
+        except TimeoutError:
+            log.error("%s: %d revoked request(s) did not end within %g s; evicting anyway", name,
+                      len(self._leases[name]), REVOKE_GRACE_SECS, extra={"MODEL": name, "EVENT": "drain_timeout"})
 
     # -- orchestrator Listener ------------------------------------------------------------------
     def state_changed(self, model: str, old: State, new: State) -> None:

@@ -45,7 +45,7 @@ def test_llmux_example_config_is_accepted_unchanged():
     assert c.eviction_for("mistral-7b").process is ProcessEviction.CHECKPOINT
     assert c.policy.request_timeout_secs == 300 and c.port == 3000 and c.metrics_port == 9090
     assert c.checkpoint_dir_for("mistral-7b").as_posix() == "/tmp/llmux-checkpoints/mistral-7b/images"
-    assert any("admin_port" in n for n in c.ignored_settings())
+    assert c.admin_port == 3001 and not any("admin_port" in n for n in c.ignored_settings())  # acted on
 
 
 def test_mission_config_and_defaults():
@@ -124,3 +124,28 @@ def test_check_config_prints_what_it_read(tmp_path):
     r = subprocess.run([LLMUXD, "check-config", "--config", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert "mistral-7b: mistralai/Mistral-7B-Instruct-v0.2 on port 8002, eviction discard+checkpoint" in r.stdout
+
+
+def test_control_token_resolution(tmp_path, monkeypatch):
+    """The systemd credential, then $LLMUXD_CONTROL_TOKEN, then the config; the variable is
+    taken out of the environment (backends inherit it otherwise); a short token is refused."""
+    from llmuxd.api.auth import resolve_control_token
+
+    config = parse_config({**LLMUX_EXAMPLE, "control_token": "from-the-config-file"})
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.delenv("LLMUXD_CONTROL_TOKEN", raising=False)
+    assert resolve_control_token(parse_config(LLMUX_EXAMPLE)) == (None, "none")
+    assert resolve_control_token(config) == ("from-the-config-file", "config control_token")
+    monkeypatch.setenv("LLMUXD_CONTROL_TOKEN", "from-the-environment\n")
+    assert resolve_control_token(config) == ("from-the-environment", "$LLMUXD_CONTROL_TOKEN")
+    import os
+    assert "LLMUXD_CONTROL_TOKEN" not in os.environ
+    (tmp_path / "control-token").write_text("from-the-credential\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.setenv("LLMUXD_CONTROL_TOKEN", "from-the-environment")
+    assert resolve_control_token(config) == ("from-the-credential", "systemd credential control-token")
+    (tmp_path / "control-token").write_text("short")
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        resolve_control_token(config)
+    with pytest.raises(ConfigError):
+        parse_config({**LLMUX_EXAMPLE, "control_token": "short"})

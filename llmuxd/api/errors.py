@@ -19,8 +19,11 @@ def error_response(exc: LlmuxdError) -> web.Response:
     headers = {"Retry-After": str(exc.retry_after_secs)} if exc.retry_after_secs else {}
     if exc.http_status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return web.json_response(envelope(exc.message, exc.openai_type, exc.code, getattr(exc, "param", None)),
+    resp = web.json_response(envelope(exc.message, exc.openai_type, exc.code, getattr(exc, "param", None)),
                              status=exc.http_status, headers=headers)
+    if exc.http_status in (408, 413):  # the body was not read: the connection cannot be reused
+        resp.force_close()
+    return resp
 
 
 @web.middleware
