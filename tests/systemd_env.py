@@ -45,8 +45,7 @@ class ServiceContainer:
     def start(self) -> "ServiceContainer":
         self.c.start()
         self.c.run(["bash", f"{REPO}/packaging/install.sh", "--stages", "files", "--venv", VENV])
-        env_lines = "".join(f"{k}={v}\n" for k, v in self.env.items())
-        self.c.run(["sh", "-c", f"cat > /etc/default/llmuxd <<'EOF'\n{env_lines}EOF"])
+        self.write_file("/etc/default/llmuxd", "".join(f"{k}={v}\n" for k, v in self.env.items()))
         if self.watchdog_sec:
             self.c.run(["sh", "-c", "mkdir -p /etc/systemd/system/llmuxd.service.d && printf "
                         f"'[Service]\\nWatchdogSec={self.watchdog_sec}\\n' > /etc/systemd/system/llmuxd.service.d/wd.conf"
@@ -57,6 +56,18 @@ class ServiceContainer:
         self.c.stop()
 
     # helpers
+    def write_file(self, path: str, text: str, mode: int = 0o600) -> None:
+        """Write a file in the container from the host, so that its content (a secret, say)
+        never appears on a command line (which the container's journal records)."""
+        host = self.c.path(path)
+        host.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            os.write(fd, text.encode())
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
     def sh(self, cmd: str, check: bool = True, timeout: float = 120):
         return self.c.run(["sh", "-c", cmd], check=check, timeout=timeout)
 

@@ -1,11 +1,14 @@
 """D-Bus transport: a real private dbus-daemon with our policy file, the transport running in
 process over a real Switcher with simulator backends, driven by the real busctl / dbus-send.
 
-Two private buses, both system-bus-like and both including ``dbus/io.llmux.Llmuxd1.conf``:
+Three private buses; the first two are system-bus-like and include ``dbus/io.llmux.Llmuxd1.conf``:
 * ``strict`` denies method calls by default, like the system bus: what a non-root user can do
   there comes from our file's allow rules;
 * ``open`` allows method calls by default: what a non-root user is refused there comes from our
-  file's deny rule.
+  file's deny rule;
+* ``permissive`` has no policy of ours and lets anyone own any name and call anything, like a
+  session bus or a bus at a custom address: what a non-root user is refused there comes from
+  llmuxd's own check of the caller's uid.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
   <listen>unix:path={socket}</listen>
   <policy context="default">
     <allow user="*"/>
-    <deny own="*"/>
+    <{own} own="*"/>
     <{method_calls} send_type="method_call"/>
     <allow send_type="signal"/>
     <allow send_requested_reply="true" send_type="method_return"/>
@@ -70,7 +73,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
   <policy user="root">
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
   </policy>
-  <include>{policy}</include>
+  {include}
 </busconfig>
 """
 
@@ -78,10 +81,12 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 class Bus:
     """A private dbus-daemon, killed by its PID."""
 
-    def __init__(self, folder: Path, name: str, allow_method_calls: bool):
+    def __init__(self, folder: Path, name: str, allow_method_calls: bool, our_policy: bool = True):
+        """``our_policy=False``: no llmuxd policy, anyone may own any name (a permissive bus)."""
         self.config = folder / f"{name}.conf"
         self.config.write_text(BUS_CONFIG.format(
-            socket=folder / f"{name}.sock", policy=POLICY, method_calls="allow" if allow_method_calls else "deny"))
+            socket=folder / f"{name}.sock", method_calls="allow" if allow_method_calls else "deny",
+            own="deny" if our_policy else "allow", include=f"<include>{POLICY}</include>" if our_policy else ""))
         self.log = open(folder / f"{name}.log", "wb")
         self.proc = subprocess.Popen(
             ["dbus-daemon", f"--config-file={self.config}", "--nofork", "--print-address=1"],
@@ -183,7 +188,8 @@ def buses():
     try:
         started.append(Bus(folder, "strict", allow_method_calls=False))
         started.append(Bus(folder, "open", allow_method_calls=True))
-        yield {"strict": started[0], "open": started[1]}
+        started.append(Bus(folder, "permissive", allow_method_calls=True, our_policy=False))
+        yield {"strict": started[0], "open": started[1], "permissive": started[2]}
     finally:
         for bus in started:
             bus.kill()
@@ -206,7 +212,7 @@ def daemon(buses, hf_home, tmp_path_factory):
             mp.setenv(k, v)
         d = Daemon(config)
         try:
-            d.start([buses["strict"], buses["open"]])
+            d.start(list(buses.values()))
             yield d
         finally:
             d.close()
@@ -375,28 +381,104 @@ def test_unknown_model_and_other_errors(daemon, buses):
         assert err.type == ERROR_PREFIX + name and err.text.endswith(str(exc))
 
 
+def as_user(uid: int) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_policy_non_root(daemon, buses):
+def test_policy_non_root(daemon, buses, caplog):
+    """Others may look, not touch, on every bus: on the two with our policy file the bus refuses
+    them; on the permissive one (anyone may call anything there) llmuxd's own uid check does."""
+    # root may change state, on every bus (one controller, several transports)
+    r = call(buses["permissive"], "Wake", "s", "m1")
+    assert r.returncode == 0 and parse_sd(r.stdout)[0] == "awake", r.stderr
     before = daemon.status()
-    for bus in buses.values():
+    assert before["active_model"] == "m1" and before["models"]["m2"]["state"] != "awake"
+    caplog.set_level("WARNING", logger="llmuxd.api.dbus")
+    for name, bus in buses.items():
         assert_inspect_agrees(inspect(bus, nobody=True), before)
-        assert get_property(bus, "ActiveModel", nobody=True) == f's "{before["active_model"] or ""}"'
+        assert get_property(bus, "ActiveModel", nobody=True) == 's "m1"'
         assert get_property(bus, "Models", nobody=True) == 'as 2 "m1" "m2"'
         r = busctl(bus, "introspect", BUS_NAME, OBJECT_PATH, nobody=True)
         assert r.returncode == 0 and ".Wake" in r.stdout, r.stderr
-        for member in ("Wake", "Sleep"):
-            r = call(bus, member, "s", "m1", nobody=True)
-            assert r.returncode != 0 and "Access denied" in r.stderr, r.stderr
-            r = dbus_send(bus, member, "string:m1", nobody=True)
-            assert r.returncode != 0 and "Error org.freedesktop.DBus.Error.AccessDenied" in r.stderr, r.stderr
-        r = busctl(bus, "set-property", BUS_NAME, OBJECT_PATH, INTERFACE, "ActiveModel", "s", "m1", nobody=True)
+        for member, model in (("Wake", "m2"), ("Sleep", "m1")):  # each would change the state
+            r = call(bus, member, "s", model, nobody=True)
+            assert r.returncode != 0, (name, r.stdout)
+            r = dbus_send(bus, member, f"string:{model}", nobody=True)
+            assert r.returncode != 0 and "Error org.freedesktop.DBus.Error.AccessDenied" in r.stderr, (name, r.stderr)
+            if name == "permissive":  # refused by llmuxd, which says why
+                assert (f"{member} changes llmuxd's state: only uid 0 may call it; the caller is uid 65534"
+                        in r.stderr), r.stderr
+        r = busctl(bus, "set-property", BUS_NAME, OBJECT_PATH, INTERFACE, "ActiveModel", "s", "m2", nobody=True)
         assert r.returncode != 0
     after = daemon.status()
+    assert after["active_model"] == "m1"
     assert {n: m["state"] for n, m in after["models"].items()} == {n: m["state"] for n, m in before["models"].items()}
-    # root may do it, on both buses (one controller, several transports)
-    r = call(buses["open"], "Wake", "s", "m1")
-    assert r.returncode == 0 and parse_sd(r.stdout)[0] == "awake", r.stderr
-    assert daemon.status()["active_model"] == "m1"
+    assert {n: m["pids"] for n, m in after["models"].items()} == {n: m["pids"] for n, m in before["models"].items()}
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("D-Bus: refused ")]
+    assert len(refused) == 4 and all(m.endswith(": the caller is uid 65534") for m in refused), refused
+    # ... and root still may, on the permissive bus too
+    r = call(buses["permissive"], "Sleep", "s", "m1")
+    assert r.returncode == 0 and parse_sd(r.stdout)[0] == "asleep", r.stderr
+    assert daemon.status()["active_model"] is None
+
+
+STUB_DAEMON = """
+import asyncio, sys
+from llmuxd.api.dbus import DbusTransport
+
+class Switcher:  # what the transport needs of one
+    active = None; switching = None; models = {}
+    def add_listener(self, listener): pass
+    async def wake(self, model): return {"state": "awake", "duration_secs": 0.5}
+    async def sleep(self, model): return {"state": "asleep", "duration_secs": 0.25}
+
+async def main():
+    await DbusTransport(Switcher(), sys.argv[1]).start()
+    print("ready", flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_uid_check_allows_root_and_llmuxd_own_user():
+    """llmuxd running as uid 65534 on a permissive bus: its own user and root may call Wake and
+    Sleep, uid 1 (daemon) may not; an unknown peer (no uid, as on a bus over TCP) is never tested
+    here, the check refuses it the same way (see Llmuxd1._check_caller)."""
+    folder = Path(tempfile.mkdtemp(prefix="llmuxd-dbus-own-"))
+    folder.chmod(0o755)
+    bus = Bus(folder, "own", allow_method_calls=True, our_policy=False)
+    proc = subprocess.Popen([*as_user(65534), sys.executable, "-c", STUB_DAEMON, bus.address], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", line + proc.stderr.read() if proc.poll() is not None else line
+        for uid, ok in ((65534, True), (0, True), (1, False)):
+            for member, state in (("Wake", "awake"), ("Sleep", "asleep")):
+                argv = ["busctl", f"--address={bus.address}", "--timeout=30", "call", BUS_NAME, OBJECT_PATH,
+                        INTERFACE, member, "s", "m1"]
+                r = subprocess.run([*as_user(uid), *argv] if uid else argv, capture_output=True, text=True,
+                                   timeout=40)
+                if ok:
+                    assert r.returncode == 0 and parse_sd(r.stdout)[0] == state, (uid, r.stderr)
+                else:  # busctl says "Access denied"; dbus-send prints the error's name and message
+                    assert r.returncode != 0 and "Access denied" in r.stderr, (uid, r.stdout, r.stderr)
+                    r = subprocess.run([*as_user(uid), "dbus-send", f"--bus={bus.address}", "--print-reply",
+                                        f"--dest={BUS_NAME}", OBJECT_PATH, f"{INTERFACE}.{member}", "string:m1"],
+                                       capture_output=True, text=True, timeout=40)
+                    assert r.returncode != 0 and (
+                        f"Error org.freedesktop.DBus.Error.AccessDenied: {member} changes llmuxd's state: only uid 0 "
+                        f"and uid 65534 may call it; the caller is uid {uid}") in r.stderr, r.stderr
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+        bus.kill()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_start_errors(daemon, buses, tmp_path):
@@ -414,7 +496,7 @@ def test_start_errors(daemon, buses, tmp_path):
                 "class S: active = None; switching = None; models = {}\n"
                 "try: asyncio.run(DbusTransport(S(), sys.argv[1]).start())\n"
                 "except DbusStartError as e: print(e); sys.exit(3)\n")
-        for bus in buses.values():
+        for bus in (buses["strict"], buses["open"]):  # (the permissive bus lets anyone own anything)
             r = subprocess.run([*NOBODY, sys.executable, "-c", code, bus.address], capture_output=True, text=True,
                                timeout=30, cwd=REPO)
             assert r.returncode == 3, r.stdout + r.stderr

@@ -40,23 +40,31 @@ Errors (``io.llmux.Llmuxd1.Error.*``)
   ``TransitionFailed``, ``BadRequest`` for the domain errors of the same names, ``Failed`` for
   anything else.  The message is the one the HTTP API puts in ``error.message``.
 
-Who may call what is the bus's business: ``dbus/io.llmux.Llmuxd1.conf`` lets root own the name
-and call everything, everyone else introspect, ``Inspect`` and read properties.
+Who may call what
+  Everyone may introspect, call ``Inspect`` and read the properties.  The methods that change
+  state (``Wake``, ``Sleep``) are checked twice.  The bus refuses them first: the system bus's
+  policy ``dbus/io.llmux.Llmuxd1.conf`` lets only root own the name and call them.  Then llmuxd
+  checks again, in code, because a session bus or a bus at a custom address may have no such
+  policy: it asks the bus daemon who sent the call (``GetConnectionUnixUser`` of the message's
+  sender) and serves it only for uid 0 and llmuxd's own effective uid.  Everyone else gets
+  ``org.freedesktop.DBus.Error.AccessDenied`` (the same error whether the bus or llmuxd
+  refused), and the refusal is logged.  A caller whose uid the bus cannot tell is refused too.
 """
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
 from typing import Any, Awaitable, Callable
 
-from dbus_fast import BusType, NameFlag, RequestNameReply
+from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
-from dbus_fast.constants import PropertyAccess
+from dbus_fast.constants import ErrorType, PropertyAccess
 from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from ..errors import LlmuxdError
+from ..errors import Forbidden, LlmuxdError
 from ..orchestrator import Listener, State
 from ..switcher import Switcher
 
@@ -70,7 +78,11 @@ INSPECT_SIGNATURE = "sa(ssaussddss)"
 
 # -- errors: the one place where domain errors become D-Bus errors ----------------------------
 def to_dbus_error(exc: Exception) -> DBusError:
-    """The named D-Bus error a client is told for ``exc``: the domain error's own name."""
+    """The named D-Bus error a client is told for ``exc``: the domain error's own name, except
+    ``Forbidden``, which is the bus's own ``org.freedesktop.DBus.Error.AccessDenied`` (clients
+    then see one error whether the bus policy or llmuxd refused them)."""
+    if isinstance(exc, Forbidden):
+        return DBusError(ErrorType.ACCESS_DENIED, exc.message)
     if isinstance(exc, LlmuxdError):
         return DBusError(ERROR_PREFIX + (exc.dbus_name or type(exc).__name__), exc.message)
     return DBusError(ERROR_PREFIX + "Failed", f"internal error in llmuxd: {type(exc).__name__}: {exc}")
@@ -103,23 +115,72 @@ def _switching(value: tuple[str | None, str] | None) -> str:
     return f"{value[0] or ''}->{value[1]}" if value else ""
 
 
+# -- who is calling -----------------------------------------------------------------------------
+#: The method call being dispatched.  dbus-fast hands a method handler only the call's
+#: arguments, so the transport adds a message filter (:func:`_note_call`): dbus-fast runs it for
+#: every incoming message just before, and in the same synchronous step as, the dispatch that
+#: creates the handler's task, and a task starts with a copy of the context it was created in.
+#: The handler thus reads its own message here; anything else (no message, another member) is
+#: treated as an unknown caller and refused.
+_CURRENT_CALL: contextvars.ContextVar[Message | None] = contextvars.ContextVar("llmuxd_dbus_call", default=None)
+
+
+def _note_call(msg: Message) -> None:
+    """The transport's message filter: remember the message dbus-fast is about to dispatch.
+    Returns None: the message is not consumed here."""
+    _CURRENT_CALL.set(msg if msg.message_type is MessageType.METHOD_CALL else None)
+    return None
+
+
+def privileged_uids() -> frozenset[int]:
+    """The callers that may change llmuxd's state over D-Bus: root and llmuxd's own user."""
+    return frozenset({0, os.geteuid()})
+
+
 # -- the exported object ------------------------------------------------------------------------
 class Llmuxd1(ServiceInterface):
-    """``io.llmux.Llmuxd1``: thin over the Switcher."""
+    """``io.llmux.Llmuxd1``: thin over the Switcher.  ``caller_uid(sender)`` asks the bus for
+    the uid of a unique connection name; without it every state-changing call is refused."""
 
-    def __init__(self, switcher: Switcher):
+    def __init__(self, switcher: Switcher, caller_uid: Callable[[str], Awaitable[int]] | None = None):
         super().__init__(INTERFACE)
         self.switcher = switcher
+        self.caller_uid = caller_uid
+
+    async def _check_caller(self, member: str) -> None:
+        """Let a state-changing call through only for root and llmuxd's own user; else raise
+        ``Forbidden`` (told to the client as ``org.freedesktop.DBus.Error.AccessDenied``)."""
+        msg = _CURRENT_CALL.get()
+        uid: int | None = None
+        if msg is None or msg.member != member or msg.path != OBJECT_PATH or not msg.sender:
+            why = "llmuxd could not tell which message this is"
+        elif self.caller_uid is None:
+            why = "llmuxd cannot ask the bus who called"
+        else:
+            try:
+                uid = await self.caller_uid(msg.sender)
+                why = f"the caller is uid {uid}"
+            except Exception as e:  # noqa: BLE001 - whatever went wrong, the caller is unknown
+                why = f"the bus could not tell the caller's uid ({e})"
+        allowed = privileged_uids()
+        if uid is not None and uid in allowed:
+            return
+        sender = msg.sender if msg is not None else "?"
+        log.warning("D-Bus: refused %s from %s: %s", member, sender, why, extra={"EVENT": "dbus_denied"})
+        who = " and ".join(f"uid {u}" for u in sorted(allowed))
+        raise Forbidden(f"{member} changes llmuxd's state: only {who} may call it; {why}")
 
     @method()
     @dbus_errors
     async def Wake(self, model: "s") -> "sd":  # noqa: F821, N802 - D-Bus signatures and names
+        await self._check_caller("Wake")
         r = await self.switcher.wake(model)
         return [r["state"], float(r["duration_secs"])]
 
     @method()
     @dbus_errors
     async def Sleep(self, model: "s") -> "sd":  # noqa: F821, N802
+        await self._check_caller("Sleep")
         r = await self.switcher.sleep(model)
         return [r["state"], float(r["duration_secs"])]
 
@@ -246,7 +307,7 @@ class DbusTransport:
     def __init__(self, switcher: Switcher, bus: str = "system"):
         self.switcher = switcher
         self.bus_spec = bus
-        self.interface = Llmuxd1(switcher)
+        self.interface = Llmuxd1(switcher, caller_uid=self._caller_uid)
         self._events = _Events(self.interface)
         self._listening = False
         self._bus: MessageBus | None = None
@@ -264,6 +325,19 @@ class DbusTransport:
     @property
     def unique_name(self) -> str | None:
         return self._bus.unique_name if self._bus else None
+
+    async def _caller_uid(self, sender: str) -> int:
+        """The uid the bus daemon knows the connection ``sender`` by (``GetConnectionUnixUser``)."""
+        bus = self._bus
+        if bus is None:
+            raise RuntimeError("not connected")
+        reply = await bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+            member="GetConnectionUnixUser", signature="s", body=[sender]))
+        if reply is None or reply.message_type is MessageType.ERROR:
+            detail = reply.body[0] if reply is not None and reply.body else ""
+            raise RuntimeError(f"{reply.error_name if reply is not None else 'no reply'}: {detail}")
+        return int(reply.body[0])
 
     def _message_bus(self) -> MessageBus:
         if self.bus_spec == "system":
@@ -284,6 +358,7 @@ class DbusTransport:
             raise DbusStartError(f"cannot connect to {self.where}: {type(e).__name__}: {e}") from None
         self._bus = bus
         try:
+            bus.add_message_handler(_note_call)  # before export: the uid check reads what it notes
             bus.export(OBJECT_PATH, self.interface)
             try:
                 reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)

@@ -2,8 +2,7 @@
 
 A booted container has a real systemd as PID 1, a real D-Bus system bus, real journald and a real
 cgroup v2 tree, from the image that ``tests/infra/build-image.sh`` builds. How and why it is done
-this way is in shared/facts/systemd.md; in short, on these machines (PID 1 is not systemd, hybrid
-cgroups, no machined):
+this way, for machines where PID 1 is not systemd, with hybrid cgroups and no machined:
 
 * nspawn runs with ``--volatile=overlay`` (a fresh RAM writable layer over the shared image tree
   at every boot), ``--register=no --keep-unit`` and ``--capability=all``, with
@@ -533,7 +532,7 @@ class Container:
 
         The unit gets RuntimeMaxSec= so that it ends inside too when `timeout` expires. Note that
         --pipe hands the host's pipes to the process: what must later be CRIU-dumped has to be
-        started differently (with files for stdio, see facts/systemd.md).
+        started differently (with files for stdio).
         """
         self._need_leader()
         argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
