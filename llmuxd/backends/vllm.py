@@ -83,10 +83,13 @@ class VllmBackend:
         wants_sleep = self.eviction.weights is not WeightsEviction.RETAIN
         if self.cfg.enable_sleep_mode if self.cfg.enable_sleep_mode is not None else wants_sleep:
             argv.append("--enable-sleep-mode")
-        return argv + list(self.cfg.extra_args)
+        return argv + _without_api_key(self.cfg.extra_args)[0]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        api_key = _without_api_key(self.cfg.extra_args)[1]
+        if api_key is not None:  # in the environment, not on a command line everyone can read
+            env["VLLM_API_KEY"] = api_key
         env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep, /wake_up, /collective_rpc, /reset_prefix_cache
         env.pop("NOTIFY_SOCKET", None)  # the daemon's, not the backend's
         env.pop("WATCHDOG_USEC", None)
@@ -231,3 +234,19 @@ def _connect_host(bind: str) -> str:
     if bind == "::":
         return "[::1]"
     return f"[{bind}]" if ":" in bind else bind
+
+
+def _without_api_key(args: list[str]) -> tuple[list[str], str | None]:
+    """``extra_args`` without ``--api-key KEY`` / ``--api-key=KEY``, and the key: vLLM reads it
+    from ``VLLM_API_KEY`` just as well, and a command line is readable by every local user."""
+    out, key, i = [], None, 0
+    while i < len(args):
+        if args[i] == "--api-key" and i + 1 < len(args):
+            key, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith("--api-key="):
+            key = args[i].split("=", 1)[1]
+        else:
+            out.append(args[i])
+        i += 1
+    return out, key
