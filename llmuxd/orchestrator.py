@@ -15,7 +15,8 @@ from .backends.vllm import BackendError, VllmBackend
 from .checkpoint import cuda as cudamod
 from .checkpoint.checkpointer import CheckpointFailed, Checkpointer
 from .checkpoint.criu import Criu
-from .checkpoint.store import remove_partials
+from .checkpoint.manifest import DumpFacts
+from .checkpoint.store import Settings
 from .config import CheckpointConfig, Config, ProcessEviction
 from .errors import NotSupported
 from .isolation import procfs
@@ -73,28 +74,30 @@ class Model:
         ck = config.checkpoint or CheckpointConfig()
         self.checkpoint_config = ck
         self.checkpointer = Checkpointer(name, config.checkpoint_dir_for(name), Criu(ck.criu_path), cgroup,
-                                         Path(config.log_dir) / "criu" / name)
+                                         Path(config.log_dir) / "criu" / name, settings=Settings.of(config))
         self.last_checkpoint: dict | None = None  # timings and size of the last dump
         self.last_restore: dict | None = None  # timings of the last restore
         self._restored_from: float | None = None  # created_ts of the checkpoint the tree came from
         self._suspended: list[int] = []  # pids whose CUDA state is suspended (cuda_suspend)
         self._suspend_needs: tuple[dict | None, dict] = (None, {})  # GPUs and bytes at suspend
-        for leftover in remove_partials(self.checkpointer.path):
-            log.warning("%s: removed the leftover of an unfinished dump: %s", name, leftover,
-                        extra={"MODEL": name, "EVENT": "discover"})
-        found = self.checkpointer.found()
-        if found.state == "valid":
-            self.state = State.CHECKPOINTED
-            log.info("%s: found %s at %s", name, found.detail, found.path, extra={"MODEL": name, "EVENT": "discover"})
-        elif found.state == "invalid":
-            log.warning("%s: ignoring the checkpoint at %s: %s", name, found.path, found.detail,
-                        extra={"MODEL": name, "EVENT": "discover"})
         self.last_error: str | None = None
+        self._discover()
         self.last_wake_secs: float | None = None
         self.last_wake_kind: str | None = None
         self.last_sleep_secs: float | None = None
         self.awake_since: float | None = None  # monotonic
         self._sleep_level: int | None = None  # the vLLM sleep level the weights are at
+
+    def _discover(self) -> None:
+        """A valid checkpoint makes the model start as checkpointed; one that cannot be used is
+        counted in llmuxd_restore_failures_total{reason} and said in last_error."""
+        found = self.checkpointer.discover()
+        if found.state == "valid":
+            self.state = State.CHECKPOINTED
+        elif found.state != "none":
+            self.last_error = found.detail
+            for listener in self.listeners:
+                listener.restore_failed(self.name, found.reason)
 
     # -- state ------------------------------------------------------------------------------
     def _set(self, new: State) -> None:
@@ -208,43 +211,44 @@ class Model:
         """Restore from the checkpoint, then health, wake sequence and canary; any failure
         kills what was restored and raises CheckpointFailed."""
         self._set(State.RESTORING)
-        r = await self.checkpointer.restore(self.backend.tree, self.config.policy.startup_timeout_secs)
-        m = r.found.manifest
+        r = await self.checkpointer.restore(self.backend.tree)
+        m = r.manifest
         t = dict(r.seconds)
         try:
             self.backend.watch_restored()
-            if m.get("cuda_pids") and self.checkpointer.cuda is None:
+            if m.cuda_pids and self.checkpointer.cuda is None:
                 # A fresh daemon (e.g. in a new container) has not chosen its CUDA backend yet.
                 try:
                     self.checkpointer.cuda = self._cuda()
                 except NotSupported:
                     pass  # resume_cuda says why
-            t["cuda_resume"] = await self.checkpointer.resume_cuda(r.found, self.backend.pids())
+            t["cuda_resume"] = await self.checkpointer.resume_cuda(m, self.backend.pids())
             started = time.monotonic()
             await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
             t["health"] = time.monotonic() - started
             started = time.monotonic()
-            self._sleep_level = m.get("sleep_level")
+            self._sleep_level = m.sleep_level
             await self._wake_sequence()
             t["wake_sequence"] = time.monotonic() - started
-            if m.get("canary") is not None:
+            if m.canary is not None:
                 answer = await self.backend.canary()
-                if answer != m["canary"]:
+                if answer != m.canary:
                     raise CheckpointFailed(f"canary answer after restore {answer!r} differs from the one "
-                                           f"recorded before the dump {m['canary']!r}", reason="canary")
-        except (BackendError, cudamod.CudaError, CheckpointFailed) as e:
+                                           f"recorded before the dump {m.canary!r}", reason="canary")
+        except Exception as e:  # noqa: BLE001 - a restore fails as CheckpointFailed, never stuck in restoring
             await self.backend.stop(grace_secs=0)
-            self.checkpointer.clean_after_failure(r.found)
+            self.checkpointer.clean_after_failure()
             if isinstance(e, CheckpointFailed):
                 raise
-            raise CheckpointFailed(f"restored tree did not come up: {e}", reason="wake") from None
-        self.last_restore = {"from": str(r.found.path), "created": m.get("created"), "prepared": len(r.prepared),
+            reason = "wake" if isinstance(e, (BackendError, cudamod.CudaError)) else "internal"
+            raise CheckpointFailed(f"restored tree did not come up: {e}", reason=reason) from None
+        self.last_restore = {"from": str(r.found.path), "created": m.created, "prepared": len(r.prepared),
                              "seconds": {k: round(v, 4) for k, v in t.items()}}
         log.info("%s: restored from %s (%s)", self.name, r.found.path,
                  ", ".join(f"{k} {v:.3f}s" for k, v in t.items()),
                  extra={"MODEL": self.name, "EVENT": "restore", "DURATION_S": f"{sum(t.values()):.3f}"})
         if self.checkpoint_config.keep_images:
-            self._restored_from = m.get("created_ts")
+            self._restored_from = m.created_ts
         else:
             self.checkpointer.discard()
 
@@ -330,7 +334,7 @@ class Model:
         if not (self.checkpoint_config.keep_images and self._restored_from):
             return False
         found = self.checkpointer.found()
-        return found.state == "valid" and found.manifest.get("created_ts") == self._restored_from
+        return found.state == "valid" and found.manifest is not None and found.manifest.created_ts == self._restored_from
 
     async def _checkpoint(self, canary: str | None) -> State:
         if self._reusable():
@@ -340,23 +344,23 @@ class Model:
             self.last_checkpoint = {"reused": True}
             return State.CHECKPOINTED
         self.checkpointer.cuda = self._cuda() if cudamod.gpu_processes(self.backend.pids()) else None
-        extra = {"eviction": str(self.eviction), "served_name": self.backend.served_name,
-                 "port": self.config.models[self.name].port, "argv": self.backend.argv(), "canary": canary,
-                 "sleep_level": self._sleep_level}
+        facts = DumpFacts(model=self.name, eviction=str(self.eviction), served_name=self.backend.served_name,
+                          port=self.config.models[self.name].port, argv=self.backend.argv(), canary=canary,
+                          sleep_level=self._sleep_level)
         self.backend.expect_exit()  # once dumped, the tree is ended (by us)
         try:
-            manifest = await self.checkpointer.dump(self.backend.tree, extra)
+            manifest = await self.checkpointer.dump(self.backend.tree, facts)
         except CheckpointFailed:
             if self.backend.running:  # the dump failed before the end: the tree still serves
                 self.backend.unexpect_exit()
             raise
         await self._stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
         self._restored_from = None
-        self.last_checkpoint = {"path": str(self.checkpointer.path), "image_bytes": manifest["image_bytes"],
-                                "saved_files": len(manifest["saved"]),
-                                "seconds": {k: round(v, 4) for k, v in manifest["timings"].items()}}
+        self.last_checkpoint = {"path": str(self.checkpointer.path), "image_bytes": manifest.image_bytes,
+                                "saved_files": len(manifest.saved),
+                                "seconds": {k: round(v, 4) for k, v in manifest.timings.items()}}
         log.info("%s: checkpointed to %s (%d MiB of images, %d files saved)", self.name, self.checkpointer.path,
-                 manifest["image_bytes"] >> 20, len(manifest["saved"]),
+                 manifest.image_bytes >> 20, len(manifest.saved),
                  extra={"MODEL": self.name, "EVENT": "checkpoint"})
         return State.CHECKPOINTED
 

@@ -1,43 +1,53 @@
 """Checkpoint and restore of one model's process tree, around CRIU.
 
-Dump: CUDA suspend (when the tree holds GPU state) -> CRIU dump of the tree, frozen through its
-cgroup, into ``<checkpoint_path>.partial-<time>/`` -> manifest and saved files -> sync -> atomic
-exchange into ``checkpoint_path`` -> wait until the dumped tree is gone.  A crash at any point
-leaves either the previous checkpoint or a ``.partial-`` folder that is never used.
+Every use of a checkpoint folder first applies the trust rule (:mod:`.trust`) and, with
+``checkpoint.key_file``, checks the manifest's tag (:mod:`.seal`).
 
-Restore: image integrity -> put back what the container lacks -> check and preflight -> CRIU
-restore into the model's cgroup (llmuxd is a child subreaper, so the restored root becomes its
-child) -> CUDA resume.  What follows (health, wake sequence, canary) is the orchestrator's.
+Dump: CUDA suspend (when the tree holds GPU state) -> CRIU dump of the tree, frozen through its
+cgroup, into a private ``<checkpoint_path>.partial-<time>-<random>/`` (0700) -> manifest and
+saved files (0600) -> sync -> atomic exchange into ``checkpoint_path`` -> wait until the dumped
+tree is gone.  A crash at any point leaves either the previous checkpoint or a ``.partial-``
+folder that is never used.  CRIU is killed after ``checkpoint.dump_timeout_secs``.
+
+Restore: image integrity -> put back what the container lacks (confined, :mod:`.safefs`) ->
+check and preflight -> CRIU restore into the model's cgroup (llmuxd is a child subreaper, so the
+restored root becomes its child), killed with what it restored after
+``checkpoint.restore_timeout_secs`` -> CUDA resume.  What follows (health, wake sequence,
+canary) is the orchestrator's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..isolation.cgroups import Cgroup
+from ..isolation.pidinit import RESTORED
 from ..isolation.procfs import inner_pid
 from ..isolation.tree import ProcessTree
 from . import cuda as cudamod
-from ..isolation.pidinit import RESTORED
-from .criu import Criu, CriuError, error_lines
+from . import safefs
+from .criu import Criu, CriuError, CriuTimeout, error_lines
 from .fsview import FsView
 from .images import ImageError, read_images
-from .manifest import build
-from .prepare import Unusable, apply, check, check_images, preflight
-from .store import BLOBS, IMAGES, MANIFEST, PARTIAL, Found, exchange, inspect, quarantine
+from .manifest import DumpFacts, build
+from .model import CudaInventory, Manifest
+from .prepare import Prepared, Unusable, apply, check, check_images, preflight
+from .store import (BLOBS, IMAGES, Found, Settings, discard, exchange, inspect, new_partial, quarantine,
+                    remove_partials, write_manifest)
+from .trust import Untrusted, check_tree, normalized
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointFailed(Exception):
-    """A dump or restore did not happen.  ``unusable``: the checkpoint itself is damaged."""
+    """A dump or restore did not happen.  ``unusable``: the checkpoint itself is damaged (and
+    ours: it may be quarantined)."""
 
     def __init__(self, message: str, *, reason: str, unusable: bool = False):
         super().__init__(message)
@@ -49,25 +59,56 @@ class CheckpointFailed(Exception):
 class Restored:
     root_pid: int
     found: Found
+    manifest: Manifest
     prepared: list[str]
-    seconds: dict
+    seconds: dict[str, float]
 
 
 class Checkpointer:
     def __init__(self, name: str, path: Path, criu: Criu, cgroup: Cgroup | None, work_dir: Path,
-                 cuda: "cudamod.CudaCheckpointer | None" = None):
+                 cuda: "cudamod.CudaCheckpointer | None" = None, settings: Settings | None = None):
         self.name = name
-        self.path = path
+        self.path = normalized(path)
+        self.settings = settings or Settings(self.path.parent)
         self.criu = criu
         self.cgroup = cgroup
-        self.work_dir = work_dir
+        self.work_dir = normalized(work_dir)
         self.cuda = cuda
+        self._placed: list[str] = []  # saved files the last restore attempt has in place
+        self._transient: set[str] = set()  # of the manifest's saved files, those removed after a failure
+        self._spawned: int | None = None  # the init this restore attempt started (namespaced restore)
 
     def found(self) -> Found:
-        return inspect(self.name, self.path)
+        return inspect(self.name, self.path, self.settings)
+
+    def discover(self) -> Found:
+        """At start: remove unfinished dumps of our own, then say what the folder holds.  One that
+        cannot be used is quarantined when it is ours and damaged, left exactly as it is when it
+        fails the trust rule or its tag; ``detail`` then says which and why."""
+        fields = {"MODEL": self.name, "EVENT": "discover"}
+        try:
+            for leftover in remove_partials(self.path, self.settings):
+                log.warning("%s: removed the leftover of an unfinished dump: %s", self.name, leftover, extra=fields)
+            found = self.found()
+        except Exception as e:  # noqa: BLE001 - one model's checkpoint never stops the daemon
+            found = Found(self.name, self.path, "refused", f"{type(e).__name__}: {e}", reason="internal")
+        if found.state == "valid":
+            log.info("%s: found %s at %s", self.name, found.detail, found.path, extra=fields)
+            try:  # ours: private, also when an older llmuxd wrote it with the umask's modes
+                safefs.secure_tree(str(found.path))
+            except OSError:
+                pass
+        elif found.state != "none":
+            what = "left in place"
+            if found.state == "invalid":
+                moved = self.quarantine()
+                what = f"moved to {moved}" if moved else "could not be moved aside"
+            found.detail = f"checkpoint at {found.path} not used ({found.reason}): {found.detail}; {what}"
+            log.warning("%s: %s", self.name, found.detail, extra=fields)
+        return found
 
     # -- dump ----------------------------------------------------------------------------------
-    async def dump(self, tree: ProcessTree, extra: dict) -> dict:
+    async def dump(self, tree: ProcessTree, facts: DumpFacts) -> Manifest:
         """Dump the tree; returns the manifest.  On failure nothing that looks like a checkpoint
         is left behind, and the tree may still be running.
 
@@ -80,113 +121,166 @@ class Checkpointer:
             raise CheckpointFailed("the model's process tree is gone", reason="gone")
         enter = tree.root_pid if tree.namespaced else None
         target = inner_pid(server) if enter else server
-        extra = {**extra, "own_pidns": bool(enter)}
+        facts = replace(facts, model=self.name, own_pidns=bool(enter))
         if not self.criu.available():
             raise CheckpointFailed(f"CRIU not found at {self.criu.path!r} (see `llmuxd doctor`)", reason="no_criu")
-        t = {}
-        partial = self.path.parent / f"{self.path.name}{PARTIAL}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        try:
+            key = self.settings.key()
+            partial = new_partial(self.path, self.settings)
+        except Untrusted as e:
+            raise CheckpointFailed(f"checkpoint not written: {e}", reason="untrusted") from None
+        except (OSError, safefs.Unsafe) as e:
+            raise CheckpointFailed(f"checkpoint could not be written: {e}", reason="write") from None
+        t: dict[str, float] = {}
         images = partial / IMAGES
         suspended: list[int] = []
         try:
-            images.mkdir(parents=True)
+            os.mkdir(images, 0o700)
             started = time.monotonic()
             gpu_pids = cudamod.gpu_processes(tree_pids)
             if gpu_pids:
                 if self.cuda is None:
                     raise CheckpointFailed(f"processes {gpu_pids} hold GPU state and no CUDA checkpoint "
                                            "(driver API or cuda-checkpoint) is available", reason="no_cuda")
-                extra = {**extra, "cuda_pids": [inner_pid(p) for p in gpu_pids],
-                         "cuda_bytes": cudamod.gpu_bytes_of(gpu_pids)}
+                facts = replace(facts, cuda_pids=[q for p in gpu_pids if (q := inner_pid(p)) is not None],
+                                cuda_bytes=cudamod.gpu_bytes_of(gpu_pids))
                 suspended = await cudamod.suspend_tree(gpu_pids, self.cuda)
                 t["cuda_suspend"] = time.monotonic() - started
             started = time.monotonic()
             await self.criu.dump(target, images, freeze_cgroup=self.cgroup.path if self.cgroup else None,
-                                 enter=enter)
+                                 enter=enter, timeout=self.settings.dump_timeout)
             t["criu_dump"] = time.monotonic() - started
             started = time.monotonic()
-            manifest = await asyncio.to_thread(self._manifest, images, partial, extra, bool(gpu_pids))
+            if gpu_pids:
+                facts = replace(facts, cuda=cudamod.gpu_inventory())
+            manifest = await asyncio.to_thread(build, read_images(images), images, partial / BLOBS, FsView(), facts)
+            await asyncio.to_thread(safefs.secure_tree, str(partial))
             t["manifest"] = time.monotonic() - started
-            manifest["timings"] = t
-            manifest["image_bytes"] = sum(r["size"] for r in manifest["images"].values())
-            (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            manifest = manifest.model_copy(update={"timings": t})
+            write_manifest(partial, manifest, key)
             await asyncio.to_thread(os.sync)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.settings.check(self.path)  # still nobody else's folder at the destination
             exchange(partial, self.path)  # the old checkpoint (if any) is now at `partial`
         except CriuError as e:
+            if isinstance(e, CriuTimeout):
+                self._thaw()
             if suspended:  # the tree lives on: give it its GPU back
                 await cudamod.resume_tree(suspended, self.cuda)
             raise CheckpointFailed(str(e), reason="criu_dump") from None
-        except (OSError, ImageError) as e:
+        except Untrusted as e:
+            raise CheckpointFailed(f"checkpoint not written: {e}", reason="untrusted") from None
+        except (OSError, ImageError, safefs.Unsafe) as e:
             raise CheckpointFailed(f"checkpoint could not be written: {e}", reason="write") from None
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         return manifest
 
-    def _manifest(self, images: Path, partial: Path, extra: dict, cuda: bool) -> dict:
-        needs = read_images(images)
-        extra = {**extra, "model": self.name, "cuda": cudamod.gpu_inventory() if cuda else None}
-        return build(needs, images, partial / BLOBS, FsView(), extra)
+    def _thaw(self) -> None:
+        """A CRIU killed while the cgroup was frozen leaves it frozen: thaw it."""
+        if self.cgroup is not None:
+            try:
+                (self.cgroup.path / "cgroup.freeze").write_text("0")
+            except OSError:
+                pass
 
     # -- restore ---------------------------------------------------------------------------------
-    async def _criu_restore(self, found: Found, tree: ProcessTree, timeout: float) -> int:
-        images, work = found.path / IMAGES, self.work_dir
-        if not found.manifest.get("own_pidns"):  # dumped in the container's PID namespace
-            root = await self.criu.restore(images, work, self.cgroup)
+    async def _criu_restore(self, m: Manifest, tree: ProcessTree) -> int:
+        images, work, timeout = self.path / IMAGES, self.work_dir, self.settings.restore_timeout
+        if not m.own_pidns:  # dumped in the container's PID namespace
+            root = await self.criu.restore(images, work, self.cgroup, timeout=timeout)
             tree.adopt(root)
             return root
         # A fresh PID + mount namespace whose init runs criu restore, then adopts the tree.
-        work.mkdir(parents=True, exist_ok=True)
-        for name in (RESTORED, "restore.pid"):
-            (work / name).unlink(missing_ok=True)
-        root = await tree.spawn(await self.criu.restore_argv(images, work), dict(os.environ), restore_dir=work)
+        root = self._spawned = await tree.spawn(await self.criu.restore_argv(images, work), dict(os.environ),
+                                                restore_dir=work)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not (work / RESTORED).exists():
             if not tree.running:
                 raise CriuError("restore", error_lines(work / "restore.log"), work / "restore.log")
             if loop.time() > deadline:
-                raise CriuError("restore", f"not done after {timeout:g} s", work / "restore.log")
+                raise CriuTimeout("restore", f"not done after {timeout:g} s: killed", work / "restore.log")
             await asyncio.sleep(0.01)
         return root
 
-    async def restore(self, tree: ProcessTree, timeout: float) -> Restored:
-        t: dict = {}
+    async def restore(self, tree: ProcessTree) -> Restored:
+        """Verify, prepare and CRIU-restore.  Every failure is a CheckpointFailed, after what was
+        restored is killed and what was put in place is removed."""
         found = self.found()
-        if found.state != "valid":
-            raise CheckpointFailed(found.detail, reason="invalid", unusable=found.state == "invalid")
+        if found.state != "valid" or found.manifest is None:
+            raise CheckpointFailed(found.detail, reason=found.reason or "invalid", unusable=found.state == "invalid")
+        try:
+            return await self._restore(found, found.manifest, tree)
+        except CheckpointFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 - never out of a restore but as CheckpointFailed
+            log.exception("%s: restore failed", self.name, extra={"MODEL": self.name, "EVENT": "restore"})
+            await self._kill(tree)
+            self.clean_after_failure()
+            raise CheckpointFailed(f"restore failed: {type(e).__name__}: {e}", reason="internal") from None
+
+    def _work_folder(self) -> None:
+        """CRIU's work folder (its log, pidfile, stats; llmuxd's restored marker): created 0700,
+        reached without following links, by the same rule as a checkpoint folder (CRIU, as root,
+        writes there through whatever it finds), emptied of what a restore writes."""
+        work = str(self.work_dir)
+        try:
+            safefs.make_dir(work, mode=0o700)
+            check_tree(self.work_dir, base=self.work_dir)
+        except Untrusted as e:
+            raise CheckpointFailed(f"cannot restore: CRIU's work folder is not safe: {e}", reason="untrusted") from None
+        except (OSError, safefs.Unsafe) as e:
+            raise CheckpointFailed(f"cannot restore: CRIU's work folder {work}: {e}", reason="environment") from None
+        for name in (RESTORED, "restore.pid", "restore.log", "stats-restore"):  # files or links: never followed
+            try:
+                os.unlink(f"{work}/{name}")
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+
+    async def _restore(self, found: Found, m: Manifest, tree: ProcessTree) -> Restored:
+        t: dict[str, float] = {}
+        self._spawned = None
+        self._work_folder()
         started = time.monotonic()
         problems = await asyncio.to_thread(check_images, found)
         t["verify_images"] = time.monotonic() - started
         if problems:
             raise CheckpointFailed("; ".join(problems), reason="corrupt", unusable=True)
         started = time.monotonic()
+        self._placed = []
+        self._transient = {r.path for r in m.link_remaps} | {r.path for r in m.saved if r.path.startswith("/dev/shm/")}
         try:
-            prepared = await asyncio.to_thread(apply, found)
+            prepared: Prepared = await asyncio.to_thread(apply, found, self._placed)
         except Unusable as e:
+            self.clean_after_failure()
             raise CheckpointFailed(str(e), reason="incomplete", unusable=True) from None
+        except (safefs.Unsafe, OSError) as e:
+            self.clean_after_failure()
+            raise CheckpointFailed(f"cannot restore here: {e}", reason="environment") from None
         problems = await asyncio.to_thread(check, found, images=False)
         problems += preflight(found)
-        if found.manifest.get("cuda"):
-            problems += cudamod.check_restorable(found.manifest["cuda"], found.manifest.get("cuda_bytes", 0),
-                                                 cudamod.gpu_inventory())
+        if m.cuda or m.cuda_pids:
+            problems += cudamod.check_restorable(_inventory(m.cuda), m.cuda_bytes or 0, cudamod.gpu_inventory())
         t["prepare"] = time.monotonic() - started
         if problems:
-            self.clean_after_failure(found)
+            self.clean_after_failure()
             raise CheckpointFailed("cannot restore here: " + "; ".join(problems), reason="environment")
         started = time.monotonic()
         try:
-            root = await self._criu_restore(found, tree, timeout)
+            root = await self._criu_restore(m, tree)
         except CriuError as e:
-            await self.kill_tree()
-            self.clean_after_failure(found)
-            raise CheckpointFailed(str(e), reason="criu_restore", unusable=True) from None
+            await self._kill(tree)
+            self.clean_after_failure()
+            timed_out = isinstance(e, CriuTimeout)
+            raise CheckpointFailed(str(e), reason="timeout" if timed_out else "criu_restore",
+                                   unusable=not timed_out) from None
         t["criu_restore"] = time.monotonic() - started
-        return Restored(root, found, prepared, t)
+        return Restored(root, found, m, prepared.done, t)
 
-    async def resume_cuda(self, found: Found, pids: list[int]) -> float:
+    async def resume_cuda(self, m: Manifest, pids: list[int]) -> float:
         """After a restore: resume CUDA in the processes that were suspended at the dump
         (recorded by their PID in the tree's namespace, which the restore keeps)."""
-        inner = set(found.manifest.get("cuda_pids") or [])
+        inner = set(m.cuda_pids)
         if not inner:
             return 0.0
         if self.cuda is None:
@@ -200,23 +294,37 @@ class Checkpointer:
         if self.cgroup is not None and self.cgroup.exists():
             await self.cgroup.kill()
 
-    def clean_after_failure(self, found: Found) -> None:
-        """Remove what a restore put in place that nobody else uses: the link-remap files and the
-        saved files on per-container tmpfs (/dev/shm) — the next attempt puts them back."""
-        m = found.manifest or {}
-        for rec in [*m.get("link_remaps", []), *(r for r in m.get("saved", []) if r["path"].startswith("/dev/shm/"))]:
-            try:
-                os.unlink(rec["path"])
-            except OSError:
-                pass
+    async def _kill(self, tree: ProcessTree) -> None:
+        """Kill whatever a failed restore started: the model's cgroup, and the init it spawned."""
+        await self.kill_tree()
+        if self._spawned is not None and tree.root_pid == self._spawned:
+            await tree.kill(grace_secs=0)
+        self._spawned = None
+
+    def clean_after_failure(self) -> None:
+        """Remove what the last restore attempt has in place that nobody else uses: the
+        link-remap files and the saved files on per-container tmpfs (/dev/shm) — the next
+        attempt puts them back.  Only those paths, and only while they are regular files."""
+        for p in self._placed:
+            if p in self._transient:
+                safefs.unlink_regular(p)
+        self._placed = []
 
     def quarantine(self) -> Path | None:
         try:
-            dest = quarantine(self.path)
-        except OSError:
+            dest = quarantine(self.path, self.settings)
+        except (OSError, Untrusted) as e:
+            log.error("%s: checkpoint at %s not moved aside: %s", self.name, self.path, e,
+                      extra={"MODEL": self.name, "EVENT": "quarantine"})
             return None
         log.error("%s: checkpoint moved aside to %s", self.name, dest, extra={"MODEL": self.name, "EVENT": "quarantine"})
         return dest
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        if not discard(self.path, self.settings):
+            log.warning("%s: checkpoint at %s left in place: it fails the trust rule", self.name, self.path,
+                        extra={"MODEL": self.name, "EVENT": "discard"})
+
+
+def _inventory(inv: CudaInventory | None) -> dict | None:
+    return inv.model_dump() if inv is not None else None

@@ -8,8 +8,6 @@ next ``llmuxd serve``."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import socket
 import stat
@@ -18,9 +16,11 @@ from pathlib import Path
 from ..config import Config, Eviction, ProcessEviction, WeightsEviction
 from ..isolation.cgroups import CgroupLayout, CgroupUnavailable
 from ..isolation.reaper import reap_forever
+from . import safefs
 from .fsview import container_epoch
-from .prepare import check, check_images
-from .store import MANIFEST, inspect
+from .prepare import check
+from .store import Settings, inspect
+from .trust import normalized
 
 
 class CommandError(Exception):
@@ -96,7 +96,8 @@ async def checkpoint_model(config: Config, name: str) -> int:
 async def restore_model(config: Config, name: str, detached: bool) -> int:
     model = _model(config, name, force_checkpoint=False)
     if model.state.value != "checkpointed":
-        raise CommandError(f"{name}: no usable checkpoint at {model.checkpointer.path}: {model.checkpointer.found().detail}")
+        raise CommandError(f"{name}: no usable checkpoint at {model.checkpointer.path}: "
+                           f"{model.last_error or model.checkpointer.found().detail}")
     reaper = asyncio.create_task(reap_forever())
     try:
         await model.wake()
@@ -132,51 +133,45 @@ def _fmt_size(n: int) -> str:
 
 
 def inspect_checkpoint(path: Path, verify_images: bool = False) -> int:
-    """The manifest in human form: what the checkpoint needs, what it saved, what this container lacks."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise CommandError(f"{path}: not a checkpoint ({e})") from None
-    found = inspect(manifest.get("model", "?"), path)
-    m = manifest
-    needs = m.get("needs", {})
+    """The manifest in human form: what the checkpoint needs, what it saved, what this container
+    lacks.  The folder must pass the same trust rule as for a restore (the sticky-directory
+    exception applies above PATH itself)."""
+    path = normalized(path)
+    found = inspect(None, path, Settings(images_dir=path))
+    if found.state == "none":
+        raise CommandError(f"{path}: not a checkpoint (no such folder)")
+    if found.state != "valid" or found.manifest is None:
+        raise CommandError(f"{path}: not a usable checkpoint ({found.reason}): {found.detail}")
+    m = found.manifest
+    procs = m.needs.processes
     print(f"checkpoint {path}")
-    print(f"  model {m.get('model')} ({m.get('served_name')}), eviction {m.get('eviction')}, made {m.get('created')}"
-          f" on kernel {m.get('host', {}).get('kernel')}")
-    print(f"  images: {len(m['images'])} files, {_fmt_size(sum(r['size'] for r in m['images'].values()))}; "
-          f"timings: {m.get('timings')}")
-    procs = needs.get("processes", [])
-    print(f"  processes: {len(procs)} ({', '.join(sorted({p.get('comm') or '?' for p in procs}))}); "
-          f"own PID namespace: {bool(m.get('own_pidns') or m['pidns'])}; {len(m['pids'])} PIDs/TIDs")
-    listening = ", ".join(f"{x['addr']}:{x['port']}" for x in m["listen"]) or "none"
-    print(f"  listening: {listening}")
-    print(f"  canary: {m.get('canary')!r}; CUDA state: {'yes' if m.get('cuda') else 'no'}")
-    print(f"  saved (put back byte-exact): {len(m['saved'])} files, {_fmt_size(sum(r['size'] for r in m['saved']))}")
-    for r in m["saved"]:
-        print(f"    {r['path']}  {_fmt_size(r['size'])}  mode {r['mode']:o}")
-    for r in m["link_remaps"]:
-        print(f"    {r['path']}  (CRIU link_remap file)")
-    print(f"  re-created empty (append-only logs): {len(m['recreate'])}")
-    for r in m["recreate"]:
-        print(f"    {r['path']}")
-    print(f"  directories: {len(m['dirs'])}; socket directories: {', '.join(m['socket_dirs']) or 'none'}")
+    print(f"  model {m.model} ({m.served_name}), eviction {m.eviction}, made {m.created} on kernel {m.host.kernel}")
+    print(f"  images: {len(m.images)} files, {_fmt_size(sum(r.size for r in m.images.values()))}; "
+          f"timings: {m.timings}")
+    print(f"  processes: {len(procs)} ({', '.join(sorted({p.comm or '?' for p in procs}))}); "
+          f"own PID namespace: {m.own_pidns or m.pidns}; {len(m.pids)} PIDs/TIDs")
+    print(f"  listening: {', '.join(f'{x.addr}:{x.port}' for x in m.listen) or 'none'}")
+    print(f"  canary: {m.canary!r}; CUDA state: {'yes' if m.cuda or m.cuda_pids else 'no'}")
+    print(f"  saved (put back byte-exact): {len(m.saved)} files, {_fmt_size(sum(r.size for r in m.saved))}")
+    for r in m.saved:
+        print(f"    {r.path}  {_fmt_size(r.size)}  mode {r.mode:o}")
+    for r in m.link_remaps:
+        print(f"    {r.path}  (CRIU link_remap file)")
+    print(f"  re-created empty (append-only logs): {len(m.recreate)}")
+    for r in m.recreate:
+        print(f"    {r.path}")
+    print(f"  directories: {len(m.dirs)}; socket directories: {', '.join(m.socket_dirs) or 'none'}")
     by_origin: dict[str, int] = {}
-    for v in m["verify"]:
-        by_origin[v["origin"]] = by_origin.get(v["origin"], 0) + 1
+    for v in m.verify:
+        by_origin[v.origin] = by_origin.get(v.origin, 0) + 1
     print(f"  verified, not saved: {', '.join(f'{n} {k}' for k, n in sorted(by_origin.items()))}")
     missing = []
-    for r in [*m["saved"], *m["link_remaps"]]:
-        try:
-            st = os.stat(r["path"])
-            ok = (st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (r["size"], r["mode"], r["mtime_ns"])
-        except OSError:
-            ok = False
-        if not ok:
-            missing.append(r["path"])
+    for r in m.blobs():
+        st = safefs.lstat(r.path)
+        if st is None or (st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns) != (r.size, r.mode & 0o777, r.mtime_ns):
+            missing.append(r.path)
     print(f"in this container: {len(missing)} saved file(s) not in place (prepare-restore puts them back)")
-    problems = check(found, images=False) if found.manifest else [found.detail]
-    if verify_images and found.manifest:
-        problems += check_images(found)
+    problems = check(found, images=verify_images)
     for p in problems:
         print(f"  PROBLEM: {p}")
     print("  restorable here" if not problems else f"  NOT restorable here: {len(problems)} problem(s)")

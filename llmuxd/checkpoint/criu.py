@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import os
 import re
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 from ..isolation import reaper
+from ..isolation.procfs import all_stats
 from ..isolation.cgroups import Cgroup
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,19 @@ class CriuError(Exception):
         self.action = action
         self.log_path = log_path
         super().__init__(f"criu {action} failed: {message}" + (f" (log: {log_path})" if log_path else ""))
+
+
+class CriuTimeout(CriuError):
+    """CRIU did not finish in time and was killed."""
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (its leader included)."""
+    for pid in [sid, *(st.pid for st in all_stats() if st.session == sid and st.pid != sid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def error_lines(log_path: Path, limit: int = 4) -> str:
@@ -62,6 +77,8 @@ class Criu:
 
     async def _run(self, args: list[str], *, cgroup: Cgroup | None = None, timeout: float | None = None,
                    enter: int | None = None) -> tuple[int, str]:
+        """Run CRIU in a session of its own; past ``timeout`` every process of that session
+        (CRIU, nsenter, whatever they started) is killed and CriuTimeout raised."""
         preexec = None
         if cgroup is not None:
             cgroup.create()
@@ -75,16 +92,18 @@ class Criu:
             prefix = ["nsenter", "-t", str(enter), "-p", "-m", "--"] if enter else []
             proc = await asyncio.create_subprocess_exec(
                 *prefix, self.path, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, close_fds=True, preexec_fn=preexec,
+                stderr=asyncio.subprocess.STDOUT, close_fds=True, preexec_fn=preexec, start_new_session=True,
             )
         except (OSError, subprocess.SubprocessError) as e:
             raise CriuError(args[0], f"cannot run {self.path}: {e}") from None
         reaper.track(proc.pid)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            proc.kill()
+        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+            _kill_session(proc.pid)
             await proc.wait()
+            if isinstance(e, asyncio.TimeoutError):
+                raise CriuTimeout(args[0], f"no answer after {timeout:g} s: killed") from None
             raise
         finally:
             if proc.returncode is not None:
@@ -103,14 +122,15 @@ class Criu:
             log.info("criu: network lock %s", self._network_lock)
         return self._network_lock
 
-    async def dump(self, pid: int, images: Path, *, freeze_cgroup: Path | None = None, enter: int | None = None) -> None:
+    async def dump(self, pid: int, images: Path, *, freeze_cgroup: Path | None = None, enter: int | None = None,
+                   timeout: float | None = None) -> None:
         """Dump the tree rooted at ``pid``; with ``enter``, CRIU runs inside the PID and mount
         namespaces of that process (``pid`` is then the PID in there)."""
         args = ["dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4", *COMMON, "--leave-stopped",
                 "--link-remap", "--ghost-limit", "256M", "--network-lock", await self.network_lock()]
         if freeze_cgroup is not None:
             args += ["--freeze-cgroup", str(freeze_cgroup)]
-        code, out = await self._run(args, enter=enter)
+        code, out = await self._run(args, enter=enter, timeout=timeout)
         if code != 0:
             raise CriuError("dump", error_lines(images / "dump.log") if (images / "dump.log").exists() else out[-500:],
                             images / "dump.log")
@@ -121,7 +141,7 @@ class Criu:
                 *COMMON, "--restore-detached", "--pidfile", str(work / "restore.pid"),
                 "--network-lock", await self.network_lock()]
 
-    async def restore(self, images: Path, work: Path, cgroup: Cgroup | None) -> int:
+    async def restore(self, images: Path, work: Path, cgroup: Cgroup | None, timeout: float | None = None) -> int:
         """Restore detached; returns the restored root's PID (a child of ours when we are a
         child subreaper)."""
         work.mkdir(parents=True, exist_ok=True)
@@ -130,7 +150,7 @@ class Criu:
         args = ["restore", "-D", str(images), "-W", str(work), "-o", str(work / "restore.log"), "-v4",
                 *COMMON, "--restore-detached", "--pidfile", str(pidfile),
                 "--network-lock", await self.network_lock()]
-        code, out = await self._run(args, cgroup=cgroup)
+        code, out = await self._run(args, cgroup=cgroup, timeout=timeout)
         if code != 0:
             raise CriuError("restore", error_lines(work / "restore.log"), work / "restore.log")
         return int(pidfile.read_text().strip())

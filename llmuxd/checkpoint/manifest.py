@@ -12,31 +12,61 @@ Built right after ``criu dump`` while the dumped filesystem is still as the tree
 * the directories that bound unix sockets need (CRIU re-creates the sockets themselves);
 * the ``link_remap.N`` files CRIU made (a restore consumes them: their bytes are saved);
 * listening ports, PIDs and thread IDs, whether the tree has its own PID namespace;
-* every image file's size and SHA-256, so corruption is caught before a restore is attempted.
+* every image file's size and SHA-256, so corruption is caught before a restore is attempted;
+* what the daemon knows of the model (:class:`DumpFacts`): its argv with secrets redacted, never
+  its environment.
+
+The result is the typed :class:`~.model.Manifest`, validated by the same contract that reads it
+back; saved files are read without following a link and stored 0600 under their digest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
-import shutil
+import secrets
 import stat
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import redact
+from . import safefs
 from .fsview import FsView
-from .images import ImageNeeds
+from .images import ImageError, ImageNeeds
+from .model import VERSION, Manifest, ManifestError, decode, is_path, is_target
 
-VERSION = 1
 CHUNK = 4 << 20
 
 
-def sha256_file(path: Path) -> str:
+@dataclass
+class DumpFacts:
+    """What the daemon knows about the dumped model, recorded in the manifest."""
+
+    model: str
+    eviction: str
+    served_name: str
+    port: int
+    argv: list[str]
+    canary: str | None
+    sleep_level: int | None
+    own_pidns: bool = False
+    cuda: dict | None = None  # cuda.gpu_inventory()
+    cuda_pids: list[int] = field(default_factory=list)
+    cuda_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def sha256_file(path: Path | str, dir_fd: int | None = None) -> str:
+    """SHA-256 of a regular file (never through a link)."""
+    fd, _ = safefs.open_regular(str(path), dir_fd)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+    try:
+        while chunk := os.read(fd, CHUNK):
             h.update(chunk)
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
@@ -78,32 +108,54 @@ def _meta(st: os.stat_result) -> dict:
             "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns, "size": st.st_size}
 
 
-def _save(path: str, blobs: Path) -> dict:
-    """Copy a file into the blob store (content-addressed); returns its record."""
-    st = os.stat(path)
-    tmp = blobs / f".in-{os.getpid()}"
-    h = hashlib.sha256()
-    with open(path, "rb") as src, open(tmp, "wb") as dst:
-        while chunk := src.read(CHUNK):
-            h.update(chunk)
-            dst.write(chunk)
-    digest = h.hexdigest()
-    os.replace(tmp, blobs / digest)
+def _save(path: str, blobs: int) -> dict:
+    """Copy a file into the blob store (content-addressed, 0600); returns its record.  The file
+    is opened without following a link at its last component and must be a regular file."""
+    src, st = safefs.open_regular(path)
+    try:
+        tmp = f".in-{secrets.token_hex(16)}"
+        out = os.open(tmp, safefs.NEW_FILE_FLAGS, 0o600, dir_fd=blobs)
+        try:
+            try:
+                digest = safefs.copy_hashing(src, out, st.st_size)
+                os.fchmod(out, 0o600)
+            finally:
+                os.close(out)
+            os.rename(tmp, digest, src_dir_fd=blobs, dst_dir_fd=blobs)
+        except BaseException:
+            os.unlink(tmp, dir_fd=blobs)
+            raise
+    finally:
+        os.close(src)
     return {"path": path, "sha256": digest, **_meta(st)}
 
 
-def build(needs: ImageNeeds, images_dir: Path, blobs: Path, view: FsView, extra: dict) -> dict:
-    """Classify what the images need, save what a new container lacks, and return the manifest."""
-    blobs.mkdir(parents=True, exist_ok=True)
+def build(needs: ImageNeeds, images_dir: Path, blobs_dir: Path, view: FsView, facts: DumpFacts) -> Manifest:
+    """Classify what the images need, save what a new container lacks, and return the manifest
+    (validated by the same contract that reads it back)."""
+    os.mkdir(blobs_dir, 0o700)
+    blobs = os.open(blobs_dir, safefs.DIR_FLAGS)
+    try:
+        return _build(needs, images_dir, blobs, view, facts)
+    finally:
+        os.close(blobs)
+
+
+def _build(needs: ImageNeeds, images_dir: Path, blobs: int, view: FsView, facts: DumpFacts) -> Manifest:
     saved, recreate, verify, dirs, problems = [], [], [], [], []
     for f in needs.needed_files():
+        if not is_path(f.path):
+            problems.append(f"{f.path!r}: not a normalized absolute path, not recorded")
+            continue
         try:
             st = os.stat(f.path)
         except OSError as e:
             problems.append(f"{f.path}: {e.strerror} at dump time")
             continue
         origin = view.origin(f.path, st)
-        if stat.S_ISDIR(st.st_mode):
+        if not is_target(f.path):  # "/", /proc, /sys, /dev: never written by a restore
+            verify.append({"path": f.path, "origin": "system", "kind": "exists"})
+        elif stat.S_ISDIR(st.st_mode):
             dirs.append({"path": f.path, "origin": origin, **_meta(st)})
         elif not stat.S_ISREG(st.st_mode) or origin == "system":
             verify.append({"path": f.path, "origin": "system", "kind": "exists"})
@@ -120,45 +172,47 @@ def build(needs: ImageNeeds, images_dir: Path, blobs: Path, view: FsView, extra:
                            "build_id": f.build_id or (elf_build_id(f.path) if "mmap" in f.kinds or "exe" in f.kinds else None)})
     link_remaps = []
     for r in needs.remaps:
-        if r.type == "linked" and r.link_path and os.path.exists(r.link_path):
+        if r.type == "linked" and r.link_path and is_target(r.link_path) and os.path.exists(r.link_path):
             link_remaps.append(_save(r.link_path, blobs))
-    socket_dirs = sorted({os.path.dirname(s.path) for s in needs.unix_sockets if not s.deleted})
+    sockets = [s.path for s in needs.unix_sockets if not s.deleted and is_target(s.path)]
+    socket_dirs = sorted({os.path.dirname(p) for p in sockets} - {"/"})
     images = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-              for p in sorted(images_dir.iterdir()) if p.is_file() and p.suffix == ".img"}
+              for p in sorted(images_dir.iterdir()) if p.is_file() and not p.is_symlink() and p.suffix == ".img"}
     pids = sorted({t for p in needs.processes for t in [p.pid, *p.threads]})
-    return {
+    record = {
         "version": VERSION,
+        "model": facts.model,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "created_ts": time.time(),
         "host": {"kernel": platform.release(), "machine": platform.machine()},
         "epoch": view.epoch,
         "pidns": needs.pidns,
+        "own_pidns": facts.own_pidns,
         "pids": pids,
         "listen": [{"addr": s.local_addr, "port": s.local_port, "proto": s.proto} for s in needs.listening()],
         "saved": saved,
         "recreate": recreate,
         "dirs": dirs,
         "socket_dirs": socket_dirs,
-        "socket_paths": sorted(s.path for s in needs.unix_sockets if not s.deleted),
+        "socket_paths": sorted(set(sockets)),
         "link_remaps": link_remaps,
         "verify": verify,
         "images": images,
         "dump_problems": problems,
         "needs": needs.to_dict(),
-        **extra,
+        "eviction": facts.eviction,
+        "served_name": facts.served_name,
+        "port": facts.port,
+        "argv": redact.argv(facts.argv),  # never a secret, never the environment
+        "canary": facts.canary,
+        "sleep_level": facts.sleep_level,
+        "cuda": facts.cuda,
+        "cuda_pids": facts.cuda_pids,
+        "cuda_bytes": facts.cuda_bytes,
+        "timings": {},
+        "image_bytes": sum(r["size"] for r in images.values()),
     }
-
-
-def copy_blob(blobs: Path, record: dict, dest: Path | None = None) -> None:
-    """Put a saved file back byte-exact, with its mode, owner and timestamps (atomically)."""
-    dest = Path(dest or record["path"])
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.llmuxd-{os.getpid()}"
-    shutil.copyfile(blobs / record["sha256"], tmp)
-    os.chmod(tmp, record["mode"])
     try:
-        os.chown(tmp, record["uid"], record["gid"])
-    except PermissionError:
-        pass
-    os.utime(tmp, ns=(record["atime_ns"], record["mtime_ns"]))
-    os.replace(tmp, dest)
+        return decode(json.dumps(record).encode())
+    except ManifestError as e:  # something the dumped tree used cannot be recorded safely
+        raise ImageError(f"the dump cannot be described by a valid manifest: {e}") from None

@@ -1,8 +1,10 @@
 """Putting back what a restore needs, and checking what cannot be put back.
 
-``apply`` is idempotent and fast (a file already in place with the recorded size, mode and mtime
-is left alone) — it runs in the restore unit before the daemon starts, and again in the daemon
-right before ``criu restore``.  ``check`` compares everything else the manifest lists with this
+``apply`` is idempotent and fast (a file already in place with the recorded size, mode, mtime
+and owner is left alone) — it runs in the restore unit before the daemon starts, and again in
+the daemon right before ``criu restore``.  It is confined (:mod:`.safefs`): the manifest is
+untrusted input even from a trusted folder, so no link is followed, blobs must be regular files
+hashing to their name, and nothing is removed that llmuxd did not put there.  ``check`` compares everything else the manifest lists with this
 container; ``preflight`` adds what only matters at the moment of the restore (ports, PIDs).
 """
 
@@ -12,12 +14,16 @@ import logging
 import os
 import socket
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, load_config
+from . import safefs
 from .fsview import container_epoch
-from .manifest import copy_blob, elf_build_id, sha256_file
-from .store import BLOBS, IMAGES, Found, discover, remove_partials
+from .manifest import elf_build_id, sha256_file
+from .model import SavedFile
+from .store import BLOBS, IMAGES, Found, Settings, inspect, remove_partials
+from .trust import Untrusted, check_owned
 
 log = logging.getLogger(__name__)
 
@@ -26,98 +32,168 @@ class Unusable(Exception):
     """The checkpoint itself is damaged (missing or corrupt parts): quarantine it."""
 
 
-def apply(found: Found) -> list[str]:
-    """Put saved files, directories, socket directories and link-remap files in place.
-    Returns what was done; raises Unusable when the checkpoint lacks a saved file."""
-    m, blobs, done = found.manifest, found.path / BLOBS, []
-    for d in m["dirs"]:
-        if not os.path.isdir(d["path"]):
-            os.makedirs(d["path"], mode=d["mode"], exist_ok=True)
-            done.append(f"created directory {d['path']}")
-    for rec in [*m["saved"], *m["link_remaps"]]:
-        if not (blobs / rec["sha256"]).is_file():
-            raise Unusable(f"saved copy of {rec['path']} is missing from the checkpoint")
+@dataclass
+class Prepared:
+    done: list[str] = field(default_factory=list)  # what was done, for the log
+    placed: list[str] = field(default_factory=list)  # saved files now in place as our copies
+
+
+def _in_place(rec: SavedFile) -> bool:
+    st = safefs.lstat(rec.path)
+    return st is not None and stat.S_ISREG(st.st_mode) and (
+        st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_uid, st.st_gid
+    ) == (rec.size, rec.mode & safefs.PERM, rec.mtime_ns, rec.uid, rec.gid)
+
+
+def _blob_present(rec: SavedFile, blobs: int) -> None:
+    try:
+        st = os.stat(rec.sha256, dir_fd=blobs, follow_symlinks=False)
+    except FileNotFoundError:
+        raise Unusable(f"saved copy of {rec.path} is missing from the checkpoint") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise Unusable(f"saved copy of {rec.path} (files/{rec.sha256}) is not a regular file")
+
+
+def _put_back(rec: SavedFile, blobs: int) -> None:
+    try:
+        src, st = safefs.open_regular(rec.sha256, blobs)
+    except FileNotFoundError:
+        raise Unusable(f"saved copy of {rec.path} is missing from the checkpoint") from None
+    except safefs.Unsafe:
+        raise Unusable(f"saved copy of {rec.path} (files/{rec.sha256}) is not a regular file") from None
+    try:
         try:
-            st = os.stat(rec["path"])
-            if (st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (rec["size"], rec["mode"], rec["mtime_ns"]):
-                continue
-        except FileNotFoundError:
-            pass
-        copy_blob(blobs, rec)
-        done.append(f"restored {rec['path']} ({rec['size']} bytes)")
-    for rec in m["recreate"]:
-        if not os.path.exists(rec["path"]):
-            os.makedirs(os.path.dirname(rec["path"]), exist_ok=True)
-            fd = os.open(rec["path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, rec["mode"])
-            os.close(fd)
-            done.append(f"created empty {rec['path']}")
-    for d in m["socket_dirs"]:
-        if not os.path.isdir(d):
-            os.makedirs(d, exist_ok=True)
-            done.append(f"created socket directory {d}")
-    for p in m["socket_paths"]:  # CRIU unlinks a stale socket, but fails on anything else there
+            check_owned(Path(BLOBS) / rec.sha256, st, directory=False)
+        except Untrusted as e:
+            raise Unusable(f"saved copy of {rec.path}: {e}") from None
+        if st.st_size != rec.size:
+            raise Unusable(f"saved copy of {rec.path} is {st.st_size} bytes, {rec.size} recorded")
         try:
-            if not stat.S_ISSOCK(os.lstat(p).st_mode):
-                os.unlink(p)
-                done.append(f"removed non-socket {p} in a socket's way")
-        except FileNotFoundError:
-            pass
-    return done
+            safefs.put_file(rec.path, src, size=rec.size, sha256=rec.sha256, mode=rec.mode, uid=rec.uid,
+                            gid=rec.gid, atime_ns=rec.atime_ns, mtime_ns=rec.mtime_ns)
+        except safefs.DigestMismatch as e:
+            raise Unusable(str(e)) from None
+    finally:
+        os.close(src)
+
+
+def apply(found: Found, placed: list[str] | None = None) -> Prepared:
+    """Put saved files, directories, socket directories and link-remap files in place, confined
+    (see :mod:`.safefs`).  Raises Unusable when the checkpoint lacks a saved file or holds a bad
+    one, safefs.Unsafe or OSError when this container is in the way.  ``placed`` (also when it
+    raises) lists the saved files that are in place as our copies."""
+    m, out = found.manifest, Prepared(placed=placed if placed is not None else [])
+    assert m is not None
+    for d in m.dirs:
+        if safefs.make_dir(d.path, mode=d.mode, uid=d.uid, gid=d.gid):
+            out.done.append(f"created directory {d.path}")
+    if m.blobs():
+        try:
+            blobs = safefs.open_dir(str(found.path / BLOBS))
+        except (FileNotFoundError, safefs.Unsafe):
+            raise Unusable(f"{found.path / BLOBS} is missing or not a directory") from None
+        try:
+            for rec in m.blobs():
+                _blob_present(rec, blobs)  # a complete checkpoint, even where the file is in place
+                if not _in_place(rec):
+                    _put_back(rec, blobs)
+                    out.done.append(f"restored {rec.path} ({rec.size} bytes)")
+                out.placed.append(rec.path)
+        finally:
+            os.close(blobs)
+    for r in m.recreate:
+        if safefs.create_empty(r.path, mode=r.mode, uid=r.uid, gid=r.gid):
+            out.done.append(f"created empty {r.path}")
+    for d in m.socket_dirs:
+        if safefs.make_dir(d):
+            out.done.append(f"created socket directory {d}")
+    for p in m.socket_paths:  # CRIU replaces a stale socket, but fails on anything else there
+        st = safefs.lstat(p)
+        if st is not None and not stat.S_ISSOCK(st.st_mode):
+            raise safefs.Unsafe(f"{p} is in the way of a unix socket the checkpoint binds (llmuxd does not "
+                                "remove what it did not make)")
+    return out
 
 
 def check(found: Found, *, images: bool = True) -> list[str]:
     """What in this container differs from what the checkpoint needs (empty: nothing)."""
     m, problems = found.manifest, []
-    for v in m["verify"]:
-        path = v["path"]
+    assert m is not None
+    for v in m.verify:
         try:
-            st = os.stat(path)
+            st = os.stat(v.path)
         except OSError:
-            problems.append(f"{path} ({v['origin']}) is missing")
+            problems.append(f"{v.path} ({v.origin}) is missing")
             continue
-        if v["kind"] != "file":
+        if v.kind != "file":
             continue
-        if st.st_size != v["size"] or stat.S_IMODE(st.st_mode) != v["mode"] or st.st_mtime_ns != v["mtime_ns"]:
-            problems.append(f"{path} ({v['origin']}) differs: size {st.st_size} vs {v['size']}, mode "
-                            f"{stat.S_IMODE(st.st_mode):o} vs {v['mode']:o}, mtime {st.st_mtime_ns} vs {v['mtime_ns']}")
-        elif v.get("build_id") and elf_build_id(path) not in (None, v["build_id"]):
-            problems.append(f"{path} ({v['origin']}) has another build-id")
+        if (st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns) != (v.size, v.mode, v.mtime_ns):
+            problems.append(f"{v.path} ({v.origin}) differs: size {st.st_size} vs {v.size}, mode "
+                            f"{stat.S_IMODE(st.st_mode):o} vs {v.mode or 0:o}, mtime {st.st_mtime_ns} vs {v.mtime_ns}")
+        elif v.build_id and stat.S_ISREG(st.st_mode) and elf_build_id(v.path) not in (None, v.build_id):
+            problems.append(f"{v.path} ({v.origin}) has another build-id")
     if images:
         problems += check_images(found)
     return problems
 
 
 def check_images(found: Found) -> list[str]:
-    """Every image file present with its recorded size and SHA-256."""
-    problems, d = [], found.path / IMAGES
-    for name, rec in found.manifest["images"].items():
-        p = d / name
-        try:
-            size = p.stat().st_size
-        except OSError:
-            problems.append(f"image {name} is missing")
-            continue
-        if size != rec["size"]:
-            problems.append(f"image {name} is {size} bytes, {rec['size']} recorded (truncated?)")
-        elif sha256_file(p) != rec["sha256"]:
-            problems.append(f"image {name} is corrupt (SHA-256 differs)")
+    """Every image present with its recorded size and SHA-256, read without following links;
+    nothing else CRIU could read in the images folder (no unlisted image, no link, FIFO or
+    device, nothing writable by others)."""
+    m, d = found.manifest, found.path / IMAGES
+    assert m is not None
+    try:
+        dfd = safefs.open_dir(str(d))
+    except (OSError, safefs.Unsafe) as e:
+        return [f"{d} is missing or not a directory ({e})"]
+    problems = []
+    try:
+        for name in sorted(os.listdir(dfd)):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            try:
+                check_owned(d / name, st, directory=False)
+            except Untrusted as e:
+                problems.append(f"images folder entry {name}: {e.why}")
+                continue
+            if name.endswith(".img") and name not in m.images:
+                problems.append(f"image {name} is not listed in the manifest")
+        for name, rec in m.images.items():
+            problems += _check_image(dfd, name, rec.size, rec.sha256)
+    finally:
+        os.close(dfd)
     return problems
+
+
+def _check_image(dfd: int, name: str, size: int, sha256: str) -> list[str]:
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return [f"image {name} is missing"]
+    if st.st_size != size:
+        return [f"image {name} is {st.st_size} bytes, {size} recorded (truncated?)"]
+    try:
+        digest = sha256_file(name, dfd)
+    except (OSError, safefs.Unsafe):
+        return [f"image {name} is not a regular file"]
+    return [] if digest == sha256 else [f"image {name} is corrupt (SHA-256 differs)"]
 
 
 def preflight(found: Found) -> list[str]:
     m, problems = found.manifest, []
-    for lst in m["listen"]:
-        if lst["proto"] != "tcp":
+    assert m is not None
+    for lst in m.listen:
+        if lst.proto != "tcp":
             continue
-        fam = socket.AF_INET6 if ":" in lst["addr"] else socket.AF_INET
+        fam = socket.AF_INET6 if ":" in lst.addr else socket.AF_INET
         with socket.socket(fam, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((lst["addr"], lst["port"]))
+                s.bind((lst.addr, lst.port))
             except OSError:
-                problems.append(f"port {lst['addr']}:{lst['port']} is in use")
-    if not m["pidns"] and not m.get("own_pidns"):  # in the container's PID namespace: every PID must be free
-        taken = [p for p in m["pids"] if os.path.exists(f"/proc/{p}")]
+                problems.append(f"port {lst.addr}:{lst.port} is in use")
+    if not m.pidns and not m.own_pidns:  # in the container's PID namespace: every PID must be free
+        taken = [p for p in m.pids if os.path.exists(f"/proc/{p}")]
         if taken:
             problems.append(f"PIDs {taken[:8]} of the checkpoint are taken")
     return problems
@@ -133,28 +209,39 @@ def prepare_restore(config_path: Path) -> int:
         log.error("%s", e.render())
         return 1
     container_epoch()  # the restore unit runs first in a new container: mark when it started
+    settings = Settings.of(config)
     unusable = 0
-    for name, found in discover(config).items():
+    for name in config.models:
         fields = {"MODEL": name, "EVENT": "prepare_restore"}
-        for leftover in remove_partials(found.path):
-            log.warning("%s: removed the leftover of an unfinished dump: %s", name, leftover, extra=fields)
-        if found.state == "none":
-            log.info("%s: no checkpoint at %s", name, found.path, extra=fields)
-            continue
-        if found.state == "valid":
-            try:
-                for action in apply(found):
-                    log.info("%s: %s", name, action, extra=fields)
-                problems = check(found, images=False)
-            except (Unusable, OSError) as e:
-                problems = [str(e)]
-            if not problems:
-                log.info("%s: %s at %s is ready to restore", name, found.detail, found.path, extra=fields)
-                continue
-            found.detail = "; ".join(problems)
-        unusable += 1
-        log.warning("%s: checkpoint at %s cannot be used here: %s; the model will cold-start", name,
-                    found.path, found.detail, extra=fields)
+        try:
+            ok, path, detail = _prepare_one(name, config.checkpoint_dir_for(name), settings, fields)
+        except Exception as e:  # noqa: BLE001 - one model's checkpoint never stops the others
+            ok, path, detail = False, config.checkpoint_dir_for(name), f"{type(e).__name__}: {e}"
+        if not ok:
+            unusable += 1
+            log.warning("%s: checkpoint at %s cannot be used here: %s; the model will cold-start", name, path,
+                        detail, extra=fields)
     log.info("prepare-restore: %d model(s) checked, %d checkpoint(s) not usable here", len(config.models),
              unusable, extra={"EVENT": "prepare_restore"})
     return 0
+
+
+def _prepare_one(name: str, path: Path, settings: Settings, fields: dict) -> tuple[bool, Path, str]:
+    for leftover in remove_partials(path, settings):
+        log.warning("%s: removed the leftover of an unfinished dump: %s", name, leftover, extra=fields)
+    found = inspect(name, path, settings)
+    if found.state == "none":
+        log.info("%s: no checkpoint at %s", name, found.path, extra=fields)
+        return True, found.path, ""
+    if found.state != "valid":
+        return False, found.path, found.detail
+    try:
+        for action in apply(found).done:
+            log.info("%s: %s", name, action, extra=fields)
+        problems = check(found, images=False)
+    except (Unusable, safefs.Unsafe, OSError) as e:
+        problems = [str(e)]
+    if problems:
+        return False, found.path, "; ".join(problems)
+    log.info("%s: %s at %s is ready to restore", name, found.detail, found.path, extra=fields)
+    return True, found.path, ""
