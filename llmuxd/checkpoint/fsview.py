@@ -36,6 +36,7 @@ class Mount:
     root: str  # the part of the source filesystem mounted here ("/" unless a bind of a subtree)
     fstype: str
     source: str
+    dev: str = ""  # major:minor of the filesystem
 
 
 def mounts() -> list[Mount]:
@@ -43,7 +44,8 @@ def mounts() -> list[Mount]:
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         pre, _, post = line.partition(" - ")
         f, p = pre.split(), post.split()
-        out.append(Mount(point=_unescape(f[4]), root=_unescape(f[3]), fstype=p[0], source=p[1] if len(p) > 1 else ""))
+        out.append(Mount(point=_unescape(f[4]), root=_unescape(f[3]), fstype=p[0], source=p[1] if len(p) > 1 else "",
+                         dev=f[2]))
     return out
 
 
@@ -59,11 +61,17 @@ class FsView:
                 best = m
         return best
 
+    def _self_bind(self, m: Mount) -> bool:
+        """A folder of the container's own root bound onto itself (systemd does that for
+        ``LogsDirectory=``, ``ProtectSystem=`` and the like): not a volume."""
+        root = next((x for x in self.mounts if x.point == "/"), None)
+        return root is not None and m.root == m.point and bool(m.dev) and m.dev == root.dev
+
     def origin(self, path: str, st: os.stat_result | None) -> str:
         m = self.mount_of(path)
         if m.fstype in SYSTEM_FS or path.startswith(("/proc/", "/sys/")):
             return "system"
-        if m.point != "/" and m.root != "/" and m.fstype not in VOLATILE_FS:
+        if m.point != "/" and m.root != "/" and m.fstype not in VOLATILE_FS and not self._self_bind(m):
             return "shared"  # a bind of a host folder: a volume
         if m.fstype in VOLATILE_FS:
             return "runtime"
