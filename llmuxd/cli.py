@@ -150,7 +150,7 @@ def cmd_inspect_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoint.commands import CommandError, inspect_checkpoint
 
     try:
-        return inspect_checkpoint(args.path, args.verify_images)
+        return inspect_checkpoint(args.path, args.verify_images, args.key_file)
     except CommandError as e:
         print(f"llmuxd: {e}", file=sys.stderr)
         return 1
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("inspect-checkpoint", help="what a checkpoint needs, what it saved, what this container lacks")
     k.add_argument("path", type=Path)
     k.add_argument("--verify-images", action="store_true", help="also check every image's SHA-256")
+    k.add_argument("--key-file", type=Path, help="check the checkpoint's tag with this key (checkpoint.key_file)")
     k.set_defaults(func=cmd_inspect_checkpoint)
     k = sub.add_parser("validate", parents=[common],
                        help="sleep/wake cycles of MODEL under each eviction policy: timings, memory, answers")

@@ -186,6 +186,12 @@ def test_key_authenticates_the_manifest_and_through_it_every_image(make_daemon, 
     assert tag.startswith(b"hmac-sha256:") and stat.S_IMODE((ck / "manifest.mac").stat().st_mode) == 0o600
     original = (ck / "manifest.json").read_bytes()
     d.stop()
+    # inspect-checkpoint checks the tag with the key it is given.
+    r = subprocess.run([LLMUXD, "inspect-checkpoint", str(ck), "--key-file", str(key)], capture_output=True, text=True)
+    assert r.returncode == 0 and "checkpoint " in r.stdout, r.stderr
+    other = _key(tmp_path / "other-key")
+    r = subprocess.run([LLMUXD, "inspect-checkpoint", str(ck), "--key-file", str(other)], capture_output=True, text=True)
+    assert r.returncode == 1 and "another key" in r.stderr, r.stderr
 
     def refused_at_start(words):
         before = snapshot(ck)

@@ -132,12 +132,12 @@ def _fmt_size(n: int) -> str:
     return str(n)
 
 
-def inspect_checkpoint(path: Path, verify_images: bool = False) -> int:
+def inspect_checkpoint(path: Path, verify_images: bool = False, key_file: Path | None = None) -> int:
     """The manifest in human form: what the checkpoint needs, what it saved, what this container
     lacks.  The folder must pass the same trust rule as for a restore (the sticky-directory
     exception applies above PATH itself)."""
     path = normalized(path)
-    found = inspect(None, path, Settings(images_dir=path))
+    found = inspect(None, path, Settings(images_dir=path, key_file=key_file))
     if found.state == "none":
         raise CommandError(f"{path}: not a checkpoint (no such folder)")
     if found.state != "valid" or found.manifest is None:
