@@ -349,6 +349,32 @@ def load_for_doctor(config_path: Path | str | None) -> tuple[Config | None, dict
     return config, info
 
 
+def checkpoint_trust_facts(config: Config | None) -> dict[str, Any]:
+    """Whether each model's checkpoint folder and the key file pass the trust rule."""
+    from .checkpoint.seal import Unauthenticated
+    from .checkpoint.store import Settings
+    from .checkpoint.trust import Untrusted
+
+    if config is None:
+        return {"folders": {}, "key": None}
+    settings = Settings.of(config)
+    folders = {}
+    for name in config.models:
+        try:
+            settings.check(config.checkpoint_dir_for(name))
+            folders[name] = ""
+        except Untrusted as e:
+            folders[name] = str(e)
+    key = None
+    if settings.key_file is not None:
+        try:
+            settings.key()
+            key = ""
+        except (Untrusted, Unauthenticated, OSError, ValueError) as e:
+            key = str(e)
+    return {"folders": folders, "key": key, "key_file": str(settings.key_file or "")}
+
+
 def gather_facts(config: Config | None, *, libcuda: str = cuda.LIBCUDA, nvml: str = cuda.LIBNVML,
                  nvidia_smi: str = "nvidia-smi") -> dict[str, Any]:
     ckpt = (config.checkpoint if config is not None else None) or CheckpointConfig()
@@ -359,6 +385,7 @@ def gather_facts(config: Config | None, *, libcuda: str = cuda.LIBCUDA, nvml: st
         "systemd": systemd_facts(),
         "dbus": dbus_facts(),
         "kernel": kernel_facts(),
+        "trust": checkpoint_trust_facts(config),
     }
 
 
@@ -513,6 +540,15 @@ def assess(facts: dict[str, Any], config: Config | None, config_info: dict[str, 
     add(Check("D-Bus", "policy", OK if db["policy"] else WARN,
               db["policy"] or f"no {DBUS_POLICY} in {' or '.join(DBUS_POLICY_DIRS)}: the bus refuses the name",
               "" if db["policy"] else f"install dbus/{DBUS_POLICY} into {DBUS_POLICY_DIRS[0]}"))
+
+    # -- checkpoint folders ----------------------------------------------------------------------
+    tr = facts.get("trust") or {"folders": {}, "key": None}
+    for name, problem in tr["folders"].items():
+        add(Check("checkpoints", f"folder of {name}", WARN if problem else OK,
+                  problem or f"{config.checkpoint_dir_for(name)}: owned by root, not writable by others"))
+    if tr["key"] is not None:
+        add(Check("checkpoints", "key file", NO if tr["key"] else OK,
+                  tr["key"] or f"{tr['key_file']}: checkpoints carry an HMAC-SHA256 tag"))
 
     # -- kernel --------------------------------------------------------------------------------
     k = facts["kernel"]

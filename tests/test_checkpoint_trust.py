@@ -264,3 +264,29 @@ def test_a_key_file_others_could_read_or_replace_is_refused(make_daemon, golden,
     r = d.control("sleep", "m1").json()
     assert r["state"] == "stopped" and str(key) in r["last_error"], r
     assert snapshot(tmp_path / "ck") == before and (ck / "manifest.json").exists()
+
+
+def test_doctor_reports_untrusted_checkpoint_folders_and_key_files(tmp_path):
+    """`llmuxd doctor` applies the same rule to each model's folder and to the key file."""
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    bad.mkdir(mode=0o700)
+    good.mkdir(mode=0o700)
+    os.chmod(bad, 0o777)
+    key = tmp_path / "key"
+    key.write_bytes(secrets.token_bytes(32))
+    os.chmod(key, 0o644)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "models": {"a": {"model_path": "x/a", "port": 18001, "checkpoint_path": str(bad / "a")},
+                   "b": {"model_path": "x/b", "port": 18002, "checkpoint_path": str(good / "b")}},
+        "checkpoint": {"key_file": str(key)}}))
+    out = subprocess.run([LLMUXD, "doctor", "--config", str(config)], capture_output=True, text=True).stdout
+    def line(what: str) -> str:
+        return next(ln.strip() for ln in out.splitlines() if what in ln)
+
+    assert line("folder of a").startswith("WARN") and f"chmod go-w {bad}" in line("folder of a"), out
+    assert line("folder of b").startswith("OK"), out
+    assert line("key file").startswith("NO") and "group or others" in line("key file"), out
+    os.chmod(key, 0o600)
+    out = subprocess.run([LLMUXD, "doctor", "--config", str(config)], capture_output=True, text=True).stdout
+    assert line("key file").startswith("OK"), out

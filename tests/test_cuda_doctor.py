@@ -542,7 +542,7 @@ def test_doctor_json(tmp_path):
     facts = doctor_facts(_config(tmp_path, "cuda_suspend", "criu"))
     json.dumps(facts)  # machine-readable as it is
     assert set(facts) == {"config", "facts", "checks", "exit_code"}
-    assert set(facts["facts"]) == {"criu", "cuda", "cgroup", "systemd", "dbus", "kernel"}
+    assert set(facts["facts"]) == {"criu", "cuda", "cgroup", "systemd", "dbus", "kernel", "trust"}
     assert facts["facts"]["kernel"]["release"] == os.uname().release
     if not HAS_GPU:
         assert facts["facts"]["cuda"]["gpu"] is None and facts["exit_code"] == 0  # nothing to suspend here
