@@ -233,3 +233,21 @@ def test_sigterm_stops_every_backend(make_daemon):
     assert d.stop() == 0
     assert d.leftovers == []
     assert "stopped" in d.log()
+
+
+def test_model_log_is_private_and_a_planted_link_is_not_followed(make_daemon, tmp_path, expected):
+    """The model's log is created 0600 in a 0700 folder; a symbolic link planted at its name is
+    refused (the cold start fails with the reason), never written through."""
+    d = make_daemon()
+    logs = tmp_path / "logs"
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    r = httpx.post(d.url + "/v1/completions", json={"model": "m1", "prompt": "x", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected("m1", "x", 2)
+    assert oct(os.stat(logs).st_mode & 0o777) == "0o700"
+    os.symlink(victim, logs / "m2.log")
+    r = httpx.post(d.url + "/v1/completions", json={"model": "m2", "prompt": "x", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 503, r.text
+    assert "cold start failed" in d.status()["models"]["m2"]["last_error"]
+    assert victim.read_text() == "untouched\n"
+    assert oct(os.stat(logs / "m1.log").st_mode & 0o777) == "0o600"

@@ -105,8 +105,10 @@ class VllmBackend:
 
     async def start(self) -> None:
         argv = self.argv()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as f:
+        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The model's output is private (it may echo prompts); a symbolic link is never followed.
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "a") as f:
             f.write(f"\n--- llmuxd: starting {redact.command_line(argv)} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self._expect_exit = False
         pid = await self.tree.spawn(argv, self.env())
