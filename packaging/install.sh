@@ -28,7 +28,10 @@ log() { printf '[install] %s\n' "$*" >&2; }
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 if has system; then
-  pkgs=(python3 python3-venv dbus systemd procps iproute2 curl ca-certificates)
+  pkgs=(dbus systemd procps iproute2 curl ca-certificates)
+  # Python only where there is none that makes venvs: on vLLM's image (python3.12 as python3),
+  # installing the distribution's python3 would take /usr/bin/python3 over.
+  python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs=(python3 python3-venv "${pkgs[@]}")
   missing=()
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -44,4 +44,14 @@ if [[ "${1:-}" == "--tests" ]]; then
   # The real vLLM CPU build and its tiny models (cached; tests/test_vllm.py fails with the
   # reason if this did not work).
   bash "$ROOT/scripts/setup-vllm.sh" >&2 || log "vLLM set-up failed: the real-vLLM tests will fail with the reason"
+  # The Docker engine and mmdebstrap for tests/test_docker.py (which starts the engine when none
+  # runs, builds its base image and the project's image, and stops the engine again).
+  docker_pkgs=()
+  command -v dockerd >/dev/null || docker_pkgs+=(docker.io)
+  command -v mmdebstrap >/dev/null || docker_pkgs+=(mmdebstrap)
+  if ((${#docker_pkgs[@]})); then
+    log "installing Debian packages: ${docker_pkgs[*]}"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${docker_pkgs[@]}" >/dev/null; } || log "installing ${docker_pkgs[*]} failed: the Docker tests will fail with the reason"
+  fi
 fi
