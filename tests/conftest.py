@@ -2,13 +2,43 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 
-from harness import SIM, LlmuxdProcess, free_ports
+import leakcheck  # first: sets this run's marker in the environment every child inherits
+from harness import ISSUED_PORTS, SIM, LlmuxdProcess, free_ports
 
 MODELS = {"m1": ("test-org/tiny-a", 1), "m2": ("test-org/tiny-b", 2)}
+_leak_check: list[leakcheck.LeakCheck] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers(tmp_path_factory):
+    """The run must leave nothing behind, whether its tests pass or fail: processes of llmuxd's
+    world (daemons, simulators, criu, tree inits, anything in an llmuxd-* cgroup), cgroups,
+    mounts, /dev/shm files, network namespaces.  Set up before anything else, torn down after
+    everything else: what is new then is reported as an error of the run (with the test after
+    which each thing was first seen), then cleaned up.  See leakcheck.py."""
+    check = leakcheck.LeakCheck(tmp_path_factory.getbasetemp(), ISSUED_PORTS)
+    _leak_check.append(check)
+    yield check
+    _leak_check.clear()
+    left = check.leftovers()
+    if left.unsure:
+        warnings.warn(f"new and unused: {', '.join(left.unsure)} — maybe this run's, maybe another's (other "
+                      f"llmuxd processes ran meanwhile, e.g. {check.others[0]!r}): left alone")
+    if left:
+        report = check.describe(left)
+        unclean = check.clean(left)
+        pytest.fail("the test run left these behind (now cleaned up" + (", except: " + "; ".join(unclean)
+                    if unclean else "") + "):\n" + report, pytrace=False)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _leak_check:
+        _leak_check[0].note(nodeid)
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,16 @@ LLMUXD = str(VENV_BIN / "llmuxd")
 SIM = str(VENV_BIN / "llmuxd-vllm-sim")
 
 
+#: Every port handed out in this run (the session-end leak check ties llmuxd-<port> cgroups to it).
+ISSUED_PORTS: set[int] = set()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    ISSUED_PORTS.add(port)
+    return port
 
 
 def free_ports(n: int) -> list[int]:
@@ -73,6 +79,17 @@ def remove_cgroups(port: int) -> None:
                 time.sleep(0.05)
 
 
+def remove_unheld(paths: set[str]) -> None:
+    """Remove the files (shared-memory segments) among ``paths`` that no process holds any more."""
+    from llmuxd.isolation.procfs import shm_held
+
+    for path in paths - shm_held(paths):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 class LlmuxdProcess:
     """``llmuxd serve`` as a child process with its own config and environment."""
 
@@ -81,12 +98,17 @@ class LlmuxdProcess:
         self.config = config
         self.env = env
         self.port = config["port"]
+        ISSUED_PORTS.add(self.port)
         self.url = f"http://127.0.0.1:{self.port}"
+        # The control API's address: the admin port when there is one.
+        self.control_url = f"http://127.0.0.1:{config['admin_port']}" if config.get("admin_port") else self.url
         self.config_path = workdir / "config.json"
         self.log_path = workdir / "llmuxd.log"
         self.proc: subprocess.Popen | None = None
         self.backend_pids: set[int] = set()  # every backend pid ever seen, checked at stop
+        self._started: dict[int, int] = {}  # backend pid -> its start time: a PID is reused once freed
         self.leftovers: list[int] = []  # backend pids still alive after llmuxd stopped
+        self.shm_seen: set[str] = set()  # /dev/shm files its backends held, removed at stop if left
         self.argv_prefix: list[str] = []  # e.g. unshare ... to run llmuxd in other namespaces
 
     def start(self, timeout: float = 20) -> "LlmuxdProcess":
@@ -113,15 +135,29 @@ class LlmuxdProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def status(self) -> dict:
-        st = httpx.get(self.url + "/control/status", timeout=10).json()
+        from llmuxd.isolation.procfs import shm_files, stat as procfs_stat
+
+        st = httpx.get(self.control_url + "/control/status", timeout=10).json()
         for m in st["models"].values():
             self.backend_pids.update(m["pids"])
+            self.shm_seen |= shm_files(m["pids"])
+            for pid in m["pids"]:
+                if (ps := procfs_stat(pid)) is not None:
+                    self._started[pid] = ps.starttime
         return st
 
     def control(self, verb: str, model: str, timeout: float = 60) -> httpx.Response:
-        r = httpx.post(f"{self.url}/control/{verb}", json={"model": model}, timeout=timeout)
+        r = httpx.post(f"{self.control_url}/control/{verb}", json={"model": model}, timeout=timeout)
         self.status()
         return r
+
+    def _same_backend(self, pid: int) -> bool:
+        """``pid`` still names the live backend process seen in a status (not a later process that
+        was given the freed PID: never kill a stranger)."""
+        from llmuxd.isolation.procfs import stat as procfs_stat
+
+        st = procfs_stat(pid)
+        return st is not None and not st.zombie and st.starttime == self._started.get(pid)
 
     def stop(self, timeout: float = 30) -> int | None:
         if self.proc is None:
@@ -137,14 +173,15 @@ class LlmuxdProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.leftovers = [p for p in sorted(self.backend_pids) if pid_alive(p)]
+        self.leftovers = [p for p in sorted(self.backend_pids) if self._same_backend(p)]
         for pid in self.leftovers:  # never leave a backend behind, even when a test failed
-            if pid_alive(pid):
+            if self._same_backend(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
         remove_cgroups(self.port)
+        remove_unheld(self.shm_seen)  # segments of backends a test killed with SIGKILL, say
         return self.proc.returncode
 
 
@@ -179,3 +216,44 @@ def alternating_load(url: str, clients: int, rounds: int, max_tokens: int) -> tu
 
     asyncio.run(run())
     return results, errors
+
+
+class RawResponse:
+    """A response read off a raw socket: ``status`` (0: the connection closed with no answer)."""
+
+    def __init__(self, data: bytes):
+        self.raw = data
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1]) if lines[0].startswith("HTTP/") else 0
+        self.headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            self.headers[k.strip().lower()] = v.strip()
+        if self.headers.get("transfer-encoding") == "chunked":
+            out, rest = b"", body
+            while rest:
+                size, _, rest = rest.partition(b"\r\n")
+                n = int(size.split(b";")[0] or b"0", 16)
+                if n == 0:
+                    break
+                out, rest = out + rest[:n], rest[n + 2:]
+            body = out
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def raw_http(port: int, request: bytes, timeout: float = 10, host: str = "127.0.0.1") -> RawResponse:
+    """Send ``request`` byte for byte (no client-side normalization), read until the server
+    closes the connection (send ``Connection: close``) or ``timeout``."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(request)
+        chunks = []
+        try:
+            while data := s.recv(65536):
+                chunks.append(data)
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return RawResponse(b"".join(chunks))

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import model_entry
-from harness import free_ports, pid_alive, wait_until
+from harness import free_ports, pid_alive, remove_cgroups, wait_until
 from llmuxd.sim import gpu as simgpu
 from test_switching import metric
 
@@ -36,12 +36,12 @@ def wrapper(tmp_path: Path, body: str) -> str:
 
 @pytest.fixture
 def ck(make_daemon, tmp_path):
-    def make(criu=CRIU, images=None, isolation=None, **kw):
+    def make(criu=CRIU, images=None, isolation=None, checkpoint_timeouts=None, **kw):
         p = free_ports(2)
         models = {"m1": model_entry("m1", p[0], "discard", "checkpoint"), "m2": model_entry("m2", p[1])}
         extra = {"isolation": isolation} if isolation else {}
-        return make_daemon(models=models, checkpoint={"criu_path": criu, "images_dir": str(images or tmp_path / "ck")},
-                           **extra, **kw)
+        return make_daemon(models=models, checkpoint={"criu_path": criu, "images_dir": str(images or tmp_path / "ck"),
+                                                      **(checkpoint_timeouts or {})}, **extra, **kw)
     return make
 
 
@@ -131,7 +131,7 @@ def _take_pid(pid: int) -> subprocess.Popen | None:
     return None
 
 
-def test_dumped_pids_taken_at_restore(ck, expected):
+def test_dumped_pids_taken_at_restore(ck, expected, tmp_path):
     """Without a PID namespace a taken PID is detected before CRIU runs; with one (the default)
     it cannot happen: the same checkpoint restores while its old PIDs are in use."""
     d = ck(isolation={"pid_namespace": False})
@@ -146,7 +146,10 @@ def test_dumped_pids_taken_at_restore(ck, expected):
         squatter.kill()
         squatter.wait()
     d.stop()
-    d2 = ck()  # pid namespaces: occupy the dumped tree's outer PIDs, restore anyway
+    # Pid namespaces: occupy the dumped tree's outer PIDs, restore anyway.  A checkpoint folder of
+    # its own: d's checkpoint (kept above) serves another port, and whether a daemon would try it
+    # first would hang on whether its PIDs happen to be free by now.
+    d2 = ck(images=tmp_path / "ck2")
     assert complete(d2, "m1").status_code == 200
     outer = d2.status()["models"]["m1"]["pids"]
     assert d2.control("sleep", "m1").json()["state"] == "checkpointed"
@@ -161,6 +164,49 @@ def test_dumped_pids_taken_at_restore(ck, expected):
         for s in squatters:
             s.kill()
             s.wait()
+
+
+def _sim_serving(port: int) -> list[int]:
+    """Simulator processes started to serve on ``port``, found by their command line alone."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and pid_alive(int(entry.name)):
+            try:
+                argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"llmuxd-vllm-sim") for a in argv) and str(port).encode() in argv:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("isolation", [None, {"pid_namespace": False}], ids=["pidns", "no_pidns"])
+def test_tree_restored_from_another_daemons_dump_is_tracked_and_stopped(ck, make_daemon, expected, isolation):
+    """CRIU puts a restored tree back into the cgroups recorded at the dump; a checkpoint made by
+    a daemon on another port names that daemon's layout (llmuxd-<port>/model-m1).  The restored
+    tree is this daemon's all the same: listed, in this daemon's cgroup, stopped with it."""
+    d = ck(isolation=isolation)
+    checkpointed(d)
+    d.stop()
+    pids = json.loads((ckdir(d) / "manifest.json").read_text())["pids"]  # zombies until reaped hold them
+    wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 15, what="the dumped PIDs free")
+    extra = {"isolation": isolation} if isolation else {}
+    d2 = make_daemon(models=d.config["models"], checkpoint=d.config["checkpoint"], **extra)  # another port
+    try:
+        r = complete(d2, "m1", "x")
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected("m1", "x", 4), r.text
+        st = d2.status()["models"]["m1"]
+        assert st["last_wake_kind"] == "restore", st
+        servers = _sim_serving(d.config["models"]["m1"]["port"])
+        assert servers and set(servers) <= set(st["pids"]), (servers, st["pids"])
+        if isolation:  # no init of its own: the restored tree itself is moved into the cgroup
+            in_cgroup = {int(p) for p in (Path(st["cgroup"]) / "cgroup.procs").read_text().split()}
+            assert set(st["pids"]) <= in_cgroup, (st["pids"], in_cgroup)
+        started = time.monotonic()
+        assert d2.stop() == 0 and time.monotonic() - started < 20
+        assert d2.leftovers == [] and _sim_serving(d.config["models"]["m1"]["port"]) == []
+    finally:
+        remove_cgroups(d.port)  # what CRIU re-created of d's layout for the restored tree
 
 
 @pytest.mark.parametrize("phase", ["dump", "restore"])
@@ -188,4 +234,57 @@ def test_llmuxd_killed_during_dump_or_restore(ck, expected, tmp_path, phase):
         assert ckdir(d).exists()  # the checkpoint survived
     r = complete(d, "m1", "k")
     assert r.json()["choices"][0]["text"] == expected("m1", "k", 4)
+    assert complete(d, "m2").status_code == 200
+
+
+def _alive_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{entry.name}/cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize("isolation", [None, {"pid_namespace": False}], ids=["pidns", "no_pidns"])
+def test_hung_criu_dump_is_killed_and_escalates(ck, tmp_path, expected, isolation):
+    marker = f"1000.{os.getpid()}{len(str(tmp_path))}{abs(hash(str(tmp_path))) % 100000}"
+    w = wrapper(tmp_path, f'[ "$1" = dump ] && sleep {marker}')
+    d = ck(criu=w, isolation=isolation, checkpoint_timeouts={"dump_timeout_secs": 2})
+    assert complete(d, "m1").status_code == 200
+    started = time.monotonic()
+    r = d.control("sleep", "m1").json()
+    took = time.monotonic() - started
+    assert r["state"] == "stopped" and "no answer after 2 s" in r["last_error"], r
+    assert "escalated to stop" in r["last_error"] and took < 20, (took, r)
+    assert _alive_with(marker) == []  # criu (here: the hung wrapper) and all it started: killed
+    assert not ckdir(d).exists() and not list(ckdir(d).parent.glob("images.partial-*"))
+    assert metric(d, "llmuxd_eviction_escalations_total", model="m1") == 1
+    assert complete(d, "m2").status_code == 200
+    assert_cold_started_with(d, expected, "no answer after 2 s")
+
+
+@pytest.mark.parametrize("isolation", [None, {"pid_namespace": False}], ids=["pidns", "no_pidns"])
+def test_hung_criu_restore_is_killed_and_the_model_cold_starts(ck, tmp_path, expected, isolation):
+    marker = f"1000.{os.getpid()}{abs(hash(str(tmp_path))) % 100000}"
+    w = wrapper(tmp_path, f'[ "$1" = restore ] && [ -e {tmp_path}/hang ] && sleep {marker}')
+    d = ck(criu=w, isolation=isolation, checkpoint_timeouts={"restore_timeout_secs": 2})
+    checkpointed(d)
+    pids = json.loads((ckdir(d) / "manifest.json").read_text())["pids"]
+    wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 15, what="the dumped PIDs free")
+    (tmp_path / "hang").touch()
+    started = time.monotonic()
+    r = complete(d, "m1", "after", 4)
+    took = time.monotonic() - started
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected("m1", "after", 4)
+    st = d.status()["models"]["m1"]
+    assert st["state"] == "awake" and st["last_wake_kind"] == "cold_start", st
+    assert "restore failed (timeout)" in st["last_error"] and "checkpoint kept" in st["last_error"], st
+    assert took < 20, took
+    assert _alive_with(marker) == []
+    assert metric(d, "llmuxd_restore_failures_total", model="m1", reason="timeout") == 1
+    assert ckdir(d).exists() and not list(ckdir(d).parent.glob("images.quarantine-*"))  # not its fault
     assert complete(d, "m2").status_code == 200

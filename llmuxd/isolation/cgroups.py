@@ -21,6 +21,8 @@ import logging
 import os
 from pathlib import Path
 
+from .procfs import release_shm, shm_files
+
 log = logging.getLogger(__name__)
 
 SUPERVISOR = "supervisor"
@@ -111,6 +113,7 @@ class Cgroup:
         """SIGKILL every process in the cgroup and its descendants; wait until it is empty."""
         if not self.exists():
             return
+        segments = shm_files(self.procs())
         try:
             (self.path / "cgroup.kill").write_text("1")
         except OSError as e:  # kernels < 5.14 have no cgroup.kill
@@ -122,6 +125,9 @@ class Cgroup:
                 except ProcessLookupError:
                     pass
         await self._wait(lambda: not self.populated(), timeout, "empty")
+        if segments and (gone := await asyncio.to_thread(release_shm, segments)):
+            log.info("cgroup %s: removed %d shared-memory file(s) its killed processes left: %s", self.path,
+                     len(gone), ", ".join(gone))
 
     def remove(self) -> None:
         try:

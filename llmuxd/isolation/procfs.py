@@ -52,3 +52,62 @@ def inner_pid(pid: int) -> int | None:
     except OSError:
         pass
     return None
+
+
+SHM = "/dev/shm"
+
+
+def _files_of(pid: int | str) -> set[str]:
+    """Paths a process has open or mapped (as it sees them; ' (deleted)' stripped)."""
+    out: set[str] = set()
+    try:
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            try:
+                out.add(os.readlink(fd.path))
+            except OSError:
+                pass
+    except OSError:
+        pass
+    try:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                out.add(parts[5])
+    except OSError:
+        pass
+    return {p.removesuffix(" (deleted)") for p in out}
+
+
+def shm_files(pids) -> set[str]:
+    """The files directly in /dev/shm that any of ``pids`` has open or mapped (shared-memory
+    segments: vLLM's rings, the simulator's status block, semaphores)."""
+    out: set[str] = set()
+    for pid in pids:
+        out |= {p for p in _files_of(pid) if os.path.dirname(p) == SHM}
+    return out
+
+
+def shm_held(paths: set[str]) -> set[str]:
+    """Which of ``paths`` some live process on this machine still has open or mapped."""
+    held: set[str] = set()
+    for st in all_stats():
+        if not st.zombie:
+            held |= paths & _files_of(st.pid)
+            if held == paths:
+                break
+    return held
+
+
+def release_shm(segments: set[str]) -> list[str]:
+    """Remove the /dev/shm files among ``segments`` that nobody holds any more: what a process
+    tree that had to be SIGKILLed could not remove itself (tmpfs is memory, never given back
+    until the container ends).  A checkpoint keeps its own copies: a restore puts them back."""
+    gone = []
+    for path in sorted(segments - shm_held(segments)):
+        try:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                gone.append(path)
+        except OSError:
+            pass
+    return gone

@@ -3,7 +3,8 @@ tracked, and killed as a whole.
 
 vLLM (and the simulator) fork an engine and helpers that stay in the root's session, so without
 a cgroup the session id finds every member; with a cgroup, membership is exact and nothing can
-escape the kill.
+escape the kill (a tree found outside its cgroup, as CRIU may restore one, is moved back in, and
+listed and killed as a whole meanwhile).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import sys
 from pathlib import Path
 
 from . import reaper
-from .cgroups import Cgroup
-from .procfs import alive as _alive, all_stats, inner_pid
+from .cgroups import Cgroup, own_cgroup
+from .procfs import alive as _alive, all_stats, inner_pid, release_shm, shm_files
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class ProcessTree:
         except ProcessLookupError:
             self._exited.set_result(-1)
             return
+        self._contain()
 
         def gone() -> None:
             loop.remove_reader(pidfd)
@@ -192,19 +194,59 @@ class ProcessTree:
             self._exited.set_result(code)
 
     def pids(self) -> list[int]:
+        members: set[int] = set()
         if self.cgroup is not None and self.cgroup.exists():
-            return self.cgroup.procs()
+            members.update(self.cgroup.procs())
+            if not self._escaped(members):
+                return sorted(members)
+            # Part of the tree lives outside its cgroup (see _contain): find it as below as well.
         # Members outlive the root if it dies first: the session id still names them.  (In a PID
         # namespace the init leads the session; its launcher `unshare` stays outside it.)
         if not self.root_pid:
-            return []
+            return sorted(members)
         if self.namespaced:  # exact: everything in the tree's PID namespace (sessions may differ)
-            members = set(namespace_members(self.root_pid))
-        else:
-            members = set(session_members(self.root_pid))
+            members.update(namespace_members(self.root_pid))
+        elif not members or _alive(self.root_pid):  # a dead root's PID (its session id) may be reused
+            members.update(session_members(self.root_pid))
         if self._launcher and _alive(self._launcher):
             members.add(self._launcher)
         return sorted(members)
+
+    def _escaped(self, in_cgroup: set[int]) -> bool:
+        """Whether the root (or, in a PID namespace, the server under its init) is alive outside
+        the tree's cgroup: CRIU puts a restored tree back into the cgroups recorded at the dump,
+        which are another cgroup's when the dumping llmuxd's layout differs (another port, another
+        container) — a tree found there must still be listed, and killed, as a whole."""
+        root = self.root_pid
+        if not root or not _alive(root):
+            return False
+        if root not in in_cgroup:
+            return True
+        server = self.server_pid if self.pid_namespace else None
+        return server is not None and server != root and _alive(server) and server not in in_cgroup
+
+    def _contain(self) -> None:
+        """Move a tree that lives outside its cgroup (a tree CRIU restored into the cgroup of the
+        dump) into it, so that the cgroup holds the whole tree again: listing, adoption after a
+        restart and cgroup.kill rely on that."""
+        if self.cgroup is None or not self.cgroup.exists():
+            return
+        inside = set(self.cgroup.procs())
+        if not self._escaped(inside):
+            return
+        where = own_cgroup(self.root_pid)
+        for _ in range(5):  # members may fork while they are moved: until none is left outside
+            outside = [p for p in self.pids() if p not in inside]
+            if not outside:
+                break
+            for pid in outside:
+                try:
+                    self.cgroup.add(pid)
+                except OSError:  # gone meanwhile
+                    pass
+            inside = set(self.cgroup.procs())
+        log.warning("%s: the tree (root pid %d) was in cgroup %s, not in its own %s: moved into it", self.name,
+                    self.root_pid, where, self.cgroup.path)
 
     async def wait(self) -> int:
         assert self._exited is not None
@@ -215,6 +257,7 @@ class ProcessTree:
         member is alive."""
         if self.root_pid is None:
             return
+        segments = shm_files(self.pids())
         self._signal_all(signal.SIGTERM)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_secs
@@ -229,7 +272,16 @@ class ProcessTree:
             self._signal_all(signal.SIGKILL)
             await asyncio.sleep(0.05)
         if self._exited is not None:
-            await self._exited
+            # Shielded: a caller cancelled while waiting here must not cancel the tree's exit
+            # status that wait() and a later kill() share.  Bounded: every member is gone, so
+            # the root's exit is due at once; never hang a transition on it.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited), 10)
+            except asyncio.TimeoutError:
+                log.error("%s: the tree's root %s is gone but its exit was not seen", self.name, self.root_pid)
+        if segments and (gone := await asyncio.to_thread(release_shm, segments)):
+            log.info("%s: removed %d shared-memory file(s) the stopped tree left: %s", self.name, len(gone),
+                     ", ".join(gone))
 
     def _signal_all(self, sig: int) -> None:
         for pid in self.pids():
