@@ -12,8 +12,9 @@ killed or removed) only when it can be tied to this run:
   this process's environment at import and inherited by every daemon, backend, criu and restored
   tree), or it descends from this process, or it lives in a cgroup of this run;
 * a cgroup (any hierarchy, any directory whose name contains ``llmuxd``), when it is
-  ``llmuxd-<port>`` (or below one) for a port this run handed out, or it held a process of this
-  run when scanned;
+  ``llmuxd-<port>`` (or below one) for a port this run handed out and no process of another
+  run (or older than this run) lives in it — a freed port is handed out again — or it held a
+  process of this run when scanned;
 * a mount, when it lies under this run's temporary directory (tests mount there only: a
   mount elsewhere may be anyone's, a container runtime's say);
 * a /dev/shm entry, when no process outside this run holds it and it was created more than a

@@ -9,6 +9,10 @@ Options, and why:
   --file-locks        flock/posix locks held by the tree
   --network-lock      iptables when present, else nftables, else skip (loopback-only trees)
   --freeze-cgroup     the model's cgroup: a consistent snapshot of every process at once
+  --manage-cgroups=ignore  (restore) the restored tree stays in the cgroup criu runs in, the
+                      model's: by default CRIU puts it back into the cgroups recorded at the
+                      dump (re-creating them), which are another layout's when the checkpoint
+                      was made by a daemon on another port or in another container
   --leave-stopped     the dumped tree stays stopped (llmuxd kills it once the manifest is
                       written): killing it would end its PID namespace — and the criu running
                       inside it — before criu is done, and the files the manifest saves are
@@ -33,6 +37,7 @@ from ..isolation.cgroups import Cgroup
 log = logging.getLogger(__name__)
 
 COMMON = ["--tcp-established", "--ext-unix-sk", "--file-locks"]
+RESTORE = ["--manage-cgroups=ignore"]
 
 
 class CriuError(Exception):
@@ -138,7 +143,7 @@ class Criu:
     async def restore_argv(self, images: Path, work: Path) -> list[str]:
         """`criu restore` as run by a tree's init in fresh namespaces (pidinit --restore)."""
         return [self.path, "restore", "-D", str(images), "-W", str(work), "-o", str(work / "restore.log"), "-v4",
-                *COMMON, "--restore-detached", "--pidfile", str(work / "restore.pid"),
+                *COMMON, *RESTORE, "--restore-detached", "--pidfile", str(work / "restore.pid"),
                 "--network-lock", await self.network_lock()]
 
     async def restore(self, images: Path, work: Path, cgroup: Cgroup | None, timeout: float | None = None) -> int:
@@ -148,7 +153,7 @@ class Criu:
         pidfile = work / "restore.pid"
         pidfile.unlink(missing_ok=True)
         args = ["restore", "-D", str(images), "-W", str(work), "-o", str(work / "restore.log"), "-v4",
-                *COMMON, "--restore-detached", "--pidfile", str(pidfile),
+                *COMMON, *RESTORE, "--restore-detached", "--pidfile", str(pidfile),
                 "--network-lock", await self.network_lock()]
         code, out = await self._run(args, cgroup=cgroup, timeout=timeout)
         if code != 0:
