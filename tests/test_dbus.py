@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from conftest import model_entry
-from harness import REPO, SIM, free_ports, pid_alive, wait_until
+from llmuxd.isolation import procfs
+from harness import REPO, SIM, free_ports, wait_until
 from llmuxd.api.dbus import (
     BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, DbusStartError, DbusTransport, to_dbus_error,
 )
@@ -132,7 +133,7 @@ class Daemon:
     def __init__(self, config: dict):
         self.config = parse_config(config)
         self.transports: list[DbusTransport] = []
-        self.backend_pids: set[int] = set()
+        self.backend_pids: dict[int, int] = {}  # pid -> start time, so a reused PID is never killed
         self.switcher: Switcher | None = None
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="llmuxd-loop", daemon=True)
@@ -158,7 +159,10 @@ class Daemon:
 
         st = self.run(get())
         for m in st["models"].values():
-            self.backend_pids.update(m["pids"])
+            for pid in m["pids"]:
+                ps = procfs.stat(pid)
+                if ps is not None:
+                    self.backend_pids.setdefault(pid, ps.starttime)
         return st
 
     def close(self) -> None:
@@ -175,8 +179,9 @@ class Daemon:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
-            for pid in self.backend_pids:  # never leave a backend behind, even when a test failed
-                if pid_alive(pid):
+            for pid, started in self.backend_pids.items():  # never leave a backend behind
+                st = procfs.stat(pid)
+                if st is not None and not st.zombie and st.starttime == started:
                     os.kill(pid, signal.SIGKILL)
 
 
