@@ -2,7 +2,7 @@
 # Installs CRIU 4.2.x from Debian's "forky" suite into a private root folder, without touching the
 # system's own libraries (CRIU 4.2 needs glibc >= 2.38, Debian 12 has 2.36; Debian 12's own criu
 # 3.17 does not start on kernel 6.18 and 4.1 cannot dump AF_INET sockets on >= 6.16, see
-# shared/facts/criu.md):
+# docs/measured.md):
 #
 #   1. a private apt configuration (own sources list naming only "forky main", own lists, cache,
 #      state and dpkg status; the system's sources, lists and preferences are not used or changed),
@@ -99,7 +99,7 @@ case "$ARCH" in
 esac
 LIBDIR=$CRIU_ROOT/usr/lib/$TRIPLET
 
-# The packages measured to be enough (shared/facts/criu.md). Names that changed in the suite are
+# The packages measured to be enough (docs/measured.md). Names that changed in the suite are
 # resolved at run time (virtual packages, soname/t64 renames); criu's own Depends closure in the
 # suite is added, so new dependencies are picked up too.
 BASE_PKGS=(criu libcompel1 libc6 libgnutls30t64 libnftables1 libnl-3-200 libprotobuf-c1 libbsd0

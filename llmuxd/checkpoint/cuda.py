@@ -3,7 +3,7 @@
 A suspended CUDA process has its device memory copied into host memory and holds no GPU
 resources any more (no ``/dev/nvidia*`` fds or mappings): the GPU is free for another model, and
 plain CRIU (no CUDA plugin) can dump the process.  Resuming copies the memory back and re-acquires
-the GPU.  Measured on an H200 (shared/facts/gpu.md): lock/unlock < 2 ms, checkpoint ~1.8 GB/s,
+the GPU.  Measured on an H200 (docs/measured.md): lock/unlock < 2 ms, checkpoint ~1.8 GB/s,
 restore faster; a resume with too little free GPU memory fails and leaves the process stuck for
 good, so check free memory first (:func:`check_restorable`).
 

@@ -2,7 +2,7 @@
 # Builds (once, then cached) the Debian 12 root tree that tests boot with systemd-nspawn: a real
 # systemd as PID 1, a real D-Bus system bus and journald, and CRIU 4.2 installed by the project's
 # own packaging/install-criu.sh (root /opt/llmuxd/criu, wrapper /usr/local/bin/criu), exactly as
-# the Dockerfile installs it. See shared/facts/systemd.md and criu.md.
+# the Dockerfile installs it. See docs/measured.md.
 #
 # The checkout is not installed in the image: tests bind it into containers at the same path (the
 # venv was made with /usr/bin/python3, which the image has too: same Debian 3.11).

@@ -11,7 +11,7 @@ and UTS namespaces but has its own MOUNT namespace whose root is an overlayfs (l
 a fresh procfs, /sys and /dev bound from the host, and the given bind mounts. Nothing one container
 writes is seen by the host or by another container, except through the bound folders. Two
 containers of this kind "of the same image" are what a CRIU checkpoint made in one and restored in
-the other needs (see shared/facts/criu.md).
+the other needs (see docs/measured.md).
 
 How it is built (``start()``; everything in the new mount namespace, nothing on the host)::
 
