@@ -211,8 +211,8 @@ class Model:
         """Restore from the checkpoint, then health, wake sequence and canary; any failure
         kills what was restored and raises CheckpointFailed."""
         self._set(State.RESTORING)
-        self._check_serves_here()
-        r = await self.checkpointer.restore(self.backend.tree)
+        r = await self.checkpointer.restore(self.backend.tree, self.config.models[self.name].port,
+                                            self.backend.served_name)
         m = r.manifest
         t = dict(r.seconds)
         try:
@@ -252,17 +252,6 @@ class Model:
             self._restored_from = m.created_ts
         else:
             self.checkpointer.discard()
-
-    def _check_serves_here(self) -> None:
-        """A restored server listens where it listened at the dump: a checkpoint made for another
-        port (or served name) could only fail the health check after startup_timeout_secs."""
-        m = self.checkpointer.found().manifest
-        if m is None:
-            return
-        port = self.config.models[self.name].port
-        if m.port != port or m.served_name != self.backend.served_name:
-            raise CheckpointFailed(f"cannot restore here: the checkpoint serves {m.served_name!r} on port {m.port}, "
-                                   f"the config {self.backend.served_name!r} on port {port}", reason="environment")
 
     async def _restore_failed(self, e: CheckpointFailed) -> None:
         where = self.checkpointer.path

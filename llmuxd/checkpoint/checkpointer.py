@@ -203,12 +203,19 @@ class Checkpointer:
             await asyncio.sleep(0.01)
         return root
 
-    async def restore(self, tree: ProcessTree) -> Restored:
-        """Verify, prepare and CRIU-restore.  Every failure is a CheckpointFailed, after what was
-        restored is killed and what was put in place is removed."""
+    async def restore(self, tree: ProcessTree, port: int, served_name: str) -> Restored:
+        """Verify, prepare and CRIU-restore a checkpoint of a server for ``served_name`` on
+        ``port``.  Every failure is a CheckpointFailed, after what was restored is killed and what
+        was put in place is removed."""
         found = self.found()
         if found.state != "valid" or found.manifest is None:
             raise CheckpointFailed(found.detail, reason=found.reason or "invalid", unusable=found.state == "invalid")
+        m = found.manifest
+        if m.port != port or m.served_name != served_name:
+            # A restored server listens where it listened at the dump: it could only fail the
+            # health check after startup_timeout_secs.
+            raise CheckpointFailed(f"cannot restore here: the checkpoint serves {m.served_name!r} on port {m.port}, "
+                                   f"the config {served_name!r} on port {port}", reason="environment")
         try:
             return await self._restore(found, found.manifest, tree)
         except CheckpointFailed:
