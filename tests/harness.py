@@ -79,15 +79,11 @@ def remove_cgroups(port: int) -> None:
                 time.sleep(0.05)
 
 
-def remove_unheld(paths: set[str]) -> None:
-    """Remove the files (shared-memory segments) among ``paths`` that no process holds any more."""
-    from llmuxd.isolation.procfs import shm_held
+def remove_unheld(files: dict) -> None:
+    """Remove what the backends' trees left on disk (``shm_files`` of theirs) that no process holds."""
+    from llmuxd.isolation.procfs import release_files
 
-    for path in paths - shm_held(paths):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    release_files(files)
 
 
 class LlmuxdProcess:
@@ -108,7 +104,7 @@ class LlmuxdProcess:
         self.backend_pids: set[int] = set()  # every backend pid ever seen, checked at stop
         self._started: dict[int, int] = {}  # backend pid -> its start time: a PID is reused once freed
         self.leftovers: list[int] = []  # backend pids still alive after llmuxd stopped
-        self.shm_seen: set[str] = set()  # /dev/shm files its backends held, removed at stop if left
+        self.shm_seen: dict = {}  # what its backends held that can outlive them (procfs.shm_files)
         self.argv_prefix: list[str] = []  # e.g. unshare ... to run llmuxd in other namespaces
 
     def start(self, timeout: float = 20) -> "LlmuxdProcess":
@@ -140,7 +136,7 @@ class LlmuxdProcess:
         st = httpx.get(self.control_url + "/control/status", timeout=10).json()
         for m in st["models"].values():
             self.backend_pids.update(m["pids"])
-            self.shm_seen |= shm_files(m["pids"])
+            self.shm_seen.update(shm_files(m["pids"]))
             for pid in m["pids"]:
                 if (ps := procfs_stat(pid)) is not None:
                     self._started[pid] = ps.starttime

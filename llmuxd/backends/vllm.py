@@ -133,6 +133,7 @@ class VllmBackend:
         code = await self.tree.wait()
         if not self._expect_exit:
             self._on_exit(code)
+            await self.tree.release_files()
 
     async def wait_ready(self, timeout: float) -> None:
         """Poll /health until 200; fail at once if the process exits, or after ``timeout``."""
@@ -145,6 +146,7 @@ class VllmBackend:
             try:
                 async with self._http().get(self.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     if r.status == 200:
+                        await asyncio.to_thread(self.tree.note_files)
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass

@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from .procfs import release_shm, shm_files
+from .procfs import release_files, shm_files
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Cgroup:
                 except ProcessLookupError:
                     pass
         await self._wait(lambda: not self.populated(), timeout, "empty")
-        if segments and (gone := await asyncio.to_thread(release_shm, segments)):
+        if segments and (gone := await asyncio.to_thread(release_files, segments)):
             log.info("cgroup %s: removed %d shared-memory file(s) its killed processes left: %s", self.path,
                      len(gone), ", ".join(gone))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import stat as stat_mod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -55,59 +57,106 @@ def inner_pid(pid: int) -> int | None:
 
 
 SHM = "/dev/shm"
+LINK_REMAP = re.compile(r"link_remap\.\d+")  # the hard link CRIU makes for a deleted file still linked elsewhere
+Inode = tuple[int, int]  # (st_dev, st_ino)
+DELETED = " (deleted)"
 
 
-def _files_of(pid: int | str) -> set[str]:
-    """Paths a process has open or mapped (as it sees them; ' (deleted)' stripped)."""
-    out: set[str] = set()
+def held(pid: int | str) -> dict[Inode, str]:
+    """The regular files a process has open or mapped, by inode, with the path it sees (a deleted
+    one keeps its ' (deleted)' suffix)."""
+    out: dict[Inode, str] = {}
     try:
-        for fd in os.scandir(f"/proc/{pid}/fd"):
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/"):
+                    major, minor = parts[3].split(":")
+                    out[(os.makedev(int(major, 16), int(minor, 16)), int(parts[4]))] = parts[5].rstrip("\n")
+    except (OSError, ValueError):
+        pass
+    try:
+        fds = os.scandir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    with fds:
+        for fd in fds:
             try:
-                out.add(os.readlink(fd.path))
+                st = os.stat(fd.path)
+                if stat_mod.S_ISREG(st.st_mode):
+                    out[(st.st_dev, st.st_ino)] = os.readlink(fd.path)
             except OSError:
                 pass
-    except OSError:
-        pass
-    try:
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-            parts = line.split(None, 5)
-            if len(parts) == 6 and parts[5].startswith("/"):
-                out.add(parts[5])
-    except OSError:
-        pass
-    return {p.removesuffix(" (deleted)") for p in out}
-
-
-def shm_files(pids) -> set[str]:
-    """The files directly in /dev/shm that any of ``pids`` has open or mapped (shared-memory
-    segments: vLLM's rings, the simulator's status block, semaphores)."""
-    out: set[str] = set()
-    for pid in pids:
-        out |= {p for p in _files_of(pid) if os.path.dirname(p) == SHM}
     return out
 
 
-def shm_held(paths: set[str]) -> set[str]:
-    """Which of ``paths`` some live process on this machine still has open or mapped."""
-    held: set[str] = set()
+def shm_files(pids) -> dict[Inode, str]:
+    """What of ``pids``' files can outlive them on disk: files in /dev/shm (shared-memory
+    segments: vLLM's rings, the simulator's status block, semaphores) and deleted files, whose
+    other names stay (glibc's sem_open maps a temporary name it then unlinks, keeping the real one;
+    CRIU's link_remap.N are such names too)."""
+    out: dict[Inode, str] = {}
+    for pid in pids:
+        for key, path in held(pid).items():
+            if path.endswith(DELETED) or os.path.dirname(path) == SHM:
+                out[key] = path
+    return out
+
+
+def held_inodes(keys: set[Inode]) -> set[Inode]:
+    """Which of ``keys`` some live process on this machine still has open or mapped."""
+    found: set[Inode] = set()
     for st in all_stats():
         if not st.zombie:
-            held |= paths & _files_of(st.pid)
-            if held == paths:
+            found |= keys & held(st.pid).keys()
+            if found == keys:
                 break
-    return held
+    return found
 
 
-def release_shm(segments: set[str]) -> list[str]:
-    """Remove the /dev/shm files among ``segments`` that nobody holds any more: what a process
-    tree that had to be SIGKILLed could not remove itself (tmpfs is memory, never given back
-    until the container ends).  A checkpoint keeps its own copies: a restore puts them back."""
-    gone = []
-    for path in sorted(segments - shm_held(segments)):
+def _names(files: dict[Inode, str]) -> list[tuple[str, Inode]]:
+    """The names on disk of those inodes that llmuxd may remove: any in /dev/shm, and CRIU's
+    ``link_remap.N`` next to a deleted file."""
+    dirs = {SHM} | {os.path.dirname(p.removesuffix(DELETED)) for p in files.values()}
+    out = []
+    for d in sorted(dirs):
         try:
-            if os.path.isfile(path) and not os.path.islink(path):
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            if d != SHM and not LINK_REMAP.fullmatch(e.name):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat_mod.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in files:
+                out.append((e.path, (st.st_dev, st.st_ino)))
+    return out
+
+
+def release_files(files: dict[Inode, str]) -> list[str]:
+    """Remove what a gone process tree left on disk that only it used: every name of an inode
+    it held (``files``, from :func:`shm_files` taken while it lived) in /dev/shm, and CRIU's
+    link_remap.N beside its deleted files — when no live process holds that inode.  A killed
+    tree cannot remove these itself, and tmpfs is memory, never given back until the container
+    ends; a checkpoint keeps its own copies (a restore puts them back).  Proof of ownership is
+    the inode: a name re-made since by someone else is another inode and is left alone."""
+    names = _names(files) if files else []
+    if not names:
+        return []
+    busy = held_inodes({key for _, key in names})
+    gone = []
+    for path, key in names:
+        if key in busy:
+            continue
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == key and stat_mod.S_ISREG(st.st_mode):
                 os.unlink(path)
                 gone.append(path)
         except OSError:
             pass
     return gone
+

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import reaper
 from .cgroups import Cgroup, own_cgroup
-from .procfs import alive as _alive, all_stats, inner_pid, release_shm, shm_files
+from .procfs import Inode, alive as _alive, all_stats, inner_pid, release_files, shm_files
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class ProcessTree:
         self._launcher: int | None = None  # `unshare`, parent of the namespace init
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Future[int] | None = None
+        self._files: dict[Inode, str] = {}  # what it held that can outlive it on disk (note_files)
 
     @property
     def running(self) -> bool:
@@ -257,15 +258,16 @@ class ProcessTree:
         member is alive."""
         if self.root_pid is None:
             return
-        segments = shm_files(self.pids())
+        self.note_files()
         self._signal_all(signal.SIGTERM)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_secs
         while self.pids() and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self.cgroup is not None and self.cgroup.exists():
-            if self.cgroup.populated():
-                log.warning("%s: processes left after SIGTERM; killing cgroup %s", self.name, self.cgroup.path)
+            if grace_secs > 0 and self.cgroup.populated():
+                log.warning("%s: processes left %g s after SIGTERM; killing cgroup %s", self.name, grace_secs,
+                            self.cgroup.path)
             await self.cgroup.kill()
         while members := self.pids():
             log.warning("%s: %d process(es) still alive after SIGTERM, sending SIGKILL", self.name, len(members))
@@ -279,9 +281,23 @@ class ProcessTree:
                 await asyncio.wait_for(asyncio.shield(self._exited), 10)
             except asyncio.TimeoutError:
                 log.error("%s: the tree's root %s is gone but its exit was not seen", self.name, self.root_pid)
-        if segments and (gone := await asyncio.to_thread(release_shm, segments)):
-            log.info("%s: removed %d shared-memory file(s) the stopped tree left: %s", self.name, len(gone),
-                     ", ".join(gone))
+        await self.release_files()
+
+    def note_files(self) -> None:
+        """Remember the files of the tree that can outlive it on disk (/dev/shm segments,
+        semaphores, deleted files' other names: see procfs.shm_files).  Taken when it is ready,
+        before a dump and before a kill, so that what a tree killed by SIGKILL (or by CRIU after
+        its dump) could not remove is known once it is gone."""
+        self._files.update(shm_files(self.pids()))
+
+    async def release_files(self) -> list[str]:
+        """Once the tree is gone: remove what it left of the files noted (those no live process
+        holds).  Returns the paths removed."""
+        files, self._files = self._files, {}
+        gone = await asyncio.to_thread(release_files, files) if files else []
+        if gone:
+            log.info("%s: removed %d file(s) the ended tree left: %s", self.name, len(gone), ", ".join(gone))
+        return gone
 
     def _signal_all(self, sig: int) -> None:
         for pid in self.pids():

@@ -42,6 +42,10 @@ class EngineClient:
                  token_delay: float, crash_after_tokens: int | None,
                  gpu_bytes: int | None) -> None:
         self.shm = shared_memory.SharedMemory(create=True, size=protocol.STATUS_SIZE)
+        # A named semaphore, as vLLM's spawn-context objects make: glibc maps it under a temporary
+        # name it unlinks (``sem.XXXXXX (deleted)``) while the real ``sem.mp-*`` stays, so a dump
+        # makes a CRIU link_remap.N, and a killed tree leaves the name behind.
+        self.lock = multiprocessing.get_context("spawn").Lock()
         self.ctx = zmq.asyncio.Context(io_threads=1)
         self.input_address = protocol.new_ipc_address()
         self.output_address = protocol.new_ipc_address()
