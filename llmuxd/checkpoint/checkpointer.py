@@ -28,10 +28,10 @@ from pathlib import Path
 
 from ..isolation.cgroups import Cgroup
 from ..isolation.pidinit import RESTORED
-from ..isolation.procfs import inner_pid
+from ..isolation.procfs import inner_pid, shm_files
 from ..isolation.tree import ProcessTree
 from . import cuda as cudamod
-from . import safefs
+from . import remaps, safefs
 from .criu import Criu, CriuError, CriuTimeout, error_lines
 from .fsview import FsView
 from .images import ImageError, read_images
@@ -146,6 +146,7 @@ class Checkpointer:
                                 cuda_bytes=cudamod.gpu_bytes_of(gpu_pids))
                 suspended = await cudamod.suspend_tree(gpu_pids, self.cuda)
                 t["cuda_suspend"] = time.monotonic() - started
+            await asyncio.to_thread(self._before_dump, tree)
             started = time.monotonic()
             await self.criu.dump(target, images, freeze_cgroup=self.cgroup.path if self.cgroup else None,
                                  enter=enter, timeout=self.settings.dump_timeout)
@@ -154,6 +155,8 @@ class Checkpointer:
             if gpu_pids:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
             manifest = await asyncio.to_thread(build, read_images(images), images, partial / BLOBS, FsView(), facts)
+            for r in manifest.link_remaps:  # CRIU made them for this dump: ours
+                remaps.mark(r.path)
             await asyncio.to_thread(safefs.secure_tree, str(partial))
             t["manifest"] = time.monotonic() - started
             manifest = manifest.model_copy(update={"timings": t})
@@ -174,6 +177,15 @@ class Checkpointer:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         return manifest
+
+    def _before_dump(self, tree: ProcessTree) -> None:
+        """Note what the tree holds that can outlive it, and clear the way for CRIU's link_remap.N
+        names (see :mod:`.remaps`)."""
+        tree.note_files()
+        self.release_put_back()
+        if gone := remaps.remove_stale(remaps.folders(shm_files(tree.pids()))):
+            log.info("%s: removed stale link-remap files of earlier checkpoints: %s", self.name, ", ".join(gone),
+                     extra={"MODEL": self.name, "EVENT": "dump"})
 
     def _thaw(self) -> None:
         """A CRIU killed while the cgroup was frozen leaves it frozen: thaw it."""
@@ -255,7 +267,7 @@ class Checkpointer:
             raise CheckpointFailed("; ".join(problems), reason="corrupt", unusable=True)
         started = time.monotonic()
         self._placed = []
-        self._transient = {r.path for r in m.link_remaps} | {r.path for r in m.saved if r.path.startswith("/dev/shm/")}
+        self._transient = {r.path for r in m.transient()}
         try:
             prepared: Prepared = await asyncio.to_thread(apply, found, self._placed)
         except Unusable as e:
@@ -316,6 +328,15 @@ class Checkpointer:
             if p in self._transient:
                 safefs.unlink_regular(p)
         self._placed = []
+
+    def release_put_back(self) -> None:
+        """Before the model's tree is started afresh or dumped: what a put-back left in place for a
+        restore that is not happening (its /dev/shm files and link_remap.N, marked by us, unheld) goes; a
+        restore would put them back."""
+        found = self.found()
+        if found.manifest is not None and (gone := remaps.remove_marked(r.path for r in found.manifest.transient())):
+            log.info("%s: removed what was put back for a restore that did not happen: %s", self.name,
+                     ", ".join(gone), extra={"MODEL": self.name, "EVENT": "cold_start"})
 
     def quarantine(self) -> Path | None:
         try:

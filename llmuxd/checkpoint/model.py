@@ -209,6 +209,11 @@ class Manifest(_Record):
         """Every record whose bytes are in ``files/``."""
         return [*self.saved, *self.link_remaps]
 
+    def transient(self) -> list[SavedFile]:
+        """What a restore puts back that only the restored tree uses, on memory that is never
+        given back until the container ends: CRIU's link_remap.N, the files in /dev/shm."""
+        return [*self.link_remaps, *(r for r in self.saved if r.path.startswith("/dev/shm/"))]
+
 
 def encode(m: Manifest) -> bytes:
     """The manifest's bytes as written (and as authenticated by the MAC)."""

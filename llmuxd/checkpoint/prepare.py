@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, load_config
-from . import safefs
+from . import remaps, safefs
 from .fsview import container_epoch
 from .manifest import elf_build_id, sha256_file
 from .model import SavedFile
@@ -54,7 +54,7 @@ def _blob_present(rec: SavedFile, blobs: int) -> None:
         raise Unusable(f"saved copy of {rec.path} (files/{rec.sha256}) is not a regular file")
 
 
-def _put_back(rec: SavedFile, blobs: int) -> None:
+def _put_back(rec: SavedFile, blobs: int, transient: bool) -> None:
     try:
         src, st = safefs.open_regular(rec.sha256, blobs)
     except FileNotFoundError:
@@ -70,7 +70,8 @@ def _put_back(rec: SavedFile, blobs: int) -> None:
             raise Unusable(f"saved copy of {rec.path} is {st.st_size} bytes, {rec.size} recorded")
         try:
             safefs.put_file(rec.path, src, size=rec.size, sha256=rec.sha256, mode=rec.mode, uid=rec.uid,
-                            gid=rec.gid, atime_ns=rec.atime_ns, mtime_ns=rec.mtime_ns)
+                            gid=rec.gid, atime_ns=rec.atime_ns, mtime_ns=rec.mtime_ns,
+                            marked=remaps.mark if transient else None)
         except safefs.DigestMismatch as e:
             raise Unusable(str(e)) from None
     finally:
@@ -92,11 +93,12 @@ def apply(found: Found, placed: list[str] | None = None) -> Prepared:
             blobs = safefs.open_dir(str(found.path / BLOBS))
         except (FileNotFoundError, safefs.Unsafe):
             raise Unusable(f"{found.path / BLOBS} is missing or not a directory") from None
+        transient = {r.path for r in m.transient()}
         try:
             for rec in m.blobs():
                 _blob_present(rec, blobs)  # a complete checkpoint, even where the file is in place
                 if not _in_place(rec):
-                    _put_back(rec, blobs)
+                    _put_back(rec, blobs, rec.path in transient)
                     out.done.append(f"restored {rec.path} ({rec.size} bytes)")
                 out.placed.append(rec.path)
         finally:

@@ -17,7 +17,7 @@ import os
 import secrets
 import stat
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -158,8 +158,9 @@ def _next_data(fd: int, pos: int, size: int) -> tuple[int, int]:
 
 
 def put_file(path: str, src: int, *, size: int, sha256: str, mode: int, uid: int, gid: int,
-             atime_ns: int, mtime_ns: int) -> None:
-    """Write ``path`` from ``src`` (``size`` bytes that must hash to ``sha256``) atomically."""
+             atime_ns: int, mtime_ns: int, marked: Callable[[int], object] | None = None) -> None:
+    """Write ``path`` from ``src`` (``size`` bytes that must hash to ``sha256``) atomically;
+    ``marked(fd)`` is called on the new file before it takes its name."""
     with parent_of(path, create=0o755) as (dfd, name):
         tmp = f".llmuxd-{secrets.token_hex(16)}"
         out = os.open(tmp, NEW_FILE_FLAGS, 0o600, dir_fd=dfd)
@@ -171,6 +172,8 @@ def put_file(path: str, src: int, *, size: int, sha256: str, mode: int, uid: int
                 _own(out, uid, gid)
                 os.fchmod(out, mode & PERM)
                 os.utime(out, ns=(atime_ns, mtime_ns))
+                if marked is not None:
+                    marked(out)
             finally:
                 os.close(out)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)

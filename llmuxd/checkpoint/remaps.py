@@ -1,0 +1,88 @@
+"""Files on tmpfs that llmuxd put there for a restore, and CRIU's ``link_remap.N``: marked as
+llmuxd's, and removed once stale.
+
+A dump makes a hard link ``link_remap.N`` beside every open file that was deleted but is still
+linked elsewhere (glibc's named semaphores: the temporary name is unlinked, the real one stays);
+a restore consumes it.  N comes from a counter of the dump, so trees alike get the same names,
+and CRIU fails a dump when the name is taken (``Can't link remap to ...: File exists``).  One
+left by an earlier run — a restore interrupted after the put-back, a daemon killed mid-dump —
+would break every later dump of that model.
+
+Proof of ownership: llmuxd marks each one it has (made by CRIU for its dump, or put back by it
+for a restore) with the extended attribute ``trusted.llmuxd`` — only a process with
+CAP_SYS_ADMIN can set or read a ``trusted.*`` attribute, so nobody else can plant one that
+passes for ours.  Before a dump, every marked ``link_remap.N`` in the folders where the dump
+will make its own that no live process holds is removed (a checkpoint keeps copies of its own:
+a restore puts them back).  Unmarked ones are left alone: the dump then fails, loudly.
+
+The same mark goes on the /dev/shm files a put-back writes (prepare-restore, or the daemon right
+before CRIU): when the model is cold-started instead of restored, they are nobody's, and go.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ..isolation.procfs import DELETED, LINK_REMAP, SHM, Inode, held_inodes
+
+MARK = "trusted.llmuxd"
+VALUE = b"llmuxd"  # this name was made by llmuxd (or by CRIU for its dump)
+
+
+def mark(fd_or_path: int | str) -> bool:
+    """Mark a file as ours; False where the filesystem or our privileges refuse."""
+    try:
+        if isinstance(fd_or_path, int):
+            os.setxattr(fd_or_path, MARK, VALUE)
+        else:
+            os.setxattr(fd_or_path, MARK, VALUE, follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+
+
+def _marked(path: str) -> bool:
+    try:
+        return os.getxattr(path, MARK, follow_symlinks=False) == VALUE
+    except OSError:
+        return False
+
+
+def folders(files: dict[Inode, str]) -> set[str]:
+    """Where a dump of a tree holding ``files`` (procfs.shm_files) makes its link_remap.N."""
+    return {SHM} | {os.path.dirname(p.removesuffix(DELETED)) for p in files.values() if p.endswith(DELETED)}
+
+
+def remove_stale(dirs: set[str]) -> list[str]:
+    """Remove the marked link_remap.N files in ``dirs`` that no live process holds."""
+    names = []
+    for d in sorted(dirs):
+        try:
+            names += [e.path for e in os.scandir(d) if LINK_REMAP.fullmatch(e.name)]
+        except OSError:
+            continue
+    return remove_marked(names)
+
+
+def remove_marked(paths) -> list[str]:
+    """Remove those of ``paths`` that are regular files with our mark that no live process holds."""
+    found: dict[Inode, str] = {}
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and _marked(path):
+            found[(st.st_dev, st.st_ino)] = path
+    busy = held_inodes(set(found)) if found else set()
+    gone = []
+    for key, path in found.items():
+        try:
+            st = os.lstat(path)
+            if key not in busy and (st.st_dev, st.st_ino) == key:
+                os.unlink(path)
+                gone.append(path)
+        except OSError:
+            pass
+    return gone
