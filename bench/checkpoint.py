@@ -112,16 +112,30 @@ def main() -> int:
             first_token(url, "kr")
             rows["kr_sleep"].append(c.post("/control/sleep", json={"model": "kr"}).json()["duration_secs"])
             rows["kr_wake"].append(c.post("/control/wake", json={"model": "kr"}).json()["duration_secs"])
+            silent = {m: (v["escalations"], v["restore_failures"])
+                      for m, v in c.get("/control/status").json()["models"].items()
+                      if v["escalations"] or v["restore_failures"]}
+            if silent:  # a benchmark of a fallback would be meaningless: fail, loudly
+                raise SystemExit(f"escalations / failed restores during the benchmark: {silent}; "
+                                 f"see {work / 'llmuxd.log'}")
             # keep_images is false: the restore consumed the checkpoint.  A fresh daemon cold-starts.
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(60)
             daemon = subprocess.Popen([BIN / "llmuxd", "serve", "--config", work / "config.json"], env=env,
                                       stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             wait_up(url)
+    except BaseException:
+        keep = True
+        raise
+    else:
+        keep = False
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
-        shutil.rmtree(work, ignore_errors=True)
+        if keep:
+            print(f"work folder kept for inspection: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
     what = "real vLLM (CPU build, tiny Qwen3)" if args.vllm else "the simulator"
     print(f"\nllmuxd checkpoint/restore on {what}, median of {args.rounds} rounds (one run):\n")

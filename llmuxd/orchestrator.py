@@ -6,6 +6,7 @@ the orchestrator does *how*, one transition at a time per model (the switcher se
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from enum import Enum
@@ -81,6 +82,8 @@ class Model:
         self._suspended: list[int] = []  # pids whose CUDA state is suspended (cuda_suspend)
         self._suspend_needs: tuple[dict | None, dict] = (None, {})  # GPUs and bytes at suspend
         self.last_error: str | None = None
+        self.escalations = 0  # evictions that failed and fell back to stop
+        self.restore_failures = 0  # restores that failed (then cold-started)
         self._discover()
         self.last_wake_secs: float | None = None
         self.last_wake_kind: str | None = None
@@ -96,6 +99,7 @@ class Model:
             self.state = State.CHECKPOINTED
         elif found.state != "none":
             self.last_error = found.detail
+            self.restore_failures += 1
             for listener in self.listeners:
                 listener.restore_failed(self.name, found.reason)
 
@@ -137,6 +141,8 @@ class Model:
             "last_wake_kind": self.last_wake_kind,
             "last_sleep_secs": self.last_sleep_secs,
             "last_error": self.last_error,
+            "escalations": self.escalations,
+            "restore_failures": self.restore_failures,
             "checkpoint_path": str(self.checkpointer.path),
             "last_checkpoint": self.last_checkpoint,
             "last_restore": self.last_restore,
@@ -261,6 +267,7 @@ class Model:
         else:
             what = f"checkpoint kept at {where}"
         self._note_error(f"restore failed ({e.reason}): {e}; {what}; cold-starting instead")
+        self.restore_failures += 1
         for listener in self.listeners:
             listener.restore_failed(self.name, e.reason)
         self._set(State.STOPPED)
@@ -268,7 +275,9 @@ class Model:
     async def _cold_start(self) -> None:
         self._set(State.STARTING)
         self._sleep_level = None
+        self._restored_from = None  # a new tree: no checkpoint describes it
         try:
+            await asyncio.to_thread(self.checkpointer.release_put_back)
             await self.backend.start()
             await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
         except (BackendError, OSError) as e:
@@ -304,11 +313,14 @@ class Model:
             resting = await self._process_step(canary)
         except (BackendError, NotSupported, CheckpointFailed, cudamod.CudaError) as e:
             self._note_error(f"eviction {self.eviction} failed: {e}; escalated to stop to free the GPU")
+            self.escalations += 1
             for listener in self.listeners:
                 listener.escalated(self.name, str(e))
             await self._stop_backend()
             resting = State.STOPPED
         self.last_sleep_secs = self._phase("sleep", started)
+        log.info("%s: evicted (%s) in %.3f s", self.name, self.eviction, self.last_sleep_secs,
+                 extra={"MODEL": self.name, "EVENT": "evict", "DURATION_S": f"{self.last_sleep_secs:.3f}"})
         self._set(resting)
         return self.last_sleep_secs
 
