@@ -365,7 +365,13 @@ class LeakCheck:
         """Kill the processes, remove the cgroups, mounts, files and namespaces; returns what
         could not be cleaned."""
         problems = []
+        ours = {p.pid for p in left.processes}
         for c in left.cgroups:  # cgroup.kill takes whole trees, forks in flight included
+            members = set(_cgroup_procs(c))
+            # Only while everything in it is ours: a freed port is handed out again, and another
+            # run's daemon may have just made (or be spawning into) the same llmuxd-<port> layout.
+            if not members or not members <= ours:
+                continue
             try:
                 Path(c, "cgroup.kill").write_text("1")
             except OSError:
