@@ -160,3 +160,58 @@ def release_files(files: dict[Inode, str]) -> list[str]:
             pass
     return gone
 
+
+
+def unix_sockets(pids) -> set[str]:
+    """Paths of the unix sockets ``pids`` have bound: their socket files outlive them (a killed
+    process cannot unlink them; ZMQ's ipc:// sockets are such files)."""
+    inodes: set[int] = set()
+    netns_of = None
+    for pid in pids:
+        try:
+            fds = os.scandir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        with fds:
+            for fd in fds:
+                try:
+                    link = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(int(link[8:-1]))
+                    netns_of = pid
+    if not inodes:
+        return set()
+    return {path for ino, path in _unix_table(netns_of) if ino in inodes}
+
+
+def _unix_table(pid: int | str = "self") -> list[tuple[int, str]]:
+    """(socket inode, path) of the live unix sockets bound to a path in ``pid``'s network namespace."""
+    out = []
+    try:
+        with open(f"/proc/{pid}/net/unix") as f:
+            next(f, None)
+            for line in f:
+                parts = line.split(None, 7)
+                if len(parts) == 8 and parts[7].startswith("/"):
+                    out.append((int(parts[6]), parts[7].rstrip("\n")))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def release_sockets(paths: set[str]) -> list[str]:
+    """Remove those of ``paths`` that are socket files no live socket is bound to any more."""
+    if not paths:
+        return []
+    bound = {path for _, path in _unix_table()}
+    gone = []
+    for path in sorted(paths - bound):
+        try:
+            if stat_mod.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+                gone.append(path)
+        except OSError:
+            pass
+    return gone

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import reaper
 from .cgroups import Cgroup, own_cgroup
-from .procfs import Inode, alive as _alive, all_stats, inner_pid, release_files, shm_files
+from .procfs import Inode, alive as _alive, all_stats, inner_pid, release_files, release_sockets, shm_files, unix_sockets
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class ProcessTree:
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Future[int] | None = None
         self._files: dict[Inode, str] = {}  # what it held that can outlive it on disk (note_files)
+        self._sockets: set[str] = set()  # the unix socket files it bound
 
     @property
     def running(self) -> bool:
@@ -285,16 +286,21 @@ class ProcessTree:
 
     def note_files(self) -> None:
         """Remember the files of the tree that can outlive it on disk (/dev/shm segments,
-        semaphores, deleted files' other names: see procfs.shm_files).  Taken when it is ready,
+        semaphores, deleted files' other names: see procfs.shm_files; the unix socket files it
+        bound).  Taken when it is ready,
         before a dump and before a kill, so that what a tree killed by SIGKILL (or by CRIU after
         its dump) could not remove is known once it is gone."""
-        self._files.update(shm_files(self.pids()))
+        pids = self.pids()
+        self._files.update(shm_files(pids))
+        self._sockets |= unix_sockets(pids)
 
     async def release_files(self) -> list[str]:
         """Once the tree is gone: remove what it left of the files noted (those no live process
         holds).  Returns the paths removed."""
         files, self._files = self._files, {}
+        sockets, self._sockets = self._sockets, set()
         gone = await asyncio.to_thread(release_files, files) if files else []
+        gone += await asyncio.to_thread(release_sockets, sockets) if sockets else []
         if gone:
             log.info("%s: removed %d file(s) the ended tree left: %s", self.name, len(gone), ", ".join(gone))
         return gone
