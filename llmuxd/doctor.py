@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import cuda
+from .checkpoint.criu import criu_has_nftables, kernel_has_nf_tables, network_lock_method
 from .config import DEFAULT_CONFIG_PATH, CheckpointConfig, Config, ConfigError, ProcessEviction, load_config
 from .api.dbus import bus_socket_paths, system_bus_address
 from .isolation.cgroups import cgroup2_mount, own_cgroup
@@ -103,31 +104,6 @@ def first_problem_line(output: str) -> str:
     return lines[0] if lines else "no output"
 
 
-def network_lock_method(iptables: bool, nftables: bool) -> str:
-    """Which ``--network-lock`` a TCP-established dump uses here: CRIU's default ``iptables``
-    when the iptables tools exist, else ``nftables`` when CRIU has it, else ``skip``."""
-    if iptables:
-        return "iptables"
-    return "nftables" if nftables else "skip"
-
-
-def kernel_has_nf_tables() -> bool | None:
-    """Whether the kernel has nf_tables (CRIU's nftables lock needs it; `criu check --feature
-    nftables` only says CRIU was built with libnftables).  None: cannot tell."""
-    if os.path.isdir("/sys/module/nf_tables"):
-        return True
-    try:
-        import gzip
-
-        with gzip.open("/proc/config.gz", "rt") as f:
-            for line in f:
-                if line.startswith("CONFIG_NF_TABLES="):
-                    return line.strip().split("=", 1)[1] in ("y", "m")
-        return False
-    except OSError:
-        return None
-
-
 def _resolve(path: str, fallbacks: tuple[str, ...] = ()) -> str | None:
     if "/" in path:
         return path if os.path.isfile(path) else None
@@ -147,7 +123,8 @@ def criu_facts(criu_path: str = "criu") -> dict[str, Any]:
     kernel = parse_version(platform.release())
     f: dict[str, Any] = {"requested": criu_path, "path": None, "version": None, "version_ok": False,
                          "version_detail": "", "check_ok": False, "check_detail": "", "nftables": False,
-                         "iptables": shutil.which("iptables"), "network_lock": "skip",
+                         "iptables": shutil.which("iptables-restore"), "network_lock": "skip",
+                         "network_lock_detail": "no CRIU",
                          "pycriu": False, "pycriu_detail": ""}
     path = _resolve(criu_path, ("/usr/local/bin/criu", "/usr/sbin/criu") if criu_path == "criu" else ())
     f["path"] = path
@@ -162,14 +139,9 @@ def criu_facts(criu_path: str = "criu") -> dict[str, Any]:
         rc, out = _run([path, "check"], timeout=60)
         f["check_ok"] = rc == 0
         f["check_detail"] = "Looks good" if rc == 0 else first_problem_line(out)
-        for feature in ("nftables", "network-lock-nftables"):  # 4.x names it "nftables"
-            rc, out = _run([path, "check", "--feature", feature], timeout=30)
-            if "Unknown feature" in out:
-                continue
-            f["nftables"] = rc == 0
-            break
+        f["nftables"] = criu_has_nftables(path)
+        f["network_lock"], f["network_lock_detail"] = network_lock_method(path)
     f["nf_tables_kernel"] = kernel_has_nf_tables()
-    f["network_lock"] = network_lock_method(bool(f["iptables"]), f["nftables"] and f["nf_tables_kernel"] is not False)
     try:
         mod = importlib.import_module("pycriu")
         importlib.import_module("pycriu.images")
@@ -445,11 +417,7 @@ def assess(facts: dict[str, Any], config: Config | None, config_info: dict[str, 
                   cr["check_detail"] + ("" if cr["check_ok"] else why), "" if cr["check_ok"] else fix,
                   required=need_criu))
         lock = cr["network_lock"]
-        detail = (f"iptables at {cr['iptables']}: CRIU's default iptables lock" if lock == "iptables" else
-                  "no iptables; CRIU has nftables: --network-lock nftables"
-                  + ("" if cr.get("nf_tables_kernel") else " (kernel nf_tables support not verified)")
-                  if lock == "nftables" else
-                  "no iptables and no nftables (in CRIU or the kernel): --network-lock skip (TCP connections unlocked while dumping)")
+        detail = f"--network-lock {lock}: {cr['network_lock_detail']}"
         add(Check("CRIU", "network lock", WARN if lock == "skip" else OK, detail))
     add(Check("CRIU", "pycriu", OK if cr["pycriu"] else WARN,
               ("importable from " + cr["pycriu_detail"]) if cr["pycriu"] else

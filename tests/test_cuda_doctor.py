@@ -32,7 +32,7 @@ from llmuxd.checkpoint.cuda import (
     CudaError, check_restorable, gpu_inventory, gpu_processes, parse_help,
     parse_nvidia_smi, parse_state, resume_tree, select_checkpointer, suspend_tree,
 )
-from llmuxd.doctor import criu_version_verdict, doctor_facts, network_lock_method, run_doctor
+from llmuxd.doctor import criu_version_verdict, doctor_facts, run_doctor
 from llmuxd.isolation.cgroups import cgroup2_mount
 
 HAS_GPU = any(Path("/dev").glob("nvidia[0-9]*"))
@@ -573,9 +573,29 @@ def test_criu_version_verdicts():
     st, why = criu_version_verdict((4, 1), (6, 18))
     assert st == "NO" and "TCP" in why and "6.18" in why
     assert criu_version_verdict(None, (6, 18))[0] == "NO"
-    assert network_lock_method(True, True) == "iptables"
-    assert network_lock_method(False, True) == "nftables"
-    assert network_lock_method(False, False) == "skip"
+
+
+def test_one_network_lock_decision_for_the_daemon_and_doctor(monkeypatch):
+    """The daemon's dumps and `llmuxd doctor` use the same choice (they once disagreed on an
+    H200: doctor said nftables, the daemon used skip), with and without iptables-restore."""
+    import asyncio
+
+    from llmuxd.checkpoint.criu import Criu, network_lock_method
+    from llmuxd.doctor import criu_facts
+
+    criu = "/usr/local/bin/criu"
+    if not os.path.exists(criu):
+        pytest.fail("CRIU is not installed (scripts/setup.sh installs it)")
+    seen = set()
+    for path in (f"/usr/sbin:/sbin:{os.environ['PATH']}", "/usr/local/bin:/usr/bin:/bin"):
+        monkeypatch.setenv("PATH", path)
+        method, why = network_lock_method(criu)
+        assert method in ("iptables", "nftables", "skip") and why
+        assert asyncio.run(Criu(criu).network_lock()) == method
+        assert criu_facts(criu)["network_lock"] == method
+        assert (method == "iptables") == bool(shutil.which("iptables-restore")), (path, method, why)
+        seen.add(method)
+    print(seen)
 
 
 def test_doctor_cli_entry_point_runs_as_a_process(tmp_path):

@@ -72,6 +72,52 @@ def error_lines(log_path: Path, limit: int = 4) -> str:
     return "; ".join(errs[:limit]) or (lines[-1] if lines else "empty log")
 
 
+def kernel_has_nf_tables() -> bool | None:
+    """Whether the kernel has nf_tables (CRIU's nftables lock needs it; `criu check --feature
+    nftables` only says CRIU was built with libnftables).  None: cannot tell."""
+    if os.path.isdir("/sys/module/nf_tables"):
+        return True
+    try:
+        import gzip
+
+        with gzip.open("/proc/config.gz", "rt") as f:
+            for line in f:
+                if line.startswith("CONFIG_NF_TABLES="):
+                    return line.strip().split("=", 1)[1] in ("y", "m")
+        return False
+    except OSError:
+        return None
+
+
+def criu_has_nftables(criu: str) -> bool:
+    """Whether this CRIU was built with nftables (4.x calls the feature ``nftables``, 3.x
+    ``network-lock-nftables``)."""
+    for feature in ("nftables", "network-lock-nftables"):
+        try:
+            r = subprocess.run([criu, "check", "--feature", feature], capture_output=True, text=True, timeout=30,
+                               stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        if "Unknown feature" not in r.stdout + r.stderr:
+            return r.returncode == 0
+    return False
+
+
+def network_lock_method(criu: str) -> tuple[str, str]:
+    """Which ``--network-lock`` a dump uses here, and why — the one decision, for the daemon
+    and ``llmuxd doctor`` alike: CRIU's default ``iptables`` when iptables-restore exists (CRIU
+    runs it), else ``nftables`` when CRIU has it and the kernel may, else ``skip`` (a model tree
+    talks over loopback only, and every peer of it is frozen with it)."""
+    if tool := shutil.which("iptables-restore"):
+        return "iptables", f"iptables-restore at {tool}: CRIU's default iptables lock"
+    if criu_has_nftables(criu):
+        kernel = kernel_has_nf_tables()
+        if kernel is not False:
+            return "nftables", "no iptables; CRIU has nftables" + ("" if kernel else " (kernel nf_tables support not verified)")
+        return "skip", "no iptables; CRIU has nftables but the kernel has no nf_tables: TCP connections unlocked while dumping"
+    return "skip", "no iptables and no nftables in CRIU: TCP connections unlocked while dumping"
+
+
 class Criu:
     def __init__(self, path: str):
         self.path = path
@@ -116,15 +162,10 @@ class Criu:
         return proc.returncode, out.decode(errors="replace")
 
     async def network_lock(self) -> str:
-        """iptables if the machine has it; else nftables if CRIU can use it here; else skip
-        (a model tree talks over loopback only, and every peer is frozen with it)."""
+        """The ``--network-lock`` method, chosen once (see :func:`network_lock_method`)."""
         if self._network_lock is None:
-            if shutil.which("iptables-restore"):
-                self._network_lock = "iptables"
-            else:
-                code, _ = await self._run(["check", "--feature", "network-lock-nftables"])
-                self._network_lock = "nftables" if code == 0 else "skip"
-            log.info("criu: network lock %s", self._network_lock)
+            self._network_lock, why = await asyncio.to_thread(network_lock_method, self.path)
+            log.info("criu: network lock %s (%s)", self._network_lock, why)
         return self._network_lock
 
     async def dump(self, pid: int, images: Path, *, freeze_cgroup: Path | None = None, enter: int | None = None,
