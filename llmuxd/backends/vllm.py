@@ -15,6 +15,7 @@ from .. import redact
 from ..config import Config, WeightsEviction
 from ..isolation.cgroups import Cgroup
 from ..isolation.tree import ProcessTree
+from . import scratch
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class VllmBackend:
         first_pid = 1000 * (1 + list(config.models).index(name) % 30)
         self.tree = ProcessTree(name, self.log_path, cgroup, pid_namespace=iso.pid_namespace,
                                 block_io_uring=iso.block_io_uring, first_pid=first_pid)
+        self.tmpdir = scratch.folder(config.port, name) if iso.own_tmpdir else None
         self._on_exit = on_exit
         self._expect_exit = False
         self._monitor: asyncio.Task | None = None
@@ -91,6 +93,8 @@ class VllmBackend:
         if api_key is not None:  # in the environment, not on a command line everyone can read
             env["VLLM_API_KEY"] = api_key
         env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep, /wake_up, /collective_rpc, /reset_prefix_cache
+        if self.tmpdir is not None:
+            env["TMPDIR"] = str(self.tmpdir)
         env.pop("NOTIFY_SOCKET", None)  # the daemon's, not the backend's
         env.pop("WATCHDOG_USEC", None)
         env.pop("WATCHDOG_PID", None)
@@ -111,7 +115,14 @@ class VllmBackend:
         with open(fd, "a") as f:
             f.write(f"\n--- llmuxd: starting {redact.command_line(argv)} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         self._expect_exit = False
-        pid = await self.tree.spawn(argv, self.env())
+        env = self.env()
+        if self.tmpdir is not None:
+            if why := scratch.safe_prepare(self.tmpdir):
+                log.warning("%s: own temporary folder not used: %s", self.name, why)
+                del env["TMPDIR"]
+            elif gone := scratch.empty(self.tmpdir):  # left by a tree an earlier llmuxd lost
+                log.info("%s: emptied its temporary folder of %d leftover(s)", self.name, len(gone))
+        pid = await self.tree.spawn(argv, env)
         log.info("%s: spawned pid %d: %s (log %s)", self.name, pid, redact.command_line(argv), self.log_path)
         self._watch_exit()
 
@@ -133,7 +144,14 @@ class VllmBackend:
         code = await self.tree.wait()
         if not self._expect_exit:
             self._on_exit(code)
-            await self.tree.release_files()
+            await self._tree_gone()
+
+    async def _tree_gone(self) -> None:
+        """What the ended tree left: its /dev/shm files and sockets, its temporary folder."""
+        await self.tree.release_files()
+        if self.tmpdir is not None and not self.tree.pids():
+            if gone := await asyncio.to_thread(scratch.empty, self.tmpdir):
+                log.info("%s: removed %d file(s) the ended tree left in %s", self.name, len(gone), self.tmpdir)
 
     async def wait_ready(self, timeout: float) -> None:
         """Poll /health until 200; fail at once if the process exits, or after ``timeout``."""
@@ -164,11 +182,18 @@ class VllmBackend:
     async def stop(self, grace_secs: float = 10.0) -> None:
         self._expect_exit = True
         await self.tree.kill(grace_secs)
+        await self._tree_gone()
         if self._monitor:
             await asyncio.gather(self._monitor, return_exceptions=True)
             self._monitor = None
 
     async def close(self) -> None:
+        if self.tmpdir is not None and not self.tree.pids():  # at the daemon's end: empty folders go
+            for d in (self.tmpdir, self.tmpdir.parent):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
         if self._session:
             await self._session.close()
             self._session = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -54,8 +55,9 @@ STATUS_SIZE = 4096
 
 
 def new_ipc_address() -> str:
-    """A fresh ``ipc:///tmp/<uuid4>`` address, as vLLM picks them."""
-    return f"ipc:///tmp/{uuid.uuid4()}"
+    """A fresh ``ipc://<temporary folder>/<uuid4>`` address, as vLLM picks them (its
+    ``VLLM_RPC_BASE_PATH`` defaults to ``tempfile.gettempdir()``, which honours ``TMPDIR``)."""
+    return f"ipc://{tempfile.gettempdir()}/{uuid.uuid4()}"
 
 
 def ipc_path(address: str) -> str:
