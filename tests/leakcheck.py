@@ -1,5 +1,5 @@
-"""What a test run leaves behind on the machine: processes, cgroups, mounts, /dev/shm files and
-network namespaces that were not there when it started.
+"""What a test run leaves behind on the machine: processes, cgroups, mounts, /dev/shm files,
+stray sockets and temporary folders in /tmp, and network namespaces that were not there when it started.
 
 Used by conftest.py: a snapshot at session start, a quick scan after every test (to say which
 test a leftover was first seen after), and at session end a report of everything new that this
@@ -21,6 +21,9 @@ killed or removed) only when it can be tied to this run:
   few seconds ago (a file a concurrent restore just put back is not taken) — and only when no
   other run's llmuxd processes were seen meanwhile: a file name does not say who made it, so
   with others at work new /dev/shm files are only listed (a warning), never failed on or removed;
+* in /tmp, a unix socket file bound by nobody (a model tree's ZMQ socket) or an
+  ``llmuxd-<port>`` folder (a daemon's per-tree temporary folders) for a port of this run — the
+  former, as for /dev/shm, only when no other run's llmuxd processes were seen meanwhile;
 * a network namespace (/run/netns), when it is new — and, as for /dev/shm, only when no other
   run's llmuxd processes were seen meanwhile (otherwise listed in a warning, left alone).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 import uuid
@@ -47,6 +51,7 @@ CGROUP_NAME = re.compile(r"llmuxd")
 PORT_CGROUP = re.compile(r"^llmuxd-(\d+)$")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SHM = Path("/dev/shm")
+TMP = Path("/tmp")
 NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))
 SHM_MIN_AGE = 5.0  # seconds: younger unheld /dev/shm files may be a concurrent run's, mid-restore
 
@@ -182,6 +187,22 @@ def shm_entries() -> set[str]:
         return set()
 
 
+def tmp_entries() -> set[str]:
+    try:
+        return set(os.listdir(TMP))
+    except OSError:
+        return set()
+
+
+def _bound_unix_paths() -> set[str]:
+    out = set()
+    for line in (_read("/proc/self/net/unix") or "").splitlines()[1:]:
+        parts = line.split(None, 7)
+        if len(parts) == 8:
+            out.add(parts[7].strip())
+    return out
+
+
 def netns() -> set[str]:
     out = set()
     for d in {os.path.realpath(d) for d in NETNS_DIRS}:  # /var/run is /run, usually
@@ -225,11 +246,12 @@ class Leftovers:
     cgroups: list[str] = field(default_factory=list)
     mounts: list[tuple[str, str, str, str]] = field(default_factory=list)
     shm: list[str] = field(default_factory=list)
+    tmp: list[str] = field(default_factory=list)  # names directly in /tmp
     netns: list[str] = field(default_factory=list)
     unsure: list[str] = field(default_factory=list)  # maybe another run's: listed only, left alone
 
     def __bool__(self) -> bool:
-        return bool(self.processes or self.cgroups or self.mounts or self.shm or self.netns)
+        return bool(self.processes or self.cgroups or self.mounts or self.shm or self.tmp or self.netns)
 
 
 class LeakCheck:
@@ -241,6 +263,7 @@ class LeakCheck:
         self.cgroups0 = cgroups()
         self.mounts0 = mounts()
         self.shm0 = shm_entries()
+        self.tmp0 = tmp_entries()
         self.netns0 = netns()
         self.first_seen: dict[object, str] = {}  # leftover key -> test after which it was first seen
         self.owned_cgroups: set[str] = set()  # seen holding a process of this run
@@ -302,6 +325,8 @@ class LeakCheck:
             self.first_seen.setdefault(("mount", m), nodeid)
         for s in shm_entries() - self.shm0:
             self.first_seen.setdefault(("shm", s), nodeid)
+        for t in tmp_entries() - self.tmp0:
+            self.first_seen.setdefault(("tmp", t), nodeid)
         for n in netns() - self.netns0:
             self.first_seen.setdefault(("netns", n), nodeid)
 
@@ -335,12 +360,27 @@ class LeakCheck:
                         left.unsure.append(f"/dev/shm/{name}")
                     else:
                         left.shm.append(name)
+        for name in sorted(tmp_entries() - self.tmp0):
+            if self._tmp_leftover(name):
+                (left.unsure.append(f"/tmp/{name}") if self.others else left.tmp.append(name))
         for n in sorted(netns() - self.netns0):
             if self.others:
                 left.unsure.append(f"network namespace {n}")
             else:
                 left.netns.append(n)
         return left
+
+    def _tmp_leftover(self, name: str) -> bool:
+        """A unix socket file bound by nobody (a model tree's ZMQ socket), older than a moment,
+        or the temporary folders llmuxd makes for a port of this run (``llmuxd-<port>``)."""
+        try:
+            st = os.lstat(TMP / name)
+        except OSError:
+            return False
+        if stat.S_ISSOCK(st.st_mode):
+            return time.time() - st.st_ctime >= SHM_MIN_AGE and f"{TMP}/{name}" not in _bound_unix_paths()
+        m = PORT_CGROUP.match(name)
+        return bool(m) and stat.S_ISDIR(st.st_mode) and int(m.group(1)) in self.ports
 
     def describe(self, left: Leftovers) -> str:
         def seen(key) -> str:
@@ -357,6 +397,8 @@ class LeakCheck:
             lines.append(f"mount {m[0]} ({m[2]} {m[3]}){seen(('mount', m))}")
         for s in left.shm:
             lines.append(f"/dev/shm/{s}{seen(('shm', s))}")
+        for t in left.tmp:
+            lines.append(f"/tmp/{t}{seen(('tmp', t))}")
         for n in left.netns:
             lines.append(f"network namespace {n}{seen(('netns', n))}")
         return "\n".join(lines)
@@ -414,6 +456,15 @@ class LeakCheck:
                 pass
             except OSError as e:
                 problems.append(f"/dev/shm/{s}: {e.strerror}")
+        for t in left.tmp:
+            try:
+                os.unlink(TMP / t)
+            except IsADirectoryError:
+                subprocess.run(["rm", "-rf", "--one-file-system", str(TMP / t)])
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                problems.append(f"/tmp/{t}: {e.strerror}")
         for n in left.netns:
             r = subprocess.run(["ip", "netns", "delete", Path(n).name], capture_output=True, text=True)
             if r.returncode and os.path.exists(n):

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -148,3 +149,39 @@ def test_a_link_remap_that_is_not_ours_is_left_and_the_failure_is_loud(daemon, e
         assert Path(path).read_bytes() == b"someone else's"
     finally:
         Path(path).unlink(missing_ok=True)
+
+
+def test_each_tree_has_its_own_tmpdir_emptied_when_it_is_gone(make_daemon, tmp_path, expected):
+    """vLLM leaves files in its temporary folder at every start; in a folder llmuxd made for the
+    tree they are provably the tree's, and go with it."""
+    p = free_ports(2)
+    d = make_daemon(models={"m1": model_entry("m1", p[0]), "m2": model_entry("m2", p[1])})
+    assert complete(d, "m1") == expected("m1", "leftovers", 4)
+    own = Path(f"/tmp/llmuxd-{d.port}/m1")
+    st = os.lstat(own)
+    assert st.st_mode & 0o777 == 0o700 and st.st_uid == 0
+    sockets = [e for e in os.scandir(own) if stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode)]
+    assert sockets, "the simulator's ZMQ sockets live in its own temporary folder"
+    (own / "vllm_dist_feedbeef").write_text("what vLLM leaves at every start")
+    crash_server(d, "m1")
+    wait_until(lambda: not any(os.scandir(own)), 10, what="the crashed tree's temporary folder emptied")
+    assert complete(d, "m1") == expected("m1", "leftovers", 4)
+    assert complete(d, "m2") == expected("m2", "leftovers", 4)  # m1 asleep (keep_running): its folder stays
+    d.stop()
+    assert not Path(f"/tmp/llmuxd-{d.port}").exists()
+
+
+def test_a_planted_link_for_the_tmpdir_is_never_followed(make_daemon, tmp_path, expected):
+    p = free_ports(3)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    planted = Path(f"/tmp/llmuxd-{p[2]}")
+    planted.symlink_to(victim)
+    try:
+        d = make_daemon(models={"m1": model_entry("m1", p[0]), "m2": model_entry("m2", p[1])}, port=p[2])
+        assert complete(d, "m1") == expected("m1", "leftovers", 4)  # served, with the default TMPDIR
+        assert "own temporary folder not used" in d.log() and "symbolic link" in d.log()
+        d.stop()
+        assert list(victim.iterdir()) == [] and planted.is_symlink()
+    finally:
+        planted.unlink()
