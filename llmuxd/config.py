@@ -149,7 +149,7 @@ class IsolationConfig(_Strict):
     pid_namespace: bool = True
     # io_uring_setup/enter/register fail with EPERM in the tree (CRIU cannot dump io_uring).
     block_io_uring: bool = True
-    # TMPDIR=/tmp/llmuxd-<port>/<model>, emptied once the tree is gone (backends/scratch.py).
+    # TMPDIR=/tmp/llmuxd-tree-<model port>, emptied once the tree is gone (backends/scratch.py).
     own_tmpdir: bool = True
 
 

@@ -22,7 +22,7 @@ killed or removed) only when it can be tied to this run:
   other run's llmuxd processes were seen meanwhile: a file name does not say who made it, so
   with others at work new /dev/shm files are only listed (a warning), never failed on or removed;
 * in /tmp, a unix socket file bound by nobody (a model tree's ZMQ socket) or an
-  ``llmuxd-<port>`` folder (a daemon's per-tree temporary folders) for a port of this run — the
+  ``llmuxd-tree-<port>`` folder (a model tree's temporary folder) for a port of this run — the
   former, as for /dev/shm, only when no other run's llmuxd processes were seen meanwhile;
 * a network namespace (/run/netns), when it is new — and, as for /dev/shm, only when no other
   run's llmuxd processes were seen meanwhile (otherwise listed in a warning, left alone).
@@ -49,6 +49,7 @@ _MARK_BYTES = f"{MARK}={TOKEN}".encode()
 COMMAND = re.compile(r"llmuxd|criu|pidinit")
 CGROUP_NAME = re.compile(r"llmuxd")
 PORT_CGROUP = re.compile(r"^llmuxd-(\d+)$")
+TREE_TMPDIR = re.compile(r"^llmuxd-tree-(\d+)$")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SHM = Path("/dev/shm")
 TMP = Path("/tmp")
@@ -372,14 +373,14 @@ class LeakCheck:
 
     def _tmp_leftover(self, name: str) -> bool:
         """A unix socket file bound by nobody (a model tree's ZMQ socket), older than a moment,
-        or the temporary folders llmuxd makes for a port of this run (``llmuxd-<port>``)."""
+        or the temporary folder llmuxd makes for a model port of this run (``llmuxd-tree-<port>``)."""
         try:
             st = os.lstat(TMP / name)
         except OSError:
             return False
         if stat.S_ISSOCK(st.st_mode):
             return time.time() - st.st_ctime >= SHM_MIN_AGE and f"{TMP}/{name}" not in _bound_unix_paths()
-        m = PORT_CGROUP.match(name)
+        m = TREE_TMPDIR.match(name)
         return bool(m) and stat.S_ISDIR(st.st_mode) and int(m.group(1)) in self.ports
 
     def describe(self, left: Leftovers) -> str:

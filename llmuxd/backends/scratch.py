@@ -1,4 +1,4 @@
-"""Each model tree's own temporary folder: ``TMPDIR=/tmp/llmuxd-<port>/<model>``.
+"""Each model tree's own temporary folder: ``TMPDIR=/tmp/llmuxd-tree-<port>``.
 
 vLLM leaves files in the temporary folder on every start (``vllm_dist_<hex>``, ZMQ ipc socket
 files; on SIGTERM its API server force-kills the engine, which then cannot remove its own), so a
@@ -8,8 +8,9 @@ tree (root's, 0700, reached without following a link) are that tree's, so once t
 the folder is emptied.  Python's ``tempfile`` and everything built on it (vLLM's ipc paths,
 torch's caches) honour ``TMPDIR``.
 
-The folder's path depends only on llmuxd's port and the model's name: a restored tree (in this
-container or a new one) keeps using the path it had.  A checkpoint saves what the tree had open
+The folder's path depends only on the model's port (one server per port on a machine, and a
+checkpoint restores only for the port it was made for): a restored tree — in this container or a
+new one, under this daemon or another — keeps using the path it had.  A checkpoint saves what the tree had open
 there (``/tmp`` is per-container memory) and a restore puts it back.
 """
 
@@ -29,16 +30,16 @@ log = logging.getLogger(__name__)
 BASE = "/tmp"
 
 
-def folder(port: int, name: str) -> Path:
-    return Path(BASE) / f"llmuxd-{port}" / name
+def folder(port: int) -> Path:
+    """The temporary folder of the model served on ``port``."""
+    return Path(BASE) / f"llmuxd-tree-{port}"
 
 
 def prepare(path: Path) -> None:
-    """Create the folder (and its parent) 0700 unless there; refuse one that is a link, not a
-    directory, or not root's and private (safefs.Unsafe, Untrusted)."""
-    safefs.make_dir(str(path.parent), mode=0o700)
+    """Create the folder 0700 unless there; refuse one that is a link, not a directory, or not
+    root's and private (safefs.Unsafe, Untrusted)."""
     safefs.make_dir(str(path), mode=0o700)
-    check_tree(path, base=path.parent)
+    check_tree(path, base=path)
 
 
 def empty(path: Path) -> list[str]:

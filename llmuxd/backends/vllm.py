@@ -57,7 +57,7 @@ class VllmBackend:
         first_pid = 1000 * (1 + list(config.models).index(name) % 30)
         self.tree = ProcessTree(name, self.log_path, cgroup, pid_namespace=iso.pid_namespace,
                                 block_io_uring=iso.block_io_uring, first_pid=first_pid)
-        self.tmpdir = scratch.folder(config.port, name) if iso.own_tmpdir else None
+        self.tmpdir = scratch.folder(self.cfg.port) if iso.own_tmpdir else None
         self._on_exit = on_exit
         self._expect_exit = False
         self._monitor: asyncio.Task | None = None
@@ -188,12 +188,11 @@ class VllmBackend:
             self._monitor = None
 
     async def close(self) -> None:
-        if self.tmpdir is not None and not self.tree.pids():  # at the daemon's end: empty folders go
-            for d in (self.tmpdir, self.tmpdir.parent):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    break
+        if self.tmpdir is not None and not self.tree.pids():  # at the daemon's end: an empty folder goes
+            try:
+                os.rmdir(self.tmpdir)
+            except OSError:
+                pass
         if self._session:
             await self._session.close()
             self._session = None

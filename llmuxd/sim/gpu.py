@@ -34,6 +34,8 @@ _token: str | None = None  # this process's lease
 class OutOfMemory(Exception):
     """Raised when a lease would exceed the budget (the simulated CUDA OOM)."""
 
+    foreign: dict[str, float] = {}  # counted leases of other PID namespaces: token -> last beat
+
 
 def gpu_dir(dir: str | os.PathLike[str] | None = None) -> Path:
     """The lease directory (argument, else env, else default)."""
@@ -117,14 +119,34 @@ def _write(d: Path, token: str, nbytes: int, model: str) -> Path:
 
 
 def acquire(nbytes: int, model: str, dir: str | os.PathLike[str] | None = None) -> Path:
-    """Take (or replace) this process's lease of ``nbytes``; raise OutOfMemory past the budget."""
+    """Take (or replace) this process's lease of ``nbytes``; raise OutOfMemory past the budget.
+
+    A real GPU frees a dead process's memory at once; here a holder in another PID namespace is
+    known dead only when its heartbeat is TTL old.  So when the budget is short, wait (at most
+    TTL) until each such lease has either beaten again (its holder lives: out of memory) or
+    expired (its memory is free again)."""
+    deadline = time.time() + TTL + 0.2
+    seen: dict[str, float] | None = None
+    while True:
+        try:
+            return _acquire(nbytes, model, dir)
+        except OutOfMemory as e:
+            if not e.foreign or time.time() > deadline:
+                raise
+            seen = seen if seen is not None else e.foreign
+            if all(e.foreign.get(t, b) > b for t, b in seen.items()):
+                raise  # every holder beat again: alive
+        time.sleep(0.1)
+
+
+def _acquire(nbytes: int, model: str, dir: str | os.PathLike[str] | None) -> Path:
     global _token
     d = gpu_dir(dir)
     d.mkdir(parents=True, exist_ok=True)
     fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        used = 0
+        used, foreign = 0, {}
         for path, lease in _read_leases(d):
             if lease.get("token") == _token:
                 continue
@@ -132,12 +154,16 @@ def acquire(nbytes: int, model: str, dir: str | os.PathLike[str] | None = None) 
                 path.unlink(missing_ok=True)
                 continue
             used += int(lease["bytes"])
+            if lease.get("pidns") != _pidns():
+                foreign[str(lease.get("token"))] = float(lease.get("beat", 0))
         total = budget()
         if used + nbytes > total:
-            raise OutOfMemory(
+            e = OutOfMemory(
                 f"CUDA out of memory. Tried to allocate {nbytes} bytes. GPU has a total capacity of "
                 f"{total} bytes of which {max(total - used, 0)} bytes are free."
             )
+            e.foreign = foreign
+            raise e
         _token = _token or uuid.uuid4().hex
         return _write(d, _token, nbytes, model)
     finally:
