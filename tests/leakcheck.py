@@ -448,24 +448,15 @@ class LeakCheck:
             r = subprocess.run(["umount", "-l", m[0]], capture_output=True, text=True)
             if r.returncode:
                 problems.append(f"umount {m[0]}: {r.stderr.strip()}")
-        for s in left.shm:
+        for path in [SHM / name for name in left.shm] + [TMP / name for name in left.tmp]:
             try:
-                os.unlink(SHM / s)
+                os.unlink(path)
             except IsADirectoryError:
-                subprocess.run(["rm", "-rf", "--one-file-system", str(SHM / s)])
+                subprocess.run(["rm", "-rf", "--one-file-system", str(path)])
             except FileNotFoundError:
                 pass
             except OSError as e:
-                problems.append(f"/dev/shm/{s}: {e.strerror}")
-        for t in left.tmp:
-            try:
-                os.unlink(TMP / t)
-            except IsADirectoryError:
-                subprocess.run(["rm", "-rf", "--one-file-system", str(TMP / t)])
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                problems.append(f"/tmp/{t}: {e.strerror}")
+                problems.append(f"{path}: {e.strerror}")
         for n in left.netns:
             r = subprocess.run(["ip", "netns", "delete", Path(n).name], capture_output=True, text=True)
             if r.returncode and os.path.exists(n):
