@@ -34,7 +34,8 @@ What it does
 * Switches are counted from the daemon's ``switched A -> B in S s (KIND)`` lines.
 * Checks (each finding has a kind; a run passes only with none), with the load paused and every
   model at rest: files in the container's /tmp and /dev/shm that no process holds open or mapped
-  (those a checkpointed m1 will need on restore excepted); the checkpoint folder (no partial or
+  (those a checkpointed m1 will need on restore, and those in the own temporary folder of a model
+  whose tree lives, excepted); the checkpoint folder (no partial or
   quarantined folder, m1's images exactly while m1 is checkpointed, nothing else); llmuxd's open
   fds (within a small bound of the first check of each daemon lifetime); the llmuxd-<port>
   cgroups (processes only for models awake or asleep, llmuxd alone in supervisor); processes of
@@ -48,12 +49,11 @@ What it does
 A leak is reported once, at the check that first saw it.  Exit status 0 only if there were no
 wrong answers, no request errors and no findings.
 
-Known (``--vllm --switches 20``, measured): the /tmp check finds vLLM's own run-time files, one
-set per cold start: ``/tmp/vllm_dist_<hex>`` (2423 bytes, unheld even while the tree lives) and
-its ZMQ ipc sockets ``/tmp/<uuid>`` (one already unbound while the tree lives; the others once
-the tree is stopped: on SIGTERM vLLM's API server force-kills its engine core, which then cannot
-unlink them) — 50 files after 7 cold starts.  Restores add none (CRIU binds the same paths).
-The simulator leaves nothing.
+vLLM leaves files in its temporary folder at every start (``vllm_dist_<hex>``, 2423 bytes, unheld
+even while the tree lives; ZMQ ipc sockets, one unbound while the tree lives, the others once
+vLLM's API server force-kills its engine on SIGTERM).  Each tree's TMPDIR is its own folder
+(``/tmp/llmuxd-tree-<port>``), which llmuxd empties once the tree is gone: files there are the live
+tree's, and the check wants the folder empty once it is not.
 """
 
 from __future__ import annotations
@@ -526,7 +526,9 @@ def check(soak: Soak, c: EntrypointContainer, st: dict, label: str) -> None:
 
     # files in the container's /tmp and /dev/shm that nobody holds
     expected = expected_while_checkpointed(manifest) if states.get("m1") == "checkpointed" else set()
-    check_files(soak, c, set(tree_pids) | set(in_container), expected, where)
+    live_tmpdirs = tuple(f"/tmp/llmuxd-tree-{soak.config['models'][n]['port']}/" for n, s in states.items()
+                         if s not in ("stopped", "checkpointed"))
+    check_files(soak, c, set(tree_pids) | set(in_container), expected, where, live_tmpdirs)
 
     # the checkpoint folder
     check_ckpt(soak, states.get("m1"), where)
@@ -550,7 +552,11 @@ def _same_dev_dir(p: Path, dev: int) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_dev == dev
 
 
-def check_files(soak: Soak, c: EntrypointContainer, pids: set[int], expected: set[str], where: str) -> None:
+def check_files(soak: Soak, c: EntrypointContainer, pids: set[int], expected: set[str], where: str,
+                live_tmpdirs: tuple[str, ...] = ()) -> None:
+    """Files in the container's /tmp and /dev/shm that no process holds, except ``expected``
+    ones and those in the own temporary folder (TMPDIR) of a model whose tree lives: that tree
+    may use them by name (llmuxd empties the folder once the tree is gone)."""
     held = held_inodes(pids)
     bound = bound_unix_paths()
     for top in ("/tmp", "/dev/shm"):
@@ -567,7 +573,7 @@ def check_files(soak: Soak, c: EntrypointContainer, pids: set[int], expected: se
                     st = os.lstat(p)
                 except OSError:
                     continue
-                if st.st_dev != dev or cpath in expected:
+                if st.st_dev != dev or cpath in expected or cpath.startswith(live_tmpdirs):
                     continue
                 if (stat.S_ISSOCK(st.st_mode) and cpath in bound) or (st.st_dev, st.st_ino) in held:
                     continue
