@@ -63,6 +63,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -111,9 +112,19 @@ MAX_ERRORS = 20  # request errors after which the run gives up (each is a failur
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: while a model is checkpointed its port is
+    unbound, and a port the kernel hands out (bind to port 0, as other programs and test runs on
+    the machine do) could be taken meanwhile — the restore would then be refused, rightly, but
+    for a reason outside what the soak tests."""
+    low = int((read("/proc/sys/net/ipv4/ip_local_port_range") or "32768").split()[0])
+    while True:
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def percentile(values: list[float], q: float) -> float | None:
