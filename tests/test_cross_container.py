@@ -15,6 +15,8 @@ shared folders.  The config is the mission's, with the simulator as vllm_command
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import SIM, free_ports, wait_until
+from harness import SIM, free_ports, remove_cgroups, wait_until
 from llmuxd.sim import model as simmodel
 from systemd_env import REPO, VENV, ServiceContainer, require_containers
 
@@ -88,6 +90,7 @@ class EntrypointContainer:
         cfg = workdir / f"{name}-config.json"
         cfg.write_text(json.dumps(config))
         self.url = f"http://127.0.0.1:{config['port']}"
+        self.port = config["port"]
         self.env = env
         self.c = mntns.MountContainer(name, binds=[(str(ckpt), CKPT), (str(hf), HF), (str(cfg), "/etc/llmux/config.json"),
                                                    *mntns.repo_binds(REPO)])
@@ -104,8 +107,20 @@ class EntrypointContainer:
     def log(self) -> str:
         return self.c.path("/var/log/llmuxd/entrypoint.log").read_text(errors="replace")
 
-    def stop(self) -> None:
-        self.c.stop()
+    def stop(self, timeout: float = 120) -> None:
+        """As ``docker stop`` with a long stop timeout: SIGTERM llmuxd and let it stop its models
+        and remove its cgroups (a vLLM tree takes more than the container's own 2 s of grace),
+        then end the container; what a daemon killed even so could not remove goes too."""
+        proc = getattr(self, "proc", None)  # None: start() failed before the spawn
+        try:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            self.c.stop()
+            remove_cgroups(self.port)
 
 
 def test_cross_container_entrypoint_shape(tmp_path, shared):
