@@ -21,6 +21,7 @@ import pytest
 
 from conftest import model_entry
 from harness import LLMUXD, free_ports, wait_until
+from llmuxd.checkpoint import remaps
 from llmuxd.isolation.procfs import held_inodes
 
 pytestmark = [pytest.mark.criu]
@@ -182,3 +183,32 @@ def test_a_planted_link_for_the_tmpdir_is_never_followed(make_daemon, tmp_path, 
         assert list(victim.iterdir()) == [] and planted.is_symlink()
     finally:
         planted.unlink()
+
+
+def test_another_daemons_put_back_files_are_never_taken(make_daemon, tmp_path, expected):
+    """Two llmuxd sharing one /dev/shm (containers with the host's IPC namespace): the one about
+    to restore has put its link_remap.N back; the other, dumping a tree alike, must not remove it
+    (the mark names the model's port).  Its own dump then fails on the name, loudly."""
+    p = free_ports(4)
+    a = make_daemon(models={"m1": model_entry("m1", p[0], "discard", "checkpoint"), "m2": model_entry("m2", p[1])},
+                    checkpoint={"criu_path": CRIU, "images_dir": str(tmp_path / "ck-a")})
+    complete(a, "m1")
+    assert a.control("sleep", "m1").json()["state"] == "checkpointed"
+    m = manifest(a)
+    remap = m["link_remaps"][0]["path"]
+    try:
+        r = subprocess.run([LLMUXD, "prepare-restore", "--config", str(a.config_path)], capture_output=True,
+                           text=True)
+        assert r.returncode == 0 and os.path.exists(remap), r.stdout + r.stderr
+        b = make_daemon(models={"m1": model_entry("m1", p[2], "discard", "checkpoint"),
+                                "m2": model_entry("m2", p[3])},
+                        checkpoint={"criu_path": CRIU, "images_dir": str(tmp_path / "ck-b")})
+        complete(b, "m1")
+        r = b.control("sleep", "m1").json()
+        assert r["state"] == "stopped" and "Can't link remap" in r["last_error"], r  # refused by CRIU, loudly
+        assert os.path.exists(remap)  # a's file is still there
+        assert complete(a, "m1") == expected("m1", "leftovers", 4)  # and a restores with it
+        assert a.status()["models"]["m1"]["last_wake_kind"] == "restore"
+    finally:  # what a's put-back placed, should the test fail before a's restore consumed it
+        remaps.remove_marked([r["path"] for r in m["link_remaps"] + m["saved"] if r["path"].startswith("/dev/shm/")],
+                             m["port"])

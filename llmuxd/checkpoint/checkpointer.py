@@ -146,7 +146,7 @@ class Checkpointer:
                                 cuda_bytes=cudamod.gpu_bytes_of(gpu_pids))
                 suspended = await cudamod.suspend_tree(gpu_pids, self.cuda)
                 t["cuda_suspend"] = time.monotonic() - started
-            await asyncio.to_thread(self._before_dump, tree)
+            await asyncio.to_thread(self._before_dump, tree, facts.port)
             started = time.monotonic()
             await self.criu.dump(target, images, freeze_cgroup=self.cgroup.path if self.cgroup else None,
                                  enter=enter, timeout=self.settings.dump_timeout)
@@ -156,7 +156,7 @@ class Checkpointer:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
             manifest = await asyncio.to_thread(build, read_images(images), images, partial / BLOBS, FsView(), facts)
             for r in manifest.link_remaps:  # CRIU made them for this dump: ours
-                remaps.mark(r.path)
+                remaps.mark(r.path, facts.port)
             await asyncio.to_thread(safefs.secure_tree, str(partial))
             t["manifest"] = time.monotonic() - started
             manifest = manifest.model_copy(update={"timings": t})
@@ -178,12 +178,12 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
         return manifest
 
-    def _before_dump(self, tree: ProcessTree) -> None:
+    def _before_dump(self, tree: ProcessTree, port: int) -> None:
         """Note what the tree holds that can outlive it, and clear the way for CRIU's link_remap.N
         names (see :mod:`.remaps`)."""
         tree.note_files()
         self.release_put_back()
-        if gone := remaps.remove_stale(remaps.folders(shm_files(tree.pids()))):
+        if gone := remaps.remove_stale(remaps.folders(shm_files(tree.pids())), port):
             log.info("%s: removed stale link-remap files of earlier checkpoints: %s", self.name, ", ".join(gone),
                      extra={"MODEL": self.name, "EVENT": "dump"})
 
@@ -334,7 +334,8 @@ class Checkpointer:
         restore that is not happening (its /dev/shm files and link_remap.N, marked by us, unheld) goes; a
         restore would put them back."""
         found = self.found()
-        if found.manifest is not None and (gone := remaps.remove_marked(r.path for r in found.manifest.transient())):
+        m = found.manifest
+        if m is not None and (gone := remaps.remove_marked((r.path for r in m.transient()), m.port)):
             log.info("%s: removed what was put back for a restore that did not happen: %s", self.name,
                      ", ".join(gone), extra={"MODEL": self.name, "EVENT": "cold_start"})
 

@@ -16,6 +16,7 @@ import socket
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..config import ConfigError, load_config
 from . import remaps, safefs
@@ -54,7 +55,7 @@ def _blob_present(rec: SavedFile, blobs: int) -> None:
         raise Unusable(f"saved copy of {rec.path} (files/{rec.sha256}) is not a regular file")
 
 
-def _put_back(rec: SavedFile, blobs: int, transient: bool) -> None:
+def _put_back(rec: SavedFile, blobs: int, mark: Callable[[int], object] | None) -> None:
     try:
         src, st = safefs.open_regular(rec.sha256, blobs)
     except FileNotFoundError:
@@ -71,7 +72,7 @@ def _put_back(rec: SavedFile, blobs: int, transient: bool) -> None:
         try:
             safefs.put_file(rec.path, src, size=rec.size, sha256=rec.sha256, mode=rec.mode, uid=rec.uid,
                             gid=rec.gid, atime_ns=rec.atime_ns, mtime_ns=rec.mtime_ns,
-                            marked=remaps.mark if transient else None)
+                            marked=mark)
         except safefs.DigestMismatch as e:
             raise Unusable(str(e)) from None
     finally:
@@ -98,7 +99,7 @@ def apply(found: Found, placed: list[str] | None = None) -> Prepared:
             for rec in m.blobs():
                 _blob_present(rec, blobs)  # a complete checkpoint, even where the file is in place
                 if not _in_place(rec):
-                    _put_back(rec, blobs, rec.path in transient)
+                    _put_back(rec, blobs, (lambda fd: remaps.mark(fd, m.port)) if rec.path in transient else None)
                     out.done.append(f"restored {rec.path} ({rec.size} bytes)")
                 out.placed.append(rec.path)
         finally:
