@@ -144,6 +144,7 @@ class VllmBackend:
         code = await self.tree.wait()
         if not self._expect_exit:
             self._on_exit(code)
+            await self.tree.kill(grace_secs=0)  # what the dead root left running goes with it
             await self._tree_gone()
 
     async def _tree_gone(self) -> None:
