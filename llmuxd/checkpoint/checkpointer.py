@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..isolation.cgroups import Cgroup
 from ..isolation.pidinit import RESTORED
-from ..isolation.procfs import inner_pid, shm_files
+from ..isolation.procfs import inner_pid, outlive_dirs, shm_files
 from ..isolation.tree import ProcessTree
 from . import cuda as cudamod
 from . import remaps, safefs
@@ -183,7 +183,7 @@ class Checkpointer:
         names (see :mod:`.remaps`)."""
         tree.note_files()
         self.release_put_back()
-        if gone := remaps.remove_stale(remaps.folders(shm_files(tree.pids())), port):
+        if gone := remaps.remove_stale(outlive_dirs(shm_files(tree.pids())), port):
             log.info("%s: removed stale link-remap files of earlier checkpoints: %s", self.name, ", ".join(gone),
                      extra={"MODEL": self.name, "EVENT": "dump"})
 

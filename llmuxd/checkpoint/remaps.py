@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import stat
 
-from ..isolation.procfs import DELETED, LINK_REMAP, SHM, Inode, held_inodes
+from ..isolation.procfs import LINK_REMAP, Inode, unlink_unheld
 
 MARK = "trusted.llmuxd"
 
@@ -55,11 +55,6 @@ def _marked(path: str, port: int) -> bool:
         return False
 
 
-def folders(files: dict[Inode, str]) -> set[str]:
-    """Where a dump of a tree holding ``files`` (procfs.shm_files) makes its link_remap.N."""
-    return {SHM} | {os.path.dirname(p.removesuffix(DELETED)) for p in files.values() if p.endswith(DELETED)}
-
-
 def remove_stale(dirs: set[str], port: int) -> list[str]:
     """Remove the link_remap.N files in ``dirs`` marked for the model on ``port`` that no live
     process holds."""
@@ -75,22 +70,12 @@ def remove_stale(dirs: set[str], port: int) -> list[str]:
 def remove_marked(paths, port: int) -> list[str]:
     """Remove those of ``paths`` that are regular files marked for the model on ``port`` that no
     live process holds."""
-    found: dict[Inode, str] = {}
+    found: dict[str, Inode] = {}
     for path in paths:
         try:
             st = os.lstat(path)
         except OSError:
             continue
         if stat.S_ISREG(st.st_mode) and _marked(path, port):
-            found[(st.st_dev, st.st_ino)] = path
-    busy = held_inodes(set(found)) if found else set()
-    gone = []
-    for key, path in found.items():
-        try:
-            st = os.lstat(path)
-            if key not in busy and (st.st_dev, st.st_ino) == key:
-                os.unlink(path)
-                gone.append(path)
-        except OSError:
-            pass
-    return gone
+            found[path] = (st.st_dev, st.st_ino)
+    return unlink_unheld(found)

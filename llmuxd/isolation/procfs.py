@@ -114,12 +114,17 @@ def held_inodes(keys: set[Inode]) -> set[Inode]:
     return found
 
 
-def _names(files: dict[Inode, str]) -> list[tuple[str, Inode]]:
+def outlive_dirs(files: dict[Inode, str]) -> set[str]:
+    """Where names of ``files`` (from :func:`shm_files`) can stay behind: /dev/shm, and the folders
+    of its deleted files (their other names; CRIU makes its link_remap.N there)."""
+    return {SHM} | {os.path.dirname(p.removesuffix(DELETED)) for p in files.values() if p.endswith(DELETED)}
+
+
+def _names(files: dict[Inode, str]) -> dict[str, Inode]:
     """The names on disk of those inodes that llmuxd may remove: any in /dev/shm, and CRIU's
     ``link_remap.N`` next to a deleted file."""
-    dirs = {SHM} | {os.path.dirname(p.removesuffix(DELETED)) for p in files.values()}
-    out = []
-    for d in sorted(dirs):
+    out = {}
+    for d in sorted(outlive_dirs(files)):
         try:
             entries = list(os.scandir(d))
         except OSError:
@@ -132,23 +137,16 @@ def _names(files: dict[Inode, str]) -> list[tuple[str, Inode]]:
             except OSError:
                 continue
             if stat_mod.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in files:
-                out.append((e.path, (st.st_dev, st.st_ino)))
+                out[e.path] = (st.st_dev, st.st_ino)
     return out
 
 
-def release_files(files: dict[Inode, str]) -> list[str]:
-    """Remove what a gone process tree left on disk that only it used: every name of an inode
-    it held (``files``, from :func:`shm_files` taken while it lived) in /dev/shm, and CRIU's
-    link_remap.N beside its deleted files — when no live process holds that inode.  A killed
-    tree cannot remove these itself, and tmpfs is memory, never given back until the container
-    ends; a checkpoint keeps its own copies (a restore puts them back).  Proof of ownership is
-    the inode: a name re-made since by someone else is another inode and is left alone."""
-    names = _names(files) if files else []
-    if not names:
-        return []
-    busy = held_inodes({key for _, key in names})
+def unlink_unheld(names: dict[str, Inode]) -> list[str]:
+    """Unlink each path that is still the regular file of its recorded inode, unless a live
+    process holds that inode; returns the paths removed."""
+    busy = held_inodes(set(names.values())) if names else set()
     gone = []
-    for path, key in names:
+    for path, key in names.items():
         if key in busy:
             continue
         try:
@@ -160,6 +158,15 @@ def release_files(files: dict[Inode, str]) -> list[str]:
             pass
     return gone
 
+
+def release_files(files: dict[Inode, str]) -> list[str]:
+    """Remove what a gone process tree left on disk that only it used: every name of an inode
+    it held (``files``, from :func:`shm_files` taken while it lived) in /dev/shm, and CRIU's
+    link_remap.N beside its deleted files — when no live process holds that inode.  A killed
+    tree cannot remove these itself, and tmpfs is memory, never given back until the container
+    ends; a checkpoint keeps its own copies (a restore puts them back).  Proof of ownership is
+    the inode: a name re-made since by someone else is another inode and is left alone."""
+    return unlink_unheld(_names(files)) if files else []
 
 
 def unix_sockets(pids) -> set[str]:
