@@ -148,8 +148,7 @@ class VllmBackend:
             await self._tree_gone()
 
     async def _tree_gone(self) -> None:
-        """What the ended tree left: its /dev/shm files and sockets, its temporary folder."""
-        await self.tree.release_files()
+        """After ``tree.kill`` (which released its /dev/shm files and sockets): its temporary folder."""
         if self.tmpdir is not None and not self.tree.pids():
             if gone := await asyncio.to_thread(scratch.empty, self.tmpdir):
                 log.info("%s: removed %d file(s) the ended tree left in %s", self.name, len(gone), self.tmpdir)
