@@ -61,7 +61,7 @@ def check(name: str, ok: bool, detail: Any = None) -> bool:
 
 # -- GPU memory -------------------------------------------------------------------------------------
 def mem(label: str) -> dict:
-    from llmuxd.checkpoint import cuda
+    from llmuxd import cuda
 
     inv = cuda.gpu_inventory() or {"gpus": [{}]}
     g = inv["gpus"][0]
@@ -103,7 +103,7 @@ def outer_pid(pids: list[int], inner: int | None) -> int | None:
 
 
 def cuda_state(pid: int) -> str:
-    from llmuxd.checkpoint import cuda
+    from llmuxd import cuda
 
     try:
         if not hasattr(cuda_state, "backend"):
@@ -538,7 +538,7 @@ def main() -> int:
         R["machine"] |= {"torch": torch.__version__, "cuda": torch.version.cuda}
     except ImportError:
         pass
-    from llmuxd.checkpoint import cuda
+    from llmuxd import cuda
 
     R["machine"]["gpu"] = cuda.gpu_inventory()
     env = setup(args)

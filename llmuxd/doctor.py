@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import cuda
+from . import cuda
 from .checkpoint.criu import criu_has_nftables, kernel_has_nf_tables, network_lock_method
 from .config import DEFAULT_CONFIG_PATH, CheckpointConfig, Config, ConfigError, ProcessEviction, load_config
 from .api.dbus import bus_socket_paths, system_bus_address
@@ -165,7 +165,7 @@ def cuda_facts(ckpt: CheckpointConfig, libcuda: str = cuda.LIBCUDA, nvml: str = 
         except cuda.CudaError as e:
             f["driver_api_detail"] = f"{drv.describe()} has cuCheckpoint*, but {e.message}"
     except OSError as e:
-        f["driver_api_detail"] = f"{libcuda} {cuda._short_oserror(e)}"
+        f["driver_api_detail"] = f"{libcuda} {cuda.short_oserror(e)}"
     except AttributeError as e:
         f["driver_api_detail"] = str(e)
     f["binary"] = _resolve(ckpt.cuda_checkpoint_path)

@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 
 from .backends.vllm import BackendError, VllmBackend
-from .checkpoint import cuda as cudamod
+from . import cuda as cudamod
 from .checkpoint.checkpointer import CheckpointFailed, Checkpointer
 from .checkpoint.criu import Criu
 from .checkpoint.manifest import DumpFacts

@@ -8,7 +8,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from .checkpoint import cuda as cudamod
+from . import cuda as cudamod
 from .checkpoint.commands import CommandError, _model, _tidy
 from .config import Config, Eviction, ProcessEviction, WeightsEviction
 from .isolation.reaper import reap_forever

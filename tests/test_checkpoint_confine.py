@@ -266,7 +266,7 @@ def test_a_refused_restore_never_leaves_the_model_restoring(make_daemon, golden,
 def test_the_manifest_contract_reads_what_it_writes_cuda_included(golden):
     """One writer, one reader: a dump's manifest (here with the CUDA facts a GPU dump records)
     decodes to the typed model and encodes back to the same bytes."""
-    from llmuxd.checkpoint import cuda
+    from llmuxd import cuda
     from llmuxd.checkpoint.model import ManifestError, decode, encode
 
     inv = cuda.parse_nvidia_smi("0, NVIDIA H200, GPU-1234, 143771, 140000, 570.86.15\n")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from llmuxd.checkpoint import cuda
-from llmuxd.checkpoint.cuda import (
+from llmuxd import cuda
+from llmuxd.cuda import (
     CudaError, check_restorable, gpu_inventory, gpu_processes, parse_help,
     parse_nvidia_smi, parse_state, resume_tree, select_checkpointer, suspend_tree,
 )

@@ -30,7 +30,7 @@ from ..isolation.cgroups import Cgroup
 from ..isolation.pidinit import RESTORED
 from ..isolation.procfs import inner_pid, outlive_dirs, shm_files
 from ..isolation.tree import ProcessTree
-from . import cuda as cudamod
+from .. import cuda as cudamod
 from . import remaps, safefs
 from .criu import Criu, CriuError, CriuTimeout, error_lines
 from .fsview import FsView
