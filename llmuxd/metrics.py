@@ -1,4 +1,4 @@
-"""Prometheus metrics (prefix ``llmuxd_``, base units), fed by orchestrator and switcher events."""
+"""Prometheus metrics (prefix ``llmuxd_``, base units), fed by the models' and the switcher's events."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
-from .orchestrator import Listener, State
+from .events import Listener, State
 
 _PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 

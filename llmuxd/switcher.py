@@ -27,13 +27,17 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-from .config import Config, ProcessEviction
-from .isolation.cgroups import CgroupLayout
+from .config import CheckpointConfig, Config, ProcessEviction
+from .cuda import SuspendChoice
 from .errors import (
     Evicted, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests, TransitionFailed, UnknownModel,
 )
+from .events import Events, Listener, State
+from .isolation.cgroups import CgroupLayout
+from .lease import Lease, Route
 from .metrics import Metrics
-from .orchestrator import Listener, Model, State, TransitionError
+from .model import Model, TransitionError
+from .status import Status, Switching, Transition
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +45,10 @@ log = logging.getLogger(__name__)
 REVOKE_GRACE_SECS = 5.0
 
 
-class Lease:
-    """One admitted request's hold on its model.  ``revoked`` is set when the controller takes
-    the model away before the request ended; the holder must then stop and release it."""
-
-    def __init__(self, model: str):
-        self.model = model
-        self.revoked = asyncio.Event()
-        self.reason: Evicted | None = None
-
-    def revoke(self, reason: Evicted) -> None:
-        if not self.revoked.is_set():
-            self.reason = reason
-            self.revoked.set()
-
-
 @dataclass
 class _Job:
     what: str  # "activate <model>" / "sleep <model>"
-    run: Callable[[], Awaitable[dict]]
+    run: Callable[[], Awaitable[Transition]]
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -69,9 +58,11 @@ class Switcher(Listener):
         self.policy = config.policy
         self.metrics = metrics or Metrics(list(config.models))
         self.cgroups = cgroups
-        self._listeners: list[Listener] = [self.metrics, self]  # shared with every Model
+        self.events = Events([self.metrics, self])  # shared with every Model
+        # The CUDA suspend backend: chosen once (on first use) for every model.
+        cuda = SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
         self.models = {
-            name: Model(name, config, self._listeners, cgroups.model(name) if cgroups else None)
+            name: Model(name, config, self.events, cgroups.model(name) if cgroups else None, cuda)
             for name in config.models
         }
         self._active: str | None = None
@@ -88,7 +79,7 @@ class Switcher(Listener):
         self._closing = False
 
     def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+        self.events.add(listener)
 
     @property
     def active(self) -> str | None:
@@ -111,8 +102,7 @@ class Switcher(Listener):
             self._announce()
 
     def _announce(self) -> None:
-        for listener in self._listeners:
-            listener.active_changed(self._active, self._switching)
+        self.events.active_changed(self._active, self._switching)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def adopt_running(self) -> None:
@@ -225,7 +215,8 @@ class Switcher(Listener):
         return sum(len(w) for w in self._waiting.values())
 
     def _take(self, name: str) -> Lease:
-        lease = Lease(name)
+        backend = self.models[name].backend
+        lease = Lease(name, Route(backend.url, backend.served_name))
         self._leases[name].add(lease)
         self._idle[name].clear()
         self.metrics.in_flight.labels(name).inc()
@@ -265,26 +256,27 @@ class Switcher(Listener):
                 fut.set_exception(error)
 
     # -- control verbs ------------------------------------------------------------------------
-    async def wake(self, name: str) -> dict:
+    def request_done(self, name: str, outcome: str) -> None:
+        """A proxied request for ``name`` ended (``outcome``: the status code, ``evicted``,
+        ``client_closed``...): counted in llmuxd_requests_total."""
+        self.metrics.requests.labels(name, outcome).inc()
+
+    async def wake(self, name: str) -> Transition:
         self.model(name)
         return await asyncio.shield(self._request_activation(name).done)
 
-    async def sleep(self, name: str) -> dict:
+    async def sleep(self, name: str) -> Transition:
         self.model(name)
         job = _Job(f"sleep {name}", lambda: self._sleep_job(name))
         self._enqueue(job)
         return await asyncio.shield(job.done)
 
-    def status(self) -> dict:
-        models = {}
-        for name, m in self.models.items():
-            models[name] = {**m.status(), "in_flight": len(self._leases[name]), "waiting": len(self._waiting[name])}
-        return {
-            "active_model": self.active,
-            "switching": {"from": self.switching[0], "to": self.switching[1]} if self.switching else None,
-            "queue_depth": self.queue_depth,
-            "models": models,
-        }
+    def status(self) -> Status:
+        models = {name: m.status().model_copy(update={"in_flight": len(self._leases[name]),
+                                                      "waiting": len(self._waiting[name])})
+                  for name, m in self.models.items()}
+        switching = Switching(from_=self.switching[0], to=self.switching[1]) if self.switching else None
+        return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models)
 
     # -- the worker ------------------------------------------------------------------------------
     def _enqueue(self, job: _Job) -> None:
@@ -316,13 +308,13 @@ class Switcher(Listener):
             # Nobody may be left waiting on a consumed future without a reference.
             job.done.exception() if job.done.done() and not job.done.cancelled() else None
 
-    async def _activate_job(self, name: str) -> dict:
+    async def _activate_job(self, name: str) -> Transition:
         model = self.models[name]
         previous = self.active
         started = time.monotonic()
         try:
             if self.active == name and model.state is State.AWAKE:
-                result = {"model": name, "state": model.state.value, "duration_secs": 0.0}
+                result = Transition(model=name, state=model.state.value, duration_secs=0.0)
             else:
                 self.switching = (previous, name)
                 if self.active is not None:
@@ -341,7 +333,7 @@ class Switcher(Listener):
                     "switched %s -> %s in %.3f s (%s)", previous, name, secs, model.last_wake_kind,
                     extra={"MODEL": name, "EVENT": "switch", "DURATION_S": f"{secs:.3f}"},
                 )
-                result = {"model": name, "state": model.state.value, "duration_secs": secs}
+                result = Transition(model=name, state=model.state.value, duration_secs=secs)
         except Exception as e:
             self.metrics.switches.labels(previous or "", name, "error").inc()
             self._activation.pop(name, None)
@@ -354,10 +346,10 @@ class Switcher(Listener):
         self._settle(name, None)
         return result
 
-    async def _sleep_job(self, name: str) -> dict:
+    async def _sleep_job(self, name: str) -> Transition:
         secs = await self._evict(name, for_switch=False)
         m = self.models[name]
-        return {"model": name, "state": m.state.value, "duration_secs": secs, "last_error": m.last_error}
+        return Transition(model=name, state=m.state.value, duration_secs=secs, last_error=m.last_error)
 
     async def _evict(self, name: str, *, for_switch: bool) -> float:
         model = self.models[name]
@@ -401,7 +393,7 @@ class Switcher(Listener):
             log.error("%s: %d revoked request(s) did not end within %g s; evicting anyway", name,
                       len(self._leases[name]), REVOKE_GRACE_SECS, extra={"MODEL": name, "EVENT": "drain_timeout"})
 
-    # -- orchestrator Listener ------------------------------------------------------------------
+    # -- the models' events ------------------------------------------------------------------
     def state_changed(self, model: str, old: State, new: State) -> None:
         if new is State.STOPPED and self.active == model:
             self.active = None

@@ -10,7 +10,7 @@ import os
 
 import sdnotify
 
-from .orchestrator import Listener, State
+from .events import Listener, State
 
 log = logging.getLogger(__name__)
 

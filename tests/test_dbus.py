@@ -155,7 +155,7 @@ class Daemon:
 
     def status(self) -> dict:
         async def get():
-            return self.switcher.status()
+            return self.switcher.status().json_dict()
 
         st = self.run(get())
         for m in st["models"].values():
@@ -431,12 +431,13 @@ def test_policy_non_root(daemon, buses, caplog):
 STUB_DAEMON = """
 import asyncio, sys
 from llmuxd.api.dbus import DbusTransport
+from llmuxd.status import Transition
 
 class Switcher:  # what the transport needs of one
     active = None; switching = None; models = {}
     def add_listener(self, listener): pass
-    async def wake(self, model): return {"state": "awake", "duration_secs": 0.5}
-    async def sleep(self, model): return {"state": "asleep", "duration_secs": 0.25}
+    async def wake(self, model): return Transition(model=model, state="awake", duration_secs=0.5)
+    async def sleep(self, model): return Transition(model=model, state="asleep", duration_secs=0.25)
 
 async def main():
     await DbusTransport(Switcher(), sys.argv[1]).start()

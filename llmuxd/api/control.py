@@ -26,11 +26,11 @@ class Control:
 
     async def sleep(self, request: web.Request) -> web.Response:
         _, _, model = await read_model_request(request, self.limits)
-        return web.json_response(await self.switcher.sleep(model))
+        return web.json_response((await self.switcher.sleep(model)).json_dict())
 
     async def wake(self, request: web.Request) -> web.Response:
         _, _, model = await read_model_request(request, self.limits)
-        return web.json_response(await self.switcher.wake(model))
+        return web.json_response((await self.switcher.wake(model)).json_dict())
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.switcher.status())
+        return web.json_response(self.switcher.status().json_dict())

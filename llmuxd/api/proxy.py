@@ -25,7 +25,8 @@ import yarl
 from aiohttp import web
 
 from ..errors import BackendDied, Evicted, LlmuxdError
-from ..switcher import Lease, Switcher
+from ..lease import Lease
+from ..switcher import Switcher
 from .errors import envelope
 from .headers import to_backend, to_client
 from .paths import forward_target
@@ -102,15 +103,16 @@ class Proxy:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         target = forward_target(request.raw_path)
         body, data, name = await read_model_request(request, self.limits)
-        model = self.switcher.model(name)
-        if model.backend.served_name != name:  # the backend was started under another name
-            data["model"] = model.backend.served_name
-            body = json.dumps(data).encode()
-        url = yarl.URL(model.backend.url + target, encoded=True)
+        self.switcher.model(name)  # an unknown model is refused here, not counted: its name is the client's
         headers = to_backend(request.headers, strip_authorization=self.strip_authorization)
         ex = _Exchange(request, name)
         try:
             async with self.switcher.serving(name) as lease:
+                route = lease.route
+                if route.served_name != name:  # the backend was started under another name
+                    data["model"] = route.served_name
+                    body = json.dumps(data).encode()
+                url = yarl.URL(route.url + target, encoded=True)
                 return await self._watched(ex, lease, url, body, headers)
         except asyncio.CancelledError:  # the client went away (aiohttp cancels its handler)
             if not ex.status.startswith("client_"):  # (or was dropped for not reading: kept)
@@ -120,7 +122,7 @@ class Proxy:
             ex.status = "evicted" if isinstance(e, Evicted) else str(e.http_status)
             raise
         finally:
-            self.switcher.metrics.requests.labels(name, ex.status).inc()
+            self.switcher.request_done(name, ex.status)
 
     async def _watched(self, ex: _Exchange, lease: Lease, url, body: bytes, headers) -> web.StreamResponse:
         """Relay while watching the lease: a revoked lease stops the relay."""

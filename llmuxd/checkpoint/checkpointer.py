@@ -13,7 +13,7 @@ Restore: image integrity -> put back what the container lacks (confined, :mod:`.
 check and preflight -> CRIU restore into the model's cgroup (llmuxd is a child subreaper, so the
 restored root becomes its child), killed with what it restored after
 ``checkpoint.restore_timeout_secs`` -> CUDA resume.  What follows (health, wake sequence,
-canary) is the orchestrator's.
+canary) is the model's: ``llmuxd/model/checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -66,14 +66,14 @@ class Restored:
 
 class Checkpointer:
     def __init__(self, name: str, path: Path, criu: Criu, cgroup: Cgroup | None, work_dir: Path,
-                 cuda: "cudamod.CudaCheckpointer | None" = None, settings: Settings | None = None):
+                 cuda: cudamod.SuspendChoice | None = None, settings: Settings | None = None):
         self.name = name
         self.path = normalized(path)
         self.settings = settings or Settings(self.path.parent)
         self.criu = criu
         self.cgroup = cgroup
         self.work_dir = normalized(work_dir)
-        self.cuda = cuda
+        self.cuda = cuda or cudamod.SuspendChoice()  # the daemon's one choice, used when a tree holds GPU state
         self._placed: list[str] = []  # saved files the last restore attempt has in place
         self._transient: set[str] = set()  # of the manifest's saved files, those removed after a failure
         self._spawned: int | None = None  # the init this restore attempt started (namespaced restore)
@@ -138,13 +138,15 @@ class Checkpointer:
             os.mkdir(images, 0o700)
             started = time.monotonic()
             gpu_pids = cudamod.gpu_processes(tree_pids)
+            cuda = self.cuda.get() if gpu_pids else None
             if gpu_pids:
-                if self.cuda is None:
+                if cuda is None:
                     raise CheckpointFailed(f"processes {gpu_pids} hold GPU state and no CUDA checkpoint "
-                                           "(driver API or cuda-checkpoint) is available", reason="no_cuda")
+                                           f"(driver API or cuda-checkpoint) is available: {self.cuda.why}",
+                                           reason="no_cuda")
                 facts = replace(facts, cuda_pids=[q for p in gpu_pids if (q := inner_pid(p)) is not None],
                                 cuda_bytes=cudamod.gpu_bytes_of(gpu_pids))
-                suspended = await cudamod.suspend_tree(gpu_pids, self.cuda)
+                suspended = await cudamod.suspend_tree(gpu_pids, cuda)
                 t["cuda_suspend"] = time.monotonic() - started
             await asyncio.to_thread(self._before_dump, tree, facts.port)
             started = time.monotonic()
@@ -168,7 +170,7 @@ class Checkpointer:
             if isinstance(e, CriuTimeout):
                 self._thaw()
             if suspended:  # the tree lives on: give it its GPU back
-                await cudamod.resume_tree(suspended, self.cuda)
+                await cudamod.resume_tree(suspended, cuda)
             raise CheckpointFailed(str(e), reason="criu_dump") from None
         except Untrusted as e:
             raise CheckpointFailed(f"checkpoint not written: {e}", reason="untrusted") from None
@@ -302,11 +304,12 @@ class Checkpointer:
         inner = set(m.cuda_pids)
         if not inner:
             return 0.0
-        if self.cuda is None:
-            raise CheckpointFailed("the checkpoint holds CUDA state but no CUDA checkpoint is available here",
-                                   reason="no_cuda")
+        cuda = self.cuda.get()
+        if cuda is None:
+            raise CheckpointFailed(f"the checkpoint holds CUDA state but no CUDA checkpoint is available here: "
+                                   f"{self.cuda.why}", reason="no_cuda")
         started = time.monotonic()
-        await cudamod.resume_tree([p for p in pids if inner_pid(p) in inner], self.cuda)
+        await cudamod.resume_tree([p for p in pids if inner_pid(p) in inner], cuda)
         return time.monotonic() - started
 
     async def kill_tree(self) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..config import Config, Eviction, ProcessEviction, WeightsEviction
 from ..isolation.cgroups import CgroupLayout, CgroupUnavailable
 from ..isolation.reaper import reap_forever
+from ..status import DumpRecord
 from . import safefs
 from .fsview import container_epoch
 from .prepare import check
@@ -35,7 +36,7 @@ def _daemon_running(config: Config) -> bool:
 
 def _model(config: Config, name: str, force_checkpoint: bool):
     from ..daemon import become_subreaper
-    from ..orchestrator import Model
+    from ..model import Model
 
     if name not in config.models:
         raise CommandError(f"unknown model {name!r}; known: {', '.join(config.models)}")
@@ -55,7 +56,7 @@ def _model(config: Config, name: str, force_checkpoint: bool):
         cgroup = layout.model(name)
     except (CgroupUnavailable, OSError):
         cgroup = None
-    return Model(name, config, [], cgroup)
+    return Model(name, config, cgroup=cgroup)
 
 
 def _tidy(model) -> None:
@@ -81,10 +82,10 @@ async def checkpoint_model(config: Config, name: str) -> int:
         await model.sleep()
         if model.state.value != "checkpointed":
             raise CommandError(f"{name}: checkpoint failed: {model.last_error}")
-        lc = model.last_checkpoint or {}
+        lc = model.last_checkpoint
         print(f"{name}: checkpointed to {model.checkpointer.path} in {model.last_sleep_secs:.2f} s"
-              + (f" ({lc.get('image_bytes', 0) >> 20} MiB of images, {lc.get('saved_files', 0)} files saved)"
-                 if "image_bytes" in lc else " (reused the images it was restored from)"))
+              + (f" ({lc.image_bytes >> 20} MiB of images, {lc.saved_files} files saved)"
+                 if isinstance(lc, DumpRecord) else " (reused the images it was restored from)"))
         return 0
     finally:
         await model.stop()
@@ -104,7 +105,7 @@ async def restore_model(config: Config, name: str, detached: bool) -> int:
         if model.last_wake_kind != "restore":
             await model.stop()
             raise CommandError(f"{name}: restore failed, cold-started instead (stopped again): {model.last_error}")
-        secs = model.last_restore["seconds"]
+        secs = model.last_restore.seconds
         print(f"{name}: restored in {model.last_wake_secs:.2f} s ({', '.join(f'{k} {v:.3f}s' for k, v in secs.items())}); "
               f"serving on port {config.models[name].port}, root pid {model.backend.tree.root_pid}")
         if detached:

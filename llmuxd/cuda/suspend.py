@@ -135,6 +135,30 @@ def select_checkpointer(cuda_checkpoint_path: str = "cuda-checkpoint", libcuda: 
     return None, "no CUDA suspend: " + "; ".join(notes)
 
 
+
+class SuspendChoice:
+    """The daemon's one choice of CUDA suspend backend, shared by every model: made on first
+    use (most daemons never hold GPU state in a tree they evict, and choosing loads the
+    driver), then kept."""
+
+    def __init__(self, cuda_checkpoint_path: str = "cuda-checkpoint"):
+        self.cuda_checkpoint_path = cuda_checkpoint_path
+        self._chosen: tuple[CudaCheckpointer | None, str] | None = None
+
+    def get(self) -> CudaCheckpointer | None:
+        """The backend, or None when there is none here (:attr:`why` says why)."""
+        if self._chosen is None:
+            self._chosen = select_checkpointer(self.cuda_checkpoint_path)
+            log.info("CUDA suspend: %s", self._chosen[1])
+        return self._chosen[0]
+
+    @property
+    def why(self) -> str:
+        self.get()
+        assert self._chosen is not None
+        return self._chosen[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole trees
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""What the controller tells those who watch it: a model's states and the :class:`Listener`
+that receives every change (metrics, D-Bus signals, sd_notify ``STATUS=``).
+
+A leaf module: models and the switcher emit these events, the transports and metrics receive
+them, and neither side needs to import the other for it."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class State(str, Enum):
+    STOPPED = "stopped"  # no process; next wake is a cold start
+    STARTING = "starting"
+    AWAKE = "awake"  # serving
+    SLEEPING = "sleeping"
+    ASLEEP = "asleep"  # process alive, evicted per its weights axis
+    WAKING = "waking"
+    STOPPING = "stopping"
+    SUSPENDED = "suspended"  # process alive, its CUDA state suspended to host memory
+    CHECKPOINTED = "checkpointed"  # no process; a checkpoint to restore from
+    RESTORING = "restoring"
+
+
+class Listener:
+    """Receives the controller's events.  Override what you need; callbacks run on the event
+    loop and must not block."""
+
+    def state_changed(self, model: str, old: State, new: State) -> None:
+        pass
+
+    def phase_done(self, model: str, phase: str, seconds: float) -> None:
+        pass
+
+    def escalated(self, model: str, reason: str) -> None:
+        """An eviction failed and fell back to stopping the model."""
+
+    def active_changed(self, active: str | None, switching: tuple[str | None, str] | None) -> None:
+        """The active model or the switch in progress changed."""
+
+    def restore_failed(self, model: str, reason: str) -> None:
+        """A restore from a checkpoint failed (the model then cold-starts)."""
+
+
+class Events(Listener):
+    """Fans one event out to a list of listeners (shared by the switcher and every model, so a
+    listener added later hears every model)."""
+
+    def __init__(self, listeners: list[Listener] | None = None):
+        self.listeners = listeners if listeners is not None else []
+
+    def add(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+
+    def state_changed(self, model: str, old: State, new: State) -> None:
+        for listener in self.listeners:
+            listener.state_changed(model, old, new)
+
+    def phase_done(self, model: str, phase: str, seconds: float) -> None:
+        for listener in self.listeners:
+            listener.phase_done(model, phase, seconds)
+
+    def escalated(self, model: str, reason: str) -> None:
+        for listener in self.listeners:
+            listener.escalated(model, reason)
+
+    def active_changed(self, active: str | None, switching: tuple[str | None, str] | None) -> None:
+        for listener in self.listeners:
+            listener.active_changed(active, switching)
+
+    def restore_failed(self, model: str, reason: str) -> None:
+        for listener in self.listeners:
+            listener.restore_failed(model, reason)

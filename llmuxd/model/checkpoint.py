@@ -1,0 +1,159 @@
+"""``checkpoint``: the tree is dumped by CRIU and ended; the next wake restores it.
+
+:meth:`Checkpoint.restore` is the whole restore, top to bottom: verify the images, prepare what
+they need, CRIU restore (those three in :class:`~llmuxd.checkpoint.checkpointer.Checkpointer`),
+CUDA resume, health, the weights' wake sequence, the canary.  Any failure kills what was
+restored and the model cold-starts instead (the checkpoint is kept, or quarantined when it is
+damaged)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..backends.vllm import BackendError
+from ..checkpoint.checkpointer import CheckpointFailed, Checkpointer
+from ..checkpoint.criu import Criu
+from ..checkpoint.manifest import DumpFacts
+from ..checkpoint.store import Settings
+from ..config import ProcessEviction as Kind
+from ..cuda import CudaError
+from ..events import State
+from ..status import DumpRecord, RestoreRecord, ReusedCheckpoint
+from .eviction import ProcessEviction, TransitionError
+
+if TYPE_CHECKING:
+    from .model import Model
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoint(ProcessEviction):
+    kind = Kind.CHECKPOINT
+    resting = State.CHECKPOINTED
+
+    def __init__(self, model: Model):
+        super().__init__(model)
+        cfg = model.config
+        self.keep_images = model.checkpoint_config.keep_images
+        self.checkpointer = Checkpointer(model.name, cfg.checkpoint_dir_for(model.name),
+                                         Criu(model.checkpoint_config.criu_path), model.cgroup,
+                                         Path(cfg.log_dir) / "criu" / model.name, cuda=model.cuda,
+                                         settings=Settings.of(cfg))
+        self.restored_from: float | None = None  # created_ts of the checkpoint the tree came from
+        self.last_dump: DumpRecord | ReusedCheckpoint | None = None
+        self.last_restore: RestoreRecord | None = None
+        self._canary: str | None = None
+
+    # -- evict -----------------------------------------------------------------------------------
+    async def before_weights(self) -> None:
+        """The canary (one greedy answer) is taken while the model still serves; a restore must
+        give the same answer.  Not needed when the images are reused (they were checked)."""
+        self._canary = await self.model.backend.canary() if not self.reusable() else None
+
+    def reusable(self) -> bool:
+        """keep_images: the tree was restored from the checkpoint on disk and has not been
+        restarted since, so the images still describe it — llmux's reuse: no new dump."""
+        if not (self.keep_images and self.restored_from):
+            return False
+        found = self.checkpointer.found()
+        return found.state == "valid" and found.manifest is not None and found.manifest.created_ts == self.restored_from
+
+    async def evict(self) -> State:
+        m = self.model
+        if self.reusable():
+            log.info("%s: keep_images: reusing the checkpoint it was restored from", m.name,
+                     extra={"MODEL": m.name, "EVENT": "checkpoint_reuse"})
+            await m.stop_tree()
+            self.last_dump = ReusedCheckpoint()
+            return self.resting
+        facts = DumpFacts(model=m.name, eviction=str(m.eviction), served_name=m.backend.served_name, port=m.port,
+                          argv=m.backend.argv(), canary=self._canary, sleep_level=m.sleep_level)
+        m.backend.expect_exit()  # once dumped, the tree is ended (by us)
+        try:
+            manifest = await self.checkpointer.dump(m.backend.tree, facts)
+        except CheckpointFailed:
+            if m.backend.running:  # the dump failed before the end: the tree still serves
+                m.backend.unexpect_exit()
+            raise
+        await m.stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
+        self.restored_from = None
+        self.last_dump = DumpRecord(path=str(self.checkpointer.path), image_bytes=manifest.image_bytes,
+                                    saved_files=len(manifest.saved),
+                                    seconds={k: round(v, 4) for k, v in manifest.timings.items()})
+        log.info("%s: checkpointed to %s (%d MiB of images, %d files saved)", m.name, self.checkpointer.path,
+                 manifest.image_bytes >> 20, len(manifest.saved), extra={"MODEL": m.name, "EVENT": "checkpoint"})
+        return self.resting
+
+    # -- resume ----------------------------------------------------------------------------------
+    async def resume(self) -> str:
+        """Restore; when that fails, cold-start (a cold start that fails too leaves the model
+        checkpointed while its checkpoint is still usable: it stays the way back)."""
+        try:
+            await self.restore()
+            return "restore"
+        except CheckpointFailed as e:
+            self._restore_failed(e)
+        try:
+            await self.model.cold_start()
+        except TransitionError:
+            if self.checkpointer.found().state == "valid":
+                self.model.set_state(State.CHECKPOINTED)
+            raise
+        return "cold_start"
+
+    async def restore(self) -> None:
+        """The restore sequence; any failure kills what was restored and raises CheckpointFailed."""
+        m = self.model
+        m.set_state(State.RESTORING)
+        r = await self.checkpointer.restore(m.backend.tree, m.port, m.backend.served_name)  # verify, prepare, CRIU
+        manifest = r.manifest
+        t = dict(r.seconds)
+        try:
+            m.backend.watch_restored()
+            t["cuda_resume"] = await self.checkpointer.resume_cuda(manifest, m.backend.pids())
+            started = time.monotonic()
+            await m.backend.wait_ready(m.config.policy.startup_timeout_secs)
+            t["health"] = time.monotonic() - started
+            started = time.monotonic()
+            m.sleep_level = manifest.sleep_level
+            await m.wake_weights()
+            t["wake_sequence"] = time.monotonic() - started
+            if manifest.canary is not None:
+                answer = await m.backend.canary()
+                if answer != manifest.canary:
+                    raise CheckpointFailed(f"canary answer after restore {answer!r} differs from the one "
+                                           f"recorded before the dump {manifest.canary!r}", reason="canary")
+        except Exception as e:  # noqa: BLE001 - a restore fails as CheckpointFailed, never stuck in restoring
+            await m.backend.stop(grace_secs=0)
+            self.checkpointer.clean_after_failure()
+            if isinstance(e, CheckpointFailed):
+                raise
+            reason = "wake" if isinstance(e, (BackendError, CudaError)) else "internal"
+            raise CheckpointFailed(f"restored tree did not come up: {e}", reason=reason) from None
+        self.last_restore = RestoreRecord(from_=str(r.found.path), created=manifest.created, prepared=len(r.prepared),
+                                          seconds={k: round(v, 4) for k, v in t.items()})
+        log.info("%s: restored from %s (%s)", m.name, r.found.path, ", ".join(f"{k} {v:.3f}s" for k, v in t.items()),
+                 extra={"MODEL": m.name, "EVENT": "restore", "DURATION_S": f"{sum(t.values()):.3f}"})
+        if self.keep_images:
+            self.restored_from = manifest.created_ts
+        else:
+            self.checkpointer.discard()
+
+    def _restore_failed(self, e: CheckpointFailed) -> None:
+        if e.unusable:
+            moved = self.checkpointer.quarantine()
+            what = f"checkpoint unusable, moved to {moved}" if moved else "checkpoint unusable"
+        else:
+            what = f"checkpoint kept at {self.checkpointer.path}"
+        self.model.restore_failed(f"restore failed ({e.reason}): {e}; {what}; cold-starting instead", e.reason)
+
+    # -- around a tree that is not from this checkpoint -----------------------------------------
+    async def new_tree(self) -> None:
+        """Before a cold start: no checkpoint describes the new tree, and what a put-back left
+        for a restore that is not happening goes."""
+        self.restored_from = None
+        await asyncio.to_thread(self.checkpointer.release_put_back)

@@ -1,0 +1,137 @@
+"""The process axis of an eviction as strategies: what ``evict()`` does to a model's tree once
+its weights are dealt with, the state it leaves the model in, and how ``resume()`` brings the
+model back from that state.  ``checkpoint`` is in :mod:`.checkpoint`.
+
+A strategy owns what only it needs to remember (the suspended PIDs of ``cuda_suspend``, the
+checkpoint of ``checkpoint``); the model owns the tree (its backend), the weights step and the
+state, and tells every strategy when its tree is gone (:meth:`ProcessEviction.tree_gone`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from .. import cuda as cudamod
+from ..backends.vllm import BackendError
+from ..config import ProcessEviction as Kind
+from ..errors import NotSupported
+from ..events import State
+
+if TYPE_CHECKING:
+    from .model import Model
+
+class TransitionError(Exception):
+    """A transition failed; the model is left in a resting state (``STOPPED`` when escalated)."""
+
+
+#: Errors after which a woken tree is given up and the model cold-starts instead.
+WAKE_ERRORS = (BackendError, NotSupported, cudamod.CudaError)
+
+
+class ProcessEviction:
+    """One value of the ``process`` axis.  ``resting``: the state :meth:`evict` leaves the model
+    in, and from which :meth:`resume` brings it back."""
+
+    kind: ClassVar[Kind]
+    resting: ClassVar[State]
+
+    def __init__(self, model: Model):
+        self.model = model
+
+    async def before_weights(self) -> None:
+        """Called while the model still serves, before its weights are put to sleep."""
+
+    async def evict(self) -> State:
+        """Evict the (running) tree; returns the state the model rests in.  Raises on failure
+        (the model then escalates to stop)."""
+        raise NotImplementedError
+
+    def resume_problems(self) -> list[str]:
+        """Why :meth:`resume` would fail here, checked before anything is touched ([] if none),
+        each prefixed with what cannot be resumed."""
+        return []
+
+    async def resume(self) -> str:
+        """Bring the model from :attr:`resting` to a serving tree; returns how (``wake``,
+        ``restore``, ``cold_start``).  Raises TransitionError when the model cannot serve."""
+        raise NotImplementedError
+
+    def tree_gone(self) -> None:
+        """The model's tree was stopped: forget what described it."""
+
+
+class Stop(ProcessEviction):
+    """``stop``: end the tree; the next wake is a cold start."""
+
+    kind = Kind.STOP
+    resting = State.STOPPED
+
+    async def evict(self) -> State:
+        await self.model.stop_tree()
+        return State.STOPPED
+
+    async def resume(self) -> str:
+        await self.model.cold_start()
+        return "cold_start"
+
+
+class KeepRunning(ProcessEviction):
+    """``keep_running``: the tree stays; only the weights were evicted.  A wake that fails gives
+    the tree up and cold-starts."""
+
+    kind = Kind.KEEP_RUNNING
+    resting = State.ASLEEP
+
+    async def evict(self) -> State:
+        return self.resting
+
+    async def resume(self) -> str:
+        m = self.model
+        try:
+            m.set_state(State.WAKING)
+            await self.resume_process()
+            await m.wake_weights()
+            return "wake"
+        except WAKE_ERRORS as e:
+            m.note_error(f"wake failed: {e}; stopping it and cold-starting instead")
+            await m.stop_backend()
+            await m.cold_start()
+            return "cold_start"
+
+    async def resume_process(self) -> None:
+        """What the process needs before its weights can wake (nothing: it kept running)."""
+
+
+class CudaSuspend(KeepRunning):
+    """``cuda_suspend``: the tree stays, its GPU processes' CUDA state is copied to host memory
+    (the GPU is free).  A resume into too little free GPU memory would leave a process stuck for
+    good, so it is checked first and refused with nothing touched."""
+
+    kind = Kind.CUDA_SUSPEND
+    resting = State.SUSPENDED
+
+    def __init__(self, model: Model):
+        super().__init__(model)
+        self.suspended: list[int] = []  # pids whose CUDA state is suspended, in suspend order
+        self._needs: tuple[dict | None, dict] = (None, {})  # the GPUs and bytes at suspend
+
+    async def evict(self) -> State:
+        gpu_pids = cudamod.gpu_processes(self.model.backend.pids())
+        if gpu_pids:  # no GPU state (CPU backend, no GPU here): nothing to suspend
+            self._needs = (cudamod.gpu_inventory(), cudamod.gpu_bytes_of(gpu_pids))
+            self.suspended = await cudamod.suspend_tree(gpu_pids, self.model.cuda_suspender())
+        return self.resting
+
+    def resume_problems(self) -> list[str]:
+        if not self.suspended:
+            return []
+        recorded, needed = self._needs
+        problems = cudamod.check_restorable(recorded, needed, cudamod.gpu_inventory())
+        return ["cannot resume CUDA state here: " + "; ".join(problems)] if problems else []
+
+    async def resume_process(self) -> None:
+        if self.suspended:
+            await cudamod.resume_tree(self.suspended, self.model.cuda_suspender())
+            self.suspended = []
+
+    def tree_gone(self) -> None:
+        self.suspended = []

@@ -1,0 +1,255 @@
+"""A model's state machine: cold start, wake, sleep, stop, adoption after a restart.
+
+``sleep`` is the two axes of an eviction in order: the weights step (vLLM's sleep level), then
+the process strategy's ``evict`` (:mod:`.eviction`, :mod:`.checkpoint`); any failing step
+escalates to stop.  ``wake`` asks the strategy that owns the resting state to ``resume``."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .. import cuda as cudamod
+from ..backends.vllm import BackendError, VllmBackend
+from ..checkpoint.checkpointer import CheckpointFailed, Checkpointer
+from ..config import CheckpointConfig, Config
+from ..errors import NotSupported
+from ..events import Events, Listener, State
+from ..isolation import procfs
+from ..isolation.cgroups import Cgroup
+from ..status import DumpRecord, EvictionPolicy, ModelStatus, RestoreRecord, ReusedCheckpoint
+from .checkpoint import Checkpoint
+from .eviction import CudaSuspend, KeepRunning, ProcessEviction, Stop, TransitionError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Model", "TransitionError"]
+
+#: Errors of an eviction step after which the model escalates to stop.
+EVICTION_ERRORS = (BackendError, NotSupported, CheckpointFailed, cudamod.CudaError)
+
+
+class Model:
+    def __init__(self, name: str, config: Config, events: Listener | None = None, cgroup: Cgroup | None = None,
+                 cuda: cudamod.SuspendChoice | None = None):
+        self.name = name
+        self.config = config
+        self.port = config.models[name].port
+        self.eviction = config.eviction_for(name)
+        self.events = events if events is not None else Events()
+        self.state = State.STOPPED
+        self.cgroup = cgroup
+        self.checkpoint_config = config.checkpoint or CheckpointConfig()
+        self.cuda = cuda or cudamod.SuspendChoice(self.checkpoint_config.cuda_checkpoint_path)
+        self.backend = VllmBackend(name, config, self._backend_exited, cgroup)
+        self.checkpoint = Checkpoint(self)
+        self.checkpointer: Checkpointer = self.checkpoint.checkpointer
+        strategies: list[ProcessEviction] = [KeepRunning(self), Stop(self), CudaSuspend(self), self.checkpoint]
+        #: The eviction the config asks for, and the strategy that resumes from each resting state.
+        self.process = next(s for s in strategies if s.kind is self.eviction.process)
+        self._resumes = {s.resting: s for s in strategies}
+        self._strategies = strategies
+        self.sleep_level: int | None = None  # the vLLM sleep level the weights are at
+        self.last_error: str | None = None
+        self.escalations = 0  # evictions that failed and fell back to stop
+        self.restore_failures = 0  # restores that failed (then cold-started)
+        self.last_wake_secs: float | None = None
+        self.last_wake_kind: str | None = None
+        self.last_sleep_secs: float | None = None
+        self.awake_since: float | None = None  # monotonic
+        self._discover()
+
+    def _discover(self) -> None:
+        """A valid checkpoint makes the model start as checkpointed; one that cannot be used is
+        counted in llmuxd_restore_failures_total{reason} and said in last_error."""
+        found = self.checkpointer.discover()
+        if found.state == "valid":
+            self.state = State.CHECKPOINTED
+        elif found.state != "none":
+            self.last_error = found.detail
+            self.restore_failures += 1
+            self.events.restore_failed(self.name, found.reason)
+
+    @property
+    def last_checkpoint(self) -> DumpRecord | ReusedCheckpoint | None:
+        return self.checkpoint.last_dump
+
+    @property
+    def last_restore(self) -> RestoreRecord | None:
+        return self.checkpoint.last_restore
+
+    # -- state ------------------------------------------------------------------------------
+    def set_state(self, new: State) -> None:
+        old, self.state = self.state, new
+        if new is State.AWAKE:
+            self.awake_since = time.monotonic()
+        if old is not new:
+            log.info("%s: %s -> %s", self.name, old.value, new.value, extra={"MODEL": self.name, "EVENT": "state"})
+            self.events.state_changed(self.name, old, new)
+
+    def _phase(self, phase: str, started: float) -> float:
+        secs = time.monotonic() - started
+        self.events.phase_done(self.name, phase, secs)
+        return secs
+
+    def _backend_exited(self, code: int) -> None:
+        msg = f"backend exited unexpectedly with code {code}; see {self.backend.log_path}"
+        log.error("%s: %s", self.name, msg, extra={"MODEL": self.name, "EVENT": "backend_exit"})
+        self.last_error = msg
+        if self.state in (State.AWAKE, State.ASLEEP, State.SUSPENDED):
+            self._tree_gone()
+            self.set_state(State.STOPPED)
+        # In STARTING/WAKING/SLEEPING the transition in progress sees the exit and fails.
+
+    def status(self) -> ModelStatus:
+        running = self.backend.running
+        return ModelStatus(
+            name=self.name, state=self.state.value,
+            eviction=EvictionPolicy(weights=self.eviction.weights.value, process=self.eviction.process.value),
+            port=self.port, pid=self.backend.tree.root_pid if running else None,
+            cgroup=str(self.cgroup.path) if self.cgroup is not None else None,
+            pids=self.backend.pids() if self.state is not State.STOPPED else [],
+            last_wake_secs=self.last_wake_secs, last_wake_kind=self.last_wake_kind,
+            last_sleep_secs=self.last_sleep_secs, last_error=self.last_error, escalations=self.escalations,
+            restore_failures=self.restore_failures, checkpoint_path=str(self.checkpointer.path),
+            last_checkpoint=self.last_checkpoint, last_restore=self.last_restore,
+        )
+
+    def note_error(self, msg: str) -> None:
+        self.last_error = msg
+        log.error("%s: %s", self.name, msg, extra={"MODEL": self.name, "EVENT": "error"})
+
+    def restore_failed(self, msg: str, reason: str) -> None:
+        """A restore failed (what was restored is gone); the model is stopped."""
+        self.note_error(msg)
+        self.restore_failures += 1
+        self.events.restore_failed(self.name, reason)
+        self.set_state(State.STOPPED)
+
+    def cuda_suspender(self) -> cudamod.CudaCheckpointer:
+        cuda = self.cuda.get()
+        if cuda is None:
+            raise NotSupported(f"the model holds GPU state but no CUDA suspend is available here: {self.cuda.why}")
+        return cuda
+
+    # -- transitions ---------------------------------------------------------------------------
+    async def adopt(self, pids: list[int]) -> bool:
+        """Take over a tree of this model left running by an earlier llmuxd (found in the
+        model's cgroup).  Adopted when its server answers as this model; otherwise killed.
+        Returns whether it was adopted."""
+        members = set(pids)
+        # A tree in its own PID namespace: its root is the namespace's init (inner PID 1),
+        # not the `unshare` that launched it.
+        inits = [p for p in pids if procfs.inner_pid(p) == 1 and p != 1]
+        roots = inits or [p for p in pids if _parent(p) not in members]
+        probe = await self.backend.probe() if len(roots) == 1 else None
+        if probe is None or self.backend.served_name not in probe["served"]:
+            why = "no single root" if len(roots) != 1 else "its server does not answer as this model"
+            log.warning("%s: found a stray tree %s (%s); stopping it", self.name, pids, why,
+                        extra={"MODEL": self.name, "EVENT": "stray"})
+            if self.cgroup is not None:
+                await self.cgroup.kill()
+            return False
+        self.backend.adopt(roots[0])
+        # Asleep at an unknown level: assume 2 (reloading weights that are there is only slower).
+        self.sleep_level = 2 if probe["sleeping"] else None
+        self.set_state(State.ASLEEP if probe["sleeping"] else State.AWAKE)
+        log.info("%s: adopted running tree (root pid %d, %s)", self.name, roots[0], self.state.value,
+                 extra={"MODEL": self.name, "EVENT": "adopt"})
+        return True
+
+    async def wake(self) -> float:
+        """Make the model serve; returns the transition's duration (0 if it was awake)."""
+        if self.state is State.AWAKE:
+            return 0.0
+        strategy = self._resumes.get(self.state, self._resumes[State.STOPPED])
+        if problems := strategy.resume_problems():  # refused, nothing touched: it stays where it rests
+            msg = "; ".join(problems)
+            self.last_error = msg
+            raise TransitionError(msg)
+        started = time.monotonic()
+        kind = await strategy.resume()
+        self.last_wake_secs = self._phase("wake", started)
+        self.last_wake_kind = kind
+        self.set_state(State.AWAKE)
+        return self.last_wake_secs
+
+    async def cold_start(self) -> None:
+        """Start a new tree and wait until it serves; raises TransitionError (stopped) if not."""
+        self.set_state(State.STARTING)
+        self.sleep_level = None
+        try:
+            await self.checkpoint.new_tree()
+            await self.backend.start()
+            await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
+        except (BackendError, OSError) as e:
+            msg = f"cold start failed: {e}"
+            self.last_error = msg
+            await self.stop_backend()
+            raise TransitionError(msg) from None
+
+    async def wake_weights(self) -> None:
+        """The weights' wake sequence.  By what was done to the weights (a checkpoint may come
+        from another policy), not by the current policy: after level 2 the weights must be
+        reloaded or vLLM answers garbage."""
+        if self.sleep_level is not None:
+            await self.backend.wake_up()
+            if self.sleep_level >= 2:
+                await self.backend.reload_weights()
+                await self.backend.reset_prefix_cache()
+            self.sleep_level = None
+
+    async def sleep(self) -> float:
+        """Evict per the model's policy: the weights step, then the process strategy's; any
+        failing step escalates to stop.  Returns the duration (0 if there was nothing to do)."""
+        if self.state is not State.AWAKE:
+            return 0.0
+        started = time.monotonic()
+        self.set_state(State.SLEEPING)
+        try:
+            await self.process.before_weights()
+            level = self.eviction.weights.sleep_level
+            if level is not None:
+                await self.backend.sleep(level)
+                self.sleep_level = level
+            if not self.backend.running:
+                raise BackendError("backend exited during eviction")
+            resting = await self.process.evict()
+        except EVICTION_ERRORS as e:
+            self.note_error(f"eviction {self.eviction} failed: {e}; escalated to stop to free the GPU")
+            self.escalations += 1
+            self.events.escalated(self.name, str(e))
+            await self.stop_backend()
+            resting = State.STOPPED
+        self.last_sleep_secs = self._phase("sleep", started)
+        log.info("%s: evicted (%s) in %.3f s", self.name, self.eviction, self.last_sleep_secs,
+                 extra={"MODEL": self.name, "EVENT": "evict", "DURATION_S": f"{self.last_sleep_secs:.3f}"})
+        self.set_state(resting)
+        return self.last_sleep_secs
+
+    async def stop(self) -> None:
+        if self.state in (State.STOPPED, State.CHECKPOINTED) and not self.backend.pids():
+            return
+        self.set_state(State.STOPPING)
+        await self.stop_backend()
+
+    async def stop_backend(self) -> None:
+        await self.stop_tree()
+        self.set_state(State.STOPPED)
+
+    async def stop_tree(self, grace_secs: float = 10.0) -> None:
+        await self.backend.stop(grace_secs)
+        self._tree_gone()
+
+    def _tree_gone(self) -> None:
+        self.sleep_level = None
+        for strategy in self._strategies:
+            strategy.tree_gone()
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+
+def _parent(pid: int) -> int | None:
+    st = procfs.stat(pid)
+    return st.ppid if st else None

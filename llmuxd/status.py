@@ -1,0 +1,88 @@
+"""The controller's answers, typed: a model's status, the whole daemon's status, and the result
+of a transition.  Built by the switcher and the models; the HTTP API sends them as JSON
+(``model_dump``), D-Bus picks fields from them, the CLI reads them back from JSON."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def json_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class EvictionPolicy(_Contract):
+    weights: str
+    process: str
+
+
+class DumpRecord(_Contract):
+    """The last eviction that dumped the tree."""
+
+    path: str
+    image_bytes: int
+    saved_files: int
+    seconds: dict[str, float]
+
+
+class ReusedCheckpoint(_Contract):
+    """The last eviction reused the checkpoint the tree was restored from (``keep_images``)."""
+
+    reused: bool = True
+
+
+class RestoreRecord(_Contract):
+    from_: str = Field(alias="from")
+    created: str
+    prepared: int
+    seconds: dict[str, float]
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelStatus(_Contract):
+    name: str
+    state: str
+    eviction: EvictionPolicy
+    port: int
+    pid: int | None
+    cgroup: str | None
+    pids: list[int]
+    last_wake_secs: float | None
+    last_wake_kind: str | None
+    last_sleep_secs: float | None
+    last_error: str | None
+    escalations: int  # evictions that failed and fell back to stop
+    restore_failures: int  # restores that failed (then cold-started)
+    checkpoint_path: str
+    last_checkpoint: DumpRecord | ReusedCheckpoint | None
+    last_restore: RestoreRecord | None
+    in_flight: int = 0  # requests being served (set by the switcher)
+    waiting: int = 0  # requests waiting for this model (set by the switcher)
+
+
+class Switching(_Contract):
+    from_: str | None = Field(alias="from")
+    to: str
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Status(_Contract):
+    active_model: str | None
+    switching: Switching | None
+    queue_depth: int
+    models: dict[str, ModelStatus]
+
+
+class Transition(_Contract):
+    """What a control verb (wake, sleep) did: the model's state afterwards and how long it took
+    (0 when there was nothing to do); a sleep also says the model's last error."""
+
+    model: str
+    state: str
+    duration_secs: float
+    last_error: str | None = None
