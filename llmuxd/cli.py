@@ -113,10 +113,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_restore(args: argparse.Namespace) -> int:
-    from .checkpoint.prepare import prepare_restore
-    from .log import setup_logging
+    from .commands.prepare_restore import prepare_restore
 
-    setup_logging("INFO")
     return prepare_restore(args.config)
 
 
