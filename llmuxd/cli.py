@@ -113,15 +113,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_restore(args: argparse.Namespace) -> int:
-    from .checkpoint.prepare import prepare_restore
-    from .log import setup_logging
+    from .commands.prepare_restore import prepare_restore
 
-    setup_logging("INFO")
     return prepare_restore(args.config)
 
 
 def _run_checkpoint_command(args: argparse.Namespace, coro_fn) -> int:
-    from .checkpoint.commands import CommandError
+    from .commands import CommandError
     from .log import setup_logging
 
     if (config := _load(args)) is None:
@@ -135,19 +133,20 @@ def _run_checkpoint_command(args: argparse.Namespace, coro_fn) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from .checkpoint.commands import checkpoint_model
+    from .commands.checkpoint import checkpoint_model
 
     return _run_checkpoint_command(args, lambda c: checkpoint_model(c, args.model))
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .checkpoint.commands import restore_model
+    from .commands.restore import restore_model
 
     return _run_checkpoint_command(args, lambda c: restore_model(c, args.model, args.detached))
 
 
 def cmd_inspect_checkpoint(args: argparse.Namespace) -> int:
-    from .checkpoint.commands import CommandError, inspect_checkpoint
+    from .commands import CommandError
+    from .commands.inspect_checkpoint import inspect_checkpoint
 
     try:
         return inspect_checkpoint(args.path, args.verify_images, args.key_file)
@@ -157,11 +156,11 @@ def cmd_inspect_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import print_table, validate
+    from .commands.validate import print_table, validate
 
     async def go(config):
         if args.model not in config.models:
-            from .checkpoint.commands import CommandError
+            from .commands import CommandError
 
             raise CommandError(f"unknown model {args.model!r}; known: {', '.join(config.models)}")
         rows = await validate(config, args.model, args.policies.split(","), args.cycles)
@@ -229,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("validate", parents=[common],
                        help="sleep/wake cycles of MODEL under each eviction policy: timings, memory, answers")
     k.add_argument("model")
-    from .validate import DEFAULT_POLICIES
+    from .commands.validate import DEFAULT_POLICIES
 
     k.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated WEIGHTS+PROCESS (default {DEFAULT_POLICIES})")
     k.add_argument("--cycles", type=int, default=2)

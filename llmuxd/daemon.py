@@ -14,7 +14,7 @@ from .api.http import ServerLog, build_admin_app, build_app, build_metrics_app
 from .config import Config, ConfigError
 from .checkpoint.fsview import container_epoch
 from .isolation.cgroups import CgroupLayout, CgroupUnavailable
-from .isolation.reaper import reap_forever
+from .isolation.reaper import become_subreaper, reap_forever
 from .switcher import Switcher
 from .systemd import Notifier
 
@@ -30,15 +30,6 @@ def _cgroup_layout(config: Config) -> CgroupLayout | None:
         return None
     log.info("cgroups: llmuxd in %s/supervisor, model trees in %s/model-<name>", layout.base.path, layout.base.path)
     return layout
-
-
-def become_subreaper() -> None:
-    """Orphans of our trees re-parent to us, not to PID 1: a tree CRIU restores (criu exits and
-    leaves the restored root behind) becomes our child, tracked, never taken for a stray."""
-    import ctypes
-
-    PR_SET_CHILD_SUBREAPER = 36
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 class Daemon:

@@ -6,11 +6,19 @@ process-group id, which keeps the PID number taken) — a restore needs those PI
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 
 from .procfs import all_stats
 
 _own: set[int] = set()  # children asyncio waits for: never reaped here
+
+
+def become_subreaper() -> None:
+    """Orphans of our trees re-parent to us, not to PID 1: a tree CRIU restores (criu exits and
+    leaves the restored root behind) becomes our child, tracked, never taken for a stray."""
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def track(pid: int) -> None:

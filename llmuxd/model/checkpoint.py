@@ -11,22 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..backends.vllm import BackendError
 from ..checkpoint.checkpointer import CheckpointFailed, Checkpointer
-from ..checkpoint.criu import Criu
 from ..checkpoint.manifest import DumpFacts
-from ..checkpoint.store import Settings
 from ..config import ProcessEviction as Kind
 from ..cuda import CudaError
 from ..events import State
 from ..status import DumpRecord, RestoreRecord, ReusedCheckpoint
-from .eviction import ProcessEviction, TransitionError
-
-if TYPE_CHECKING:
-    from .model import Model
+from .eviction import ModelOps, ProcessEviction, TransitionError
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +28,10 @@ class Checkpoint(ProcessEviction):
     kind = Kind.CHECKPOINT
     resting = State.CHECKPOINTED
 
-    def __init__(self, model: Model):
+    def __init__(self, model: ModelOps, checkpointer: Checkpointer, keep_images: bool):
         super().__init__(model)
-        cfg = model.config
-        self.keep_images = model.checkpoint_config.keep_images
-        self.checkpointer = Checkpointer(model.name, cfg.checkpoint_dir_for(model.name),
-                                         Criu(model.checkpoint_config.criu_path), model.cgroup,
-                                         Path(cfg.log_dir) / "criu" / model.name, cuda=model.cuda,
-                                         settings=Settings.of(cfg))
+        self.checkpointer = checkpointer
+        self.keep_images = keep_images
         self.restored_from: float | None = None  # created_ts of the checkpoint the tree came from
         self.last_dump: DumpRecord | ReusedCheckpoint | None = None
         self.last_restore: RestoreRecord | None = None

@@ -4,20 +4,19 @@ model back from that state.  ``checkpoint`` is in :mod:`.checkpoint`.
 
 A strategy owns what only it needs to remember (the suspended PIDs of ``cuda_suspend``, the
 checkpoint of ``checkpoint``); the model owns the tree (its backend), the weights step and the
-state, and tells every strategy when its tree is gone (:meth:`ProcessEviction.tree_gone`)."""
+state, and tells every strategy when its tree is gone (:meth:`ProcessEviction.tree_gone`).
+A strategy sees its model only through :class:`ModelOps`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 from .. import cuda as cudamod
-from ..backends.vllm import BackendError
+from ..backends.vllm import BackendError, VllmBackend
+from ..config import Config, Eviction
 from ..config import ProcessEviction as Kind
 from ..errors import NotSupported
 from ..events import State
-
-if TYPE_CHECKING:
-    from .model import Model
 
 class TransitionError(Exception):
     """A transition failed; the model is left in a resting state (``STOPPED`` when escalated)."""
@@ -27,6 +26,26 @@ class TransitionError(Exception):
 WAKE_ERRORS = (BackendError, NotSupported, cudamod.CudaError)
 
 
+class ModelOps(Protocol):
+    """What a strategy may use of the model it evicts (implemented by :class:`.model.Model`)."""
+
+    name: str
+    port: int
+    config: Config
+    eviction: Eviction
+    backend: VllmBackend
+    sleep_level: int | None  # the vLLM sleep level the weights are at
+
+    def set_state(self, new: State) -> None: ...
+    def note_error(self, msg: str) -> None: ...
+    def restore_failed(self, msg: str, reason: str) -> None: ...
+    def cuda_suspender(self) -> cudamod.CudaCheckpointer: ...
+    async def cold_start(self) -> None: ...
+    async def wake_weights(self) -> None: ...
+    async def stop_tree(self, grace_secs: float = 10.0) -> None: ...
+    async def stop_backend(self) -> None: ...
+
+
 class ProcessEviction:
     """One value of the ``process`` axis.  ``resting``: the state :meth:`evict` leaves the model
     in, and from which :meth:`resume` brings it back."""
@@ -34,7 +53,7 @@ class ProcessEviction:
     kind: ClassVar[Kind]
     resting: ClassVar[State]
 
-    def __init__(self, model: Model):
+    def __init__(self, model: ModelOps):
         self.model = model
 
     async def before_weights(self) -> None:
@@ -109,7 +128,7 @@ class CudaSuspend(KeepRunning):
     kind = Kind.CUDA_SUSPEND
     resting = State.SUSPENDED
 
-    def __init__(self, model: Model):
+    def __init__(self, model: ModelOps):
         super().__init__(model)
         self.suspended: list[int] = []  # pids whose CUDA state is suspended, in suspend order
         self._needs: tuple[dict | None, dict] = (None, {})  # the GPUs and bytes at suspend

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from .. import cuda as cudamod
 from ..backends.vllm import BackendError, VllmBackend
 from ..checkpoint.checkpointer import CheckpointFailed, Checkpointer
+from ..checkpoint.criu import Criu
+from ..checkpoint.store import Settings
 from ..config import CheckpointConfig, Config
 from ..errors import NotSupported
 from ..events import Events, Listener, State
@@ -42,8 +45,11 @@ class Model:
         self.checkpoint_config = config.checkpoint or CheckpointConfig()
         self.cuda = cuda or cudamod.SuspendChoice(self.checkpoint_config.cuda_checkpoint_path)
         self.backend = VllmBackend(name, config, self._backend_exited, cgroup)
-        self.checkpoint = Checkpoint(self)
-        self.checkpointer: Checkpointer = self.checkpoint.checkpointer
+        ck = self.checkpoint_config
+        self.checkpointer = Checkpointer(name, config.checkpoint_dir_for(name), Criu(ck.criu_path), cgroup,
+                                         Path(config.log_dir) / "criu" / name, cuda=self.cuda,
+                                         settings=Settings.of(config))
+        self.checkpoint = Checkpoint(self, self.checkpointer, ck.keep_images)
         strategies: list[ProcessEviction] = [KeepRunning(self), Stop(self), CudaSuspend(self), self.checkpoint]
         #: The eviction the config asks for, and the strategy that resumes from each resting state.
         self.process = next(s for s in strategies if s.kind is self.eviction.process)

@@ -8,10 +8,11 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from . import cuda as cudamod
-from .checkpoint.commands import CommandError, _model, _tidy
-from .config import Config, Eviction, ProcessEviction, WeightsEviction
-from .isolation.reaper import reap_forever
+from .. import cuda as cudamod
+from ..config import Config, Eviction, ProcessEviction, WeightsEviction
+from ..isolation.reaper import reap_forever
+from . import CommandError
+from .standalone import standalone_model, tidy
 
 DEFAULT_POLICIES = "offload+keep_running,discard+keep_running,retain+cuda_suspend,discard+checkpoint,retain+stop"
 
@@ -57,7 +58,7 @@ async def validate(config: Config, name: str, policies: list[str], cycles: int) 
             ev = parse_policy(text)
             m = config.models[name].model_copy(update={"eviction": ev})
             cfg = config.model_copy(update={"models": {**config.models, name: m}})
-            model = _model(cfg, name, force_checkpoint=False)
+            model = standalone_model(cfg, name, force_checkpoint=False)
             row = Row(str(ev))
             rows.append(row)
             try:
@@ -83,7 +84,7 @@ async def validate(config: Config, name: str, policies: list[str], cycles: int) 
             finally:
                 await model.stop()
                 await model.close()
-                _tidy(model)
+                tidy(model)
                 if ev.process is ProcessEviction.CHECKPOINT:
                     model.checkpointer.discard()
     finally:
