@@ -1,4 +1,4 @@
-"""The GPU run's driver (started by gpu/run.sh on the GPU machine): llmuxd in entrypoint mode
+"""The GPU run's driver (started by tests/gpu/run.sh on the GPU machine): llmuxd in entrypoint mode
 (`llmuxd serve --config ...`) with the GPU test backend as `vllm_command`, through
 
   A. container A (new mount namespace: fresh tmpfs /tmp, /dev/shm, ~/.cache, ~/.nv, ~/.triton):
@@ -14,7 +14,7 @@
   E. llmuxd B stopped: no process left holding the GPU.
 
 Figures (and GPU memory after each step, from NVML) go to OUT/gpu-h200.json; a table to
-OUT/gpu-h200.md (also: `python3 gpu/drive.py --render RESULTS.json`).
+OUT/gpu-h200.md (also: `python3 tests/gpu/drive.py --render RESULTS.json`).
 """
 
 from __future__ import annotations
@@ -599,7 +599,7 @@ def render(r: dict) -> str:
         "",
         f"Run {r.get('started', '?')}, {gpu.get('name', '?')}, driver {((r.get('machine') or {}).get('gpu') or {}).get('driver_version', '?')}, "
         f"kernel {(r.get('machine') or {}).get('kernel', '?')}, torch {(r.get('machine') or {}).get('torch', '?')}. "
-        f"Model: gpu/model.py, hidden {cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers, vocab {cfg.get('vocab_size')}, "
+        f"Model: tests/gpu/model.py, hidden {cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers, vocab {cfg.get('vocab_size')}, "
         f"bf16 weights {model.get('weights_file_bytes', 0) / 2**30:.2f} GiB (safetensors in an HF cache), "
         f"KV buffer {cfg.get('kv_cache_bytes', 0) / 2**30:.2f} GiB, one decode step as a CUDA graph. One run, single figures.",
         "",
