@@ -31,6 +31,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from llmuxd.isolation import procfs
+
 MIB = 1 << 20
 PROMPT = "llmuxd canary: the capital of France is"
 REPO_ID = "gpu-test/h200"
@@ -161,10 +163,8 @@ class Container:
         for d in os.listdir("/proc"):
             if d.isdigit():
                 try:
-                    if os.stat(f"/proc/{d}/ns/mnt").st_ino == self.mntns:
-                        st = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                        if st != "Z":
-                            pids.append(int(d))
+                    if os.stat(f"/proc/{d}/ns/mnt").st_ino == self.mntns and procfs.alive(int(d)):
+                        pids.append(int(d))
                 except OSError:
                     pass
         return pids

@@ -1,4 +1,5 @@
-"""Docker-like "host namespaces, own filesystem" containers for tests (stdlib only).
+"""Docker-like "host namespaces, own filesystem" containers for tests (stdlib and llmuxd's /proc
+reader).
 
 The shape imitated is::
 
@@ -48,7 +49,7 @@ Pitfalls handled here:
 * The lower layer is the LIVE host root: what the host changes under / later shows through in
   every container where that path was not written inside (the "image" is not frozen).
 * Processes CRIU restores with ``--restore-detached`` are re-parented to the host's PID 1, which
-  reaps them only every few seconds: a killed one stays a zombie for a while (``pid_alive``
+  reaps them only every few seconds: a killed one stays a zombie for a while (``procfs.alive``
   treats zombies as dead; they hold no namespace).
 
 Example::
@@ -72,13 +73,14 @@ import time
 from pathlib import Path
 from typing import IO, Iterable, Sequence
 
+from llmuxd.isolation.procfs import alive
+
 __all__ = [
     "MountContainer",
     "ContainerError",
     "available",
     "base_dir",
     "leftovers",
-    "pid_alive",
     "processes_in_ns",
     "reclaim_stale",
 ]
@@ -165,16 +167,6 @@ def available() -> tuple[bool, str]:
     if not hasattr(os, "pidfd_open"):
         return False, "os.pidfd_open missing (Python >= 3.9 on Linux >= 5.3 needed)"
     return True, f"overlay of / with upper dirs under {base_dir()}"
-
-
-def pid_alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def _ns_of(pid: int | str) -> tuple[int, int] | None:
@@ -273,7 +265,7 @@ def reclaim_stale(max_age: float = 60.0) -> list[str]:
             continue
         try:
             pid, start = (d / "owner").read_text().split()
-            if pid_alive(int(pid)) and _starttime(pid) == start:
+            if alive(int(pid)) and _starttime(pid) == start:
                 continue
         except (OSError, ValueError):
             try:
@@ -562,7 +554,7 @@ class MountContainer:
 
     def contains(self, pid: int) -> bool:
         """Whether `pid` is a live process in this container's mount namespace."""
-        return self.mnt_ns is not None and _ns_of(pid) == self.mnt_ns and pid_alive(pid)
+        return self.mnt_ns is not None and _ns_of(pid) == self.mnt_ns and alive(pid)
 
     # ---------------------------------------------------------------- driving it
 

@@ -1,4 +1,4 @@
-"""Boot real systemd-nspawn containers for tests (stdlib only).
+"""Boot real systemd-nspawn containers for tests (stdlib and llmuxd's /proc reader).
 
 A booted container has a real systemd as PID 1, a real D-Bus system bus, real journald and a real
 cgroup v2 tree, from the image that ``tests/infra/build-image.sh`` builds. How and why it is done
@@ -40,6 +40,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from llmuxd.isolation.procfs import alive
 
 __all__ = [
     "Container",
@@ -213,15 +215,6 @@ def _stop_all() -> None:
             pass
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 class Container:
     """One booted systemd-nspawn container.
 
@@ -303,7 +296,7 @@ class Container:
         mf = MACHINES_DIR / self.name
         if mf.exists():
             old = _read_kv(mf).get("LEADER", "")
-            if old.isdigit() and _pid_alive(int(old)):
+            if old.isdigit() and alive(int(old)):
                 raise ContainerError(f"a machine {self.name} is already running (leader {old})")
         t0 = time.monotonic()
         _live.add(self)
@@ -383,7 +376,7 @@ class Container:
         state = "?"
         while time.monotonic() < deadline:
             self._check_nspawn()
-            if not _pid_alive(self.leader):
+            if not alive(self.leader):
                 raise ContainerError(f"{self.name}: the container's PID 1 exited")
             try:
                 r = subprocess.run(
@@ -419,13 +412,13 @@ class Container:
                     except subprocess.TimeoutExpired:
                         errors.append(f"systemd-nspawn {p.pid} survived SIGKILL")
             # The container's PID 1 normally ends with nspawn; if nspawn was killed it would not.
-            if self.leader is not None and _pid_alive(self.leader):
+            if self.leader is not None and alive(self.leader):
                 try:
                     os.kill(self.leader, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 for _ in range(100):
-                    if not _pid_alive(self.leader):
+                    if not alive(self.leader):
                         break
                     time.sleep(0.05)
                 else:
@@ -437,7 +430,7 @@ class Container:
             if self._machine_file_written or mf.exists():
                 # Only our own file (a same-named running machine of someone else stays).
                 leader = _read_kv(mf).get("LEADER", "")
-                if not (leader.isdigit() and _pid_alive(int(leader)) and int(leader) != self.leader):
+                if not (leader.isdigit() and alive(int(leader)) and int(leader) != self.leader):
                     try:
                         mf.unlink()
                     except FileNotFoundError:
@@ -480,7 +473,7 @@ class Container:
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None and self.leader is not None and _pid_alive(self.leader)
+        return self.process is not None and self.process.poll() is None and self.leader is not None and alive(self.leader)
 
     def _need_leader(self) -> int:
         if self.leader is None:
