@@ -13,6 +13,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "infra"))
+from container import terminate  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 LLMUXD = str(VENV_BIN / "llmuxd")
@@ -155,12 +158,7 @@ class LlmuxdProcess:
                 self.status()
             except httpx.HTTPError:
                 pass
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc, timeout)
         self.leftovers = [p for p in sorted(self.backend_pids) if self._same_backend(p)]
         for pid in self.leftovers:  # never leave a backend behind, even when a test failed
             if self._same_backend(pid):

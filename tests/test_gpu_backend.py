@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from harness import REPO, LlmuxdProcess, free_ports, wait_until  # noqa: E402
+from harness import REPO, LlmuxdProcess, free_ports, terminate, wait_until  # noqa: E402
 
 from gpu import model as gm  # noqa: E402
 
@@ -117,13 +116,7 @@ class Server:
         return r.json()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate(self.proc, 20, group=True)  # the API server and its engine
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ STATE=/var/lib/llmuxd-gpu
   rm -rf "$ROOT" "$STATE" && mkdir -p "$ROOT/src" "$STATE" /opt/llmuxd
   # llmuxd from a pinned snapshot when there is one (the checkout may be mid-edit), else the checkout's
   if [ -d .cache/llmuxd-src/llmuxd ]; then cp -a .cache/llmuxd-src/llmuxd "$ROOT/src/"; else cp -a llmuxd "$ROOT/src/"; fi
-  cp -a tests/gpu "$ROOT/src/"  # the GPU backend and its driver: the package `gpu`
+  # the GPU backend and its driver (the package `gpu`), and the test containers' base beside it
+  cp -a tests/gpu tests/infra "$ROOT/src/"
   [ -x /opt/llmuxd/criu/usr/sbin/criu ] || cp -a .cache/criu-root /opt/llmuxd/criu
   C=/opt/llmuxd/criu
   printf '#!/bin/sh\nexec %s/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path %s/usr/lib/x86_64-linux-gnu %s/usr/sbin/criu "$@"\n' \

@@ -30,13 +30,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
 from typing import Sequence
 
+from container import starttime, terminate
 from llmuxd.isolation.procfs import alive
 
 __all__ = ["Engine", "EngineError", "available"]
@@ -91,13 +91,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _starttime(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _exe(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/exe")
@@ -143,7 +136,7 @@ class Engine:
     """
 
     def __init__(self, *, start_timeout: float = 90.0, log_dir: str | os.PathLike = "/var/log/llmuxd-test"):
-        self.session = f"{os.getpid()}-{_starttime(os.getpid())}-{uuid.uuid4().hex[:6]}"
+        self.session = f"{os.getpid()}-{starttime(os.getpid())}-{uuid.uuid4().hex[:6]}"
         self.start_timeout = start_timeout
         self.log_dir = Path(log_dir)
         self.cli = _which("docker") or "docker"
@@ -187,7 +180,7 @@ class Engine:
         except (OSError, ValueError):
             return
         for name, (pid, start) in rec.get("pids", {}).items():
-            if alive(pid) and _starttime(pid) == start:
+            if alive(pid) and starttime(pid) == start:
                 self.started[name] = pid
         self._cgroups_before = set(rec.get("cgroups_before", []))
         self._mounts_before = set(rec.get("mounts_before", []))
@@ -195,7 +188,7 @@ class Engine:
             f.unlink(missing_ok=True)
 
     def _record(self) -> None:
-        rec = {"owner": os.getpid(), "pids": {n: (p, _starttime(p)) for n, p in self.started.items()},
+        rec = {"owner": os.getpid(), "pids": {n: (p, starttime(p)) for n, p in self.started.items()},
                "cgroups_before": sorted(self._cgroups_before), "mounts_before": sorted(self._mounts_before)}
         tmp = STATE_DIR / "started.json.tmp"
         tmp.write_text(json.dumps(rec))
@@ -296,32 +289,8 @@ class Engine:
         return left
 
     def _terminate(self, pid: int, name: str, grace: float = 30.0) -> bool:
-        start = _starttime(pid)
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            return True
-        try:
-            if _starttime(pid) != start:
-                return True
-            signal.pidfd_send_signal(fd, signal.SIGTERM)
-            end = time.monotonic() + grace
-            while alive(pid) and time.monotonic() < end:
-                time.sleep(0.1)
-            if alive(pid):
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-                end = time.monotonic() + 10
-                while alive(pid) and time.monotonic() < end:
-                    time.sleep(0.1)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        # Reap it if it is our child (started by this process).
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+        """Stop what this session (or a killed one) started: True once it is gone."""
+        terminate(pid, grace, kill_wait=10)
         return not alive(pid)
 
     def _engine_roots(self) -> list[str]:
@@ -442,7 +411,7 @@ class Engine:
         for s in sessions:
             try:
                 pid, start = s.split("-")[:2]
-                if alive(int(pid)) and _starttime(int(pid)) == start:
+                if alive(int(pid)) and starttime(int(pid)) == start:
                     continue
             except ValueError:
                 pass

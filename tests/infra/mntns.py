@@ -61,9 +61,7 @@ Example::
 
 from __future__ import annotations
 
-import atexit
 import os
-import re
 import select
 import shutil
 import signal
@@ -73,6 +71,7 @@ import time
 from pathlib import Path
 from typing import IO, Iterable, Sequence
 
+from container import NAME_RE, Container, ContainerError, starttime
 from llmuxd.isolation.procfs import alive
 
 __all__ = [
@@ -87,7 +86,6 @@ __all__ = [
 
 DEFAULT_BASE = "/var/tmp/llmuxd-mntns"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 # Runs as the keeper: builds the root in the new mount namespace, pivots into it, says "ready",
 # then becomes `sleep infinity`. Arguments: BASE, then pairs HOST_PATH DEST_PATH.
@@ -136,10 +134,6 @@ elif [ -n "$err" ]; then
 fi
 exec "$@"
 """
-
-
-class ContainerError(RuntimeError):
-    """A container could not be started, driven or cleaned up."""
 
 
 def base_dir(name: str | None = None) -> Path:
@@ -242,13 +236,6 @@ def _signal_ns_members(ns: tuple[int, int], sig: int, exclude: Iterable[int] = (
     return hit
 
 
-def _starttime(pid: int | str) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def reclaim_stale(max_age: float = 60.0) -> list[str]:
     """Remove containers whose owner (the process that started them, recorded in BASE/owner) is
     gone, e.g. a test run killed with SIGKILL: kill the processes in their namespaces (by pidfd,
@@ -261,11 +248,11 @@ def reclaim_stale(max_age: float = 60.0) -> list[str]:
     except OSError:
         return reclaimed
     for d in entries:
-        if not d.is_dir() or d.is_symlink() or not _NAME_RE.match(d.name):
+        if not d.is_dir() or d.is_symlink() or not NAME_RE.match(d.name):
             continue
         try:
             pid, start = (d / "owner").read_text().split()
-            if alive(int(pid)) and _starttime(pid) == start:
+            if alive(int(pid)) and starttime(pid) == start:
                 continue
         except (OSError, ValueError):
             try:
@@ -284,19 +271,6 @@ def reclaim_stale(max_age: float = 60.0) -> list[str]:
     return reclaimed
 
 
-# Containers started and not yet stopped (stopped at interpreter exit).
-_live: "set[MountContainer]" = set()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for c in list(_live):
-        try:
-            c.stop(grace=0)
-        except Exception:
-            pass
-
-
 def repo_binds(repo: str) -> list[tuple[str, str]]:
     """A checkout under a folder that containers get afresh (/tmp, /run, /dev/shm) is not in the
     lower layer: bind it at its own path, as the nspawn containers do."""
@@ -304,7 +278,7 @@ def repo_binds(repo: str) -> list[tuple[str, str]]:
     return [(repo, repo)] if any(repo == f or repo.startswith(f + "/") for f in fresh) else []
 
 
-class MountContainer:
+class MountContainer(Container):
     """A container with its own mount namespace (overlay root over the host's /) sharing the
     host's PID, network, IPC and UTS namespaces.
 
@@ -324,9 +298,7 @@ class MountContainer:
         env: dict[str, str] | None = None,
         start_timeout: float = 30.0,
     ) -> None:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"bad container name {name!r} (letters, digits, - _ ., at most 63)")
-        self.name = name
+        super().__init__(name)
         self.binds = [(str(h), str(d)) for h, d in binds]
         for host, dest in self.binds:
             if not dest.startswith("/") or "/../" in dest + "/" or dest.rstrip("/") == "":
@@ -364,7 +336,7 @@ class MountContainer:
             if not os.path.exists(host):
                 raise ContainerError(f"{self.name}: bind source {host} does not exist")
         t0 = time.monotonic()
-        _live.add(self)
+        self._track()
         try:
             reclaim_stale()
             if self.base.exists() or self.base.is_symlink():
@@ -374,7 +346,7 @@ class MountContainer:
                 shutil.rmtree(self.base)  # remains of a killed run
             self.base.mkdir(parents=True)
             self._made_base = True
-            (self.base / "owner").write_text(f"{os.getpid()} {_starttime(os.getpid())}\n")
+            (self.base / "owner").write_text(f"{os.getpid()} {starttime(os.getpid())}\n")
             for sub in ("upper", "work", "root"):
                 (self.base / sub).mkdir(mode=0o755)
             args = [str(self.base)]
@@ -504,26 +476,21 @@ class MountContainer:
             self.keeper = None
             self.keeper_pid = None
             self.mnt_ns = None
-            _live.discard(self)
+            self._untrack()
             if errors:
                 raise ContainerError(f"{self.name}: cleanup incomplete: " + "; ".join(errors))
 
     def _reap(self) -> None:
         self._spawned = [p for p in self._spawned if p.poll() is None]
 
-    def __enter__(self) -> "MountContainer":
-        if self.keeper is None:
-            self.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.stop()
-        except ContainerError:
-            if exc_type is None:
-                raise
+    def _stop_at_exit(self) -> None:
+        self.stop(grace=0)
 
     # ---------------------------------------------------------------- state
+
+    @property
+    def started(self) -> bool:
+        return self.keeper is not None
 
     @property
     def running(self) -> bool:
@@ -536,15 +503,10 @@ class MountContainer:
             raise ContainerError(f"{self.name}: keeper {self.keeper_pid} is gone")
         return self.keeper_pid
 
-    @property
-    def root(self) -> Path:
-        """The container's root as seen from the host: /proc/KEEPER/root."""
-        return Path(f"/proc/{self._need_keeper()}/root")
-
-    def path(self, p: str | os.PathLike) -> Path:
-        """Host path of the container's path `p` (through /proc/KEEPER/root). A file opened
-        through it belongs to the container's mounts (CRIU inside can resolve it)."""
-        return self.root / str(p).lstrip("/")
+    def _root_pid(self) -> int:
+        """The keeper: the container's root is /proc/KEEPER/root (a file opened through path()
+        belongs to the container's mounts: CRIU inside can resolve it)."""
+        return self._need_keeper()
 
     def pids(self) -> list[int]:
         """Processes now in the container (the keeper excluded)."""
