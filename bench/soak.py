@@ -82,7 +82,12 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "infra"))
 import mntns  # noqa: E402
+import procscan  # noqa: E402
 from entrypoint import CKPT, EntrypointContainer  # noqa: E402
+from procscan import bound_unix_paths, cgroup_procs, read  # noqa: E402
+
+from llmuxd.isolation import procfs  # noqa: E402
+from llmuxd.isolation.cgroups import cgroup2_mount, own_cgroup  # noqa: E402
 
 VENV = Path(sys.prefix)
 SIM = str(VENV / "bin" / "llmuxd-vllm-sim")
@@ -131,59 +136,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return v[max(0, math.ceil(q / 100 * len(v)) - 1)]
 
 
-def read(path: str | Path, binary: bool = False):
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data if binary else data.decode(errors="replace")
-
-
-def proc_state(pid: int) -> str | None:
-    s = read(f"/proc/{pid}/stat")
-    return s.rsplit(")", 1)[1].split()[0] if s else None
-
-
-def proc_ppid(pid: int) -> int | None:
-    s = read(f"/proc/{pid}/stat")
-    return int(s.rsplit(")", 1)[1].split()[1]) if s else None
-
-
 def cmdline(pid: int) -> str:
-    return ((read(f"/proc/{pid}/cmdline", binary=True) or b"").replace(b"\0", b" ").decode(errors="replace").strip()
-            or f"[{pid}]")[:200]
-
-
-def cgroup_procs(path: Path, recursive: bool = True) -> list[int]:
-    pids, dirs = [], [path]
-    while dirs:
-        d = dirs.pop()
-        text = read(d / "cgroup.procs")
-        if text is None:
-            continue
-        pids += [int(p) for p in text.split()]
-        if recursive:
-            try:
-                dirs += [e for e in d.iterdir() if e.is_dir()]
-            except OSError:
-                pass
-    return sorted(pids)
+    return (procscan.cmdline(pid) or f"[{pid}]")[:200]
 
 
 def cgroup2_root() -> Path:
-    for line in (read("/proc/self/mountinfo") or "").splitlines():
-        pre, _, post = line.partition(" - ")
-        if post.split()[:1] == ["cgroup2"] and pre.split()[4] in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
-            return Path(pre.split()[4])
-    raise RuntimeError("no cgroup v2 hierarchy mounted at /sys/fs/cgroup or /sys/fs/cgroup/unified")
-
-
-def own_cgroup(pid: int | str = "self") -> str | None:
-    for line in (read(f"/proc/{pid}/cgroup") or "").splitlines():
-        if line.startswith("0::"):
-            return line[3:]
-    return None
+    root = cgroup2_mount()
+    if root is None:
+        raise RuntimeError("no cgroup v2 hierarchy mounted")
+    return root
 
 
 # -- findings ---------------------------------------------------------------------------------
@@ -315,15 +276,6 @@ def held_inodes(pids: set[int]) -> set[tuple[int, int]]:
     return held
 
 
-def bound_unix_paths() -> set[str]:
-    out = set()
-    for line in (read("/proc/net/unix") or "").splitlines()[1:]:
-        parts = line.split()
-        if len(parts) >= 8 and parts[7].startswith("/"):
-            out.add(parts[7])
-    return out
-
-
 def m1_manifest(ckpt: Path) -> dict | None:
     text = read(ckpt / "m1" / "images" / "manifest.json")
     try:
@@ -383,7 +335,7 @@ def check(soak: Soak, c: EntrypointContainer, st: dict, label: str) -> None:
     else:
         soak.cgroup_bases.add(base)
         for d in sorted(p for p in base.iterdir() if p.is_dir()):
-            pids = cgroup_procs(d)
+            pids = cgroup_procs(d, recursive=True)
             if d.name == "supervisor":
                 if pids != [c.pid]:
                     soak.find("cgroups", where, f"supervisor holds {pids}, not only llmuxd {c.pid}: "
@@ -404,8 +356,8 @@ def check(soak: Soak, c: EntrypointContainer, st: dict, label: str) -> None:
     tree_pids = [p for pids in cg_pids.values() for p in pids]
     in_container = container_processes(c)
     for p in set(tree_pids) | set(in_container):
-        if proc_state(p) == "Z":
-            soak.find("processes", where, f"zombie {p} (parent {proc_ppid(p)}): {cmdline(p)}")
+        if (st := procfs.stat(p)) is not None and st.zombie:
+            soak.find("processes", where, f"zombie {p} (parent {st.ppid}): {cmdline(p)}")
     extra = [p for p in in_container if p != c.pid and "llmuxd.logfollow" not in cmdline(p)]
     if extra:
         soak.find("processes", where, "in the container besides llmuxd and its log follower: "
@@ -656,7 +608,7 @@ def end_of_lifetime(soak: Soak, c: EntrypointContainer, label: str) -> dict:
     if left:
         soak.find("processes", where, "still in the container: " + "; ".join(f"{p} {cmdline(p)}" for p in left))
     if base is not None:
-        if pids := cgroup_procs(base) if base.exists() else []:
+        if pids := cgroup_procs(base, recursive=True) if base.exists() else []:
             soak.find("processes", where, f"{base} still holds " + "; ".join(f"{p} {cmdline(p)}" for p in pids))
         if base.exists():
             soak.find("cgroups", where, f"{base} is still there after llmuxd stopped")
@@ -697,11 +649,11 @@ def cleanup_cgroups(bases: set[Path], port: int) -> list[str]:
         if not base.exists():
             continue
         for d in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [base]:
-            if cgroup_procs(d):
+            if cgroup_procs(d, recursive=True):
                 try:
                     (d / "cgroup.kill").write_text("1")
                 except OSError:
-                    for pid in cgroup_procs(d):
+                    for pid in cgroup_procs(d, recursive=True):
                         try:
                             os.kill(pid, signal.SIGKILL)
                         except ProcessLookupError:
