@@ -1,4 +1,4 @@
-"""The success test of the mission: a checkpoint made in container A restores in a NEW container
+"""The cross-container restore test: a checkpoint made in container A restores in a NEW container
 B of the same image that shares only the checkpoint folder and the HuggingFace cache.
 
 Two container shapes:
@@ -8,8 +8,9 @@ Two container shapes:
       ``docker run --pid=host --network=host --ipc=host`` does, with llmuxd as the entrypoint
       (packaging/entrypoint.sh).
 Each container's writable layer is fresh: nothing A wrote is visible in B except through the two
-shared folders.  The config is the mission's, with the simulator as vllm_command and free ports
-(3000 and 8001 may be taken on a test machine).
+shared folders.  The config is the documented checkpoint set-up (Qwen/Qwen3-0.6B with discard +
+checkpoint, images under /tmp/llmux-checkpoints), with the simulator as vllm_command and free
+ports (3000 and 8001 may be taken on a test machine).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ HF = entrypoint.HF
 CHAT = [{"role": "user", "content": "What is CRIU?"}]
 
 
-def mission_config(port: int, model_port: int) -> dict:
+def cross_container_config(port: int, model_port: int) -> dict:
     return {
         "models": {"qwen3-0.6b": {"model_path": "Qwen/Qwen3-0.6B", "port": model_port,
                                   "eviction": {"weights": "discard", "process": "checkpoint"},
@@ -94,7 +95,7 @@ def test_cross_container_entrypoint_shape(tmp_path, shared):
     ckpt = base / "ckpt-b"
     ckpt.mkdir()
     port, mport = free_ports(2)
-    config = mission_config(port, mport)
+    config = cross_container_config(port, mport)
     a = EntrypointContainer("llmuxd-xa", ckpt, hf, config, tmp_path).start()
     try:
         t0 = time.monotonic()
@@ -144,7 +145,7 @@ def test_cross_container_systemd_shape(tmp_path, shared):
     ckpt = base / "ckpt-a"
     ckpt.mkdir()
     port, mport = free_ports(2)
-    config = mission_config(port, mport)
+    config = cross_container_config(port, mport)
     binds = [(str(ckpt), CKPT), (str(hf), HF)]
     a = ServiceContainer("xa", tmp_path, config, {}, binds=binds).start()
     try:
@@ -180,7 +181,7 @@ def test_restore_into_a_different_image_is_refused(tmp_path, shared):
     ckpt = base / "ckpt-img"
     ckpt.mkdir()
     port, mport = free_ports(2)
-    config = mission_config(port, mport)
+    config = cross_container_config(port, mport)
     a = EntrypointContainer("llmuxd-ia", ckpt, hf, config, tmp_path).start()
     try:
         assert chat(a.url) == answer

@@ -55,7 +55,7 @@ Pitfalls handled here:
 Example::
 
     with MountContainer("a", binds=[(ckpt, "/tmp/llmux-checkpoints")]) as c:
-        c.run(["/work/main/.venv/bin/python", "-c", "print(1)"])
+        c.run([sys.executable, "-c", "print(1)"])
         p = c.spawn(["llmuxd", "serve"], stdout="/var/log/llmuxd/serve.log")
 """
 
