@@ -33,7 +33,7 @@ ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_TRUSTED_HOST=
 COPY ${BUILD_EXTRA} /tmp/build-extra/
-COPY packaging/install.sh packaging/install-criu.sh /build/src/packaging/
+COPY packaging/install.sh packaging/install-criu.sh packaging/apt-missing.sh /build/src/packaging/
 COPY packaging/docker/build.sh /build/src/packaging/docker/
 # The compiler and headers; CRIU >= 4.2 from Debian's packages in its own root (/opt/llmuxd/criu,
 # wrapper /usr/local/bin/criu).

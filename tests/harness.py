@@ -13,6 +13,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "infra"))
+from container import terminate  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 LLMUXD = str(VENV_BIN / "llmuxd")
@@ -36,14 +39,6 @@ def free_ports(n: int) -> list[int]:
     while len(ports) < n:
         ports.add(free_port())
     return sorted(ports)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -163,12 +158,7 @@ class LlmuxdProcess:
                 self.status()
             except httpx.HTTPError:
                 pass
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc, timeout)
         self.leftovers = [p for p in sorted(self.backend_pids) if self._same_backend(p)]
         for pid in self.leftovers:  # never leave a backend behind, even when a test failed
             if self._same_backend(pid):

@@ -35,11 +35,16 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "infra"))
+# What reads the machine (no side effects: the soak run uses it too).
+from procscan import (Proc, ancestors, bound_unix_paths, cgroup_hierarchies, cgroup_procs, mounts,  # noqa: E402
+                      proc, processes, read)
 
 MARK = "LLMUXD_TEST_SESSION"
 TOKEN = os.environ.setdefault(MARK, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
@@ -50,91 +55,21 @@ COMMAND = re.compile(r"llmuxd|criu|pidinit")
 CGROUP_NAME = re.compile(r"llmuxd")
 PORT_CGROUP = re.compile(r"^llmuxd-(\d+)$")
 TREE_TMPDIR = re.compile(r"^llmuxd-tree-(\d+)$")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 SHM = Path("/dev/shm")
 TMP = Path("/tmp")
 NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))
 SHM_MIN_AGE = 5.0  # seconds: younger unheld /dev/shm files may be a concurrent run's, mid-restore
 
 # -- reading the machine ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    start: int  # clock ticks after boot: (pid, start) names one process for good
-    ppid: int
-    zombie: bool
-    cmdline: str
-    cgroups: tuple[str, ...]  # "hierarchy-id:controllers:path" lines
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.pid, self.start)
-
-    def in_llmuxd_cgroup(self) -> bool:
-        return any(CGROUP_NAME.search(part) for line in self.cgroups for part in line.split(":", 2)[2].split("/"))
-
-
-def _read(path: str | Path, binary: bool = False):
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data if binary else data.decode(errors="replace")
-
-
-def _proc(pid: int) -> Proc | None:
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    f = stat[stat.rindex(")") + 2:].split()
-    cmdline = (_read(f"/proc/{pid}/cmdline", binary=True) or b"").replace(b"\0", b" ").decode(errors="replace").strip()
-    cgroups = tuple((_read(f"/proc/{pid}/cgroup") or "").splitlines())
-    return Proc(pid, int(f[19]), int(f[1]), f[0] == "Z", cmdline or f"[{stat.split('(', 1)[1].rsplit(')', 1)[0]}]",
-                cgroups)
-
-
-def processes() -> dict[tuple[int, int], Proc]:
-    out = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (p := _proc(int(entry.name))) is not None:
-            out[p.key] = p
-    return out
-
-
 def _marked(pid: int) -> bool:
-    env = _read(f"/proc/{pid}/environ", binary=True)
+    env = read(f"/proc/{pid}/environ", binary=True)
     return env is not None and _MARK_BYTES in env.split(b"\0")
 
 
 def _marked_by_other(pid: int) -> bool:
     """Started by another run of this suite (its own marker)."""
-    env = _read(f"/proc/{pid}/environ", binary=True)
+    env = read(f"/proc/{pid}/environ", binary=True)
     return env is not None and any(v.startswith(f"{MARK}=".encode()) and v != _MARK_BYTES for v in env.split(b"\0"))
-
-
-def _ancestors(pid: int) -> set[int]:
-    out, seen = set(), 0
-    while pid > 1 and seen < 64:
-        out.add(pid)
-        st = _read(f"/proc/{pid}/stat")
-        if st is None:
-            break
-        pid = int(st[st.rindex(")") + 2:].split()[1])
-        seen += 1
-    return out
-
-
-def _hierarchies() -> list[Path]:
-    """Mount points of the cgroup hierarchies (v1 and v2) under /sys/fs/cgroup."""
-    out = []
-    for line in (_read("/proc/self/mountinfo") or "").splitlines():
-        left, _, right = line.partition(" - ")
-        if right.split()[:1] in (["cgroup"], ["cgroup2"]):
-            mnt = Path(left.split()[4].replace("\\040", " "))
-            if mnt == CGROUP_ROOT or CGROUP_ROOT in mnt.parents:
-                out.append(mnt)
-    return out
 
 
 def cgroups(max_depth: int = 5) -> set[str]:
@@ -153,7 +88,7 @@ def cgroups(max_depth: int = 5) -> set[str]:
             if mine or depth < max_depth:
                 walk(Path(e.path), depth + 1, mine)
 
-    for h in _hierarchies():
+    for h in cgroup_hierarchies():
         walk(h, 1, False)
     return found
 
@@ -165,20 +100,6 @@ def _top(path: str) -> str:
         if CGROUP_NAME.search(part):
             return str(Path(*parts[:i + 1]))
     return path
-
-
-def _cgroup_procs(path: str) -> list[int]:
-    return [int(p) for p in (_read(Path(path) / "cgroup.procs") or "").split()]
-
-
-def mounts() -> Counter:
-    """(mount point, root, fstype, source) of every mount in this mount namespace."""
-    out: Counter = Counter()
-    for line in (_read("/proc/self/mountinfo") or "").splitlines():
-        left, _, right = line.partition(" - ")
-        lf, rf = left.split(), right.split()
-        out[(lf[4], lf[3], rf[0] if rf else "", rf[1] if len(rf) > 1 else "")] += 1
-    return out
 
 
 def shm_entries() -> set[str]:
@@ -193,15 +114,6 @@ def tmp_entries() -> set[str]:
         return set(os.listdir(TMP))
     except OSError:
         return set()
-
-
-def _bound_unix_paths() -> set[str]:
-    out = set()
-    for line in (_read("/proc/self/net/unix") or "").splitlines()[1:]:
-        parts = line.split(None, 7)
-        if len(parts) == 8:
-            out.add(parts[7].strip())
-    return out
 
 
 def netns() -> set[str]:
@@ -231,7 +143,7 @@ def _shm_holders(names: set[str], pids) -> dict[str, set[int]]:
                 seen.add(target.removesuffix(" (deleted)"))
         except OSError:
             pass
-        for line in (_read(f"/proc/{pid}/maps") or "").splitlines():
+        for line in (read(f"/proc/{pid}/maps") or "").splitlines():
             parts = line.split(None, 5)
             if len(parts) == 6:
                 seen.add(parts[5].removesuffix(" (deleted)"))
@@ -268,22 +180,22 @@ class LeakCheck:
         self.netns0 = netns()
         self.first_seen: dict[object, str] = {}  # leftover key -> test after which it was first seen
         self.owned_cgroups: set[str] = set()  # seen holding a process of this run
-        self.mine = _ancestors(self.me)  # pytest and whatever started it
+        self.mine = ancestors(self.me)  # pytest and whatever started it
         self.others = [p.cmdline[:120] for p in processes().values() if self._foreign(p)][:3]
 
     # attribution
     def _ours(self, p: Proc) -> bool:
         if p.pid == self.me or p.key in self.procs0 or p.zombie:
             return False
-        if not (COMMAND.search(p.cmdline) or p.in_llmuxd_cgroup()):
+        if not (COMMAND.search(p.cmdline) or p.in_cgroup(CGROUP_NAME)):
             return False
-        return _marked(p.pid) or self.me in _ancestors(p.pid)
+        return _marked(p.pid) or self.me in ancestors(p.pid)
 
     def _foreign(self, p: Proc) -> bool:
         """A live process of llmuxd's world that is not this run's (another run's, say)."""
-        if p.pid in self.mine or p.zombie or not (COMMAND.search(p.cmdline) or p.in_llmuxd_cgroup()):
+        if p.pid in self.mine or p.zombie or not (COMMAND.search(p.cmdline) or p.in_cgroup(CGROUP_NAME)):
             return False
-        return not (_marked(p.pid) or self.me in _ancestors(p.pid))
+        return not (_marked(p.pid) or self.me in ancestors(p.pid))
 
     def _cgroup_ours(self, path: str, alien: set[str]) -> bool:
         """Seen holding a process of this run; or ``llmuxd-<port>`` (or below) for a port this run
@@ -297,7 +209,7 @@ class LeakCheck:
     def _scan(self) -> tuple[list[Proc], list[str]]:
         """This run's live processes of llmuxd's world and its new cgroups, now."""
         new_cgroups = sorted(cgroups() - self.cgroups0)
-        home = {pid: path for path in new_cgroups for pid in _cgroup_procs(path)}
+        home = {pid: path for path in new_cgroups for pid in cgroup_procs(path)}
         everyone = processes()
         procs = [p for p in everyone.values() if p.key not in self.procs0 and p.pid != self.me]
         ours = [p for p in procs if self._ours(p)]
@@ -379,7 +291,7 @@ class LeakCheck:
         except OSError:
             return False
         if stat.S_ISSOCK(st.st_mode):
-            return time.time() - st.st_ctime >= SHM_MIN_AGE and f"{TMP}/{name}" not in _bound_unix_paths()
+            return time.time() - st.st_ctime >= SHM_MIN_AGE and f"{TMP}/{name}" not in bound_unix_paths()
         m = TREE_TMPDIR.match(name)
         return bool(m) and stat.S_ISDIR(st.st_mode) and int(m.group(1)) in self.ports
 
@@ -410,7 +322,7 @@ class LeakCheck:
         problems = []
         ours = {p.pid for p in left.processes}
         for c in left.cgroups:  # cgroup.kill takes whole trees, forks in flight included
-            members = set(_cgroup_procs(c))
+            members = set(cgroup_procs(c))
             # Only while everything in it is ours: a freed port is handed out again, and another
             # run's daemon may have just made (or be spawning into) the same llmuxd-<port> layout.
             if not members or not members <= ours:
@@ -420,7 +332,7 @@ class LeakCheck:
             except OSError:
                 pass
         for p in left.processes:
-            if _proc(p.pid) is not None and _proc(p.pid).start == p.start:
+            if proc(p.pid) is not None and proc(p.pid).start == p.start:
                 try:
                     os.kill(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -429,7 +341,7 @@ class LeakCheck:
         alive = list(left.processes)
         while alive and time.monotonic() < deadline:
             _reap({p.pid for p in alive})
-            alive = [p for p in alive if (q := _proc(p.pid)) is not None and q.start == p.start and not q.zombie]
+            alive = [p for p in alive if (q := proc(p.pid)) is not None and q.start == p.start and not q.zombie]
             time.sleep(0.05)
         problems += [f"process {p.pid} survived SIGKILL" for p in alive]
         for c in sorted(left.cgroups, key=lambda c: -c.count("/")):

@@ -12,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import LLMUXD, pid_alive, wait_until
+from harness import LLMUXD, wait_until
 from llmuxd.isolation.cgroups import cgroup2_mount, own_cgroup
+from llmuxd.isolation.procfs import alive
 
 
 def complete(d, model):
@@ -46,7 +47,7 @@ def test_restart_after_kill9_adopts_running_trees(make_daemon, expected):
     before = d.status()["models"]
     os.kill(d.proc.pid, signal.SIGKILL)
     d.proc.wait()
-    assert all(pid_alive(p) for m in before.values() for p in m["pids"])  # the trees outlive it
+    assert all(alive(p) for m in before.values() for p in m["pids"])  # the trees outlive it
     d.start()  # same config, same port: finds the trees in its cgroups
     after = d.status()
     assert after["active_model"] == "m1"

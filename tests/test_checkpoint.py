@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from conftest import model_entry
-from harness import free_ports, pid_alive
+from harness import free_ports
+from llmuxd.isolation.procfs import alive
 
 pytestmark = [pytest.mark.criu]
 
@@ -42,7 +43,7 @@ def test_checkpoint_restore_same_container(ck_daemon, expected, tmp_path):
     manifest = json.loads((ckdir / "manifest.json").read_text())
     assert manifest["model"] == "m1" and manifest["own_pidns"] and manifest["sleep_level"] == 2
     assert manifest["canary"] and manifest["images"]
-    assert not any(pid_alive(p) for p in before)
+    assert not any(alive(p) for p in before)
     st = d.status()["models"]["m1"]
     assert st["pids"] == [] and st["last_checkpoint"]["image_bytes"] > 0
     # Wake: a restore, not a cold start; the answer is right (weights reloaded after discard).

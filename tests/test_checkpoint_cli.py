@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from conftest import model_entry
-from harness import LLMUXD, free_ports, pid_alive
+from harness import LLMUXD, free_ports
+from llmuxd.isolation.procfs import alive
 
 pytestmark = [pytest.mark.criu]
 
@@ -36,7 +37,7 @@ def test_checkpoint_inspect_restore_detached_then_adopted(make_daemon, tmp_path,
     assert r.returncode == 0, r.stderr
     assert "m1: restored in" in r.stdout
     root = int(r.stdout.split("root pid ")[1].split()[0])
-    assert pid_alive(root)
+    assert alive(root)
     port = d.config["models"]["m1"]["port"]
     direct = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m1", "prompt": "d", "max_tokens": 3})
     assert direct.json()["choices"][0]["text"] == expected("m1", "d", 3)

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from conftest import model_entry
-from harness import free_ports, pid_alive, remove_cgroups, wait_until
+from harness import free_ports, remove_cgroups, wait_until
+from llmuxd.isolation.procfs import alive
 from llmuxd.sim import gpu as simgpu
 from test_switching import metric
 
@@ -71,7 +72,7 @@ def test_dump_failing_midway_escalates_to_stop(ck, tmp_path, sim_env):
     pids = d.status()["models"]["m1"]["pids"]
     r = d.control("sleep", "m1").json()
     assert r["state"] == "stopped" and "criu dump failed" in r["last_error"] and "escalated to stop" in r["last_error"]
-    assert not any(pid_alive(p) for p in pids)  # GPU share freed: the tree is gone
+    assert not any(alive(p) for p in pids)  # GPU share freed: the tree is gone
     assert simgpu.usage(sim_env["LLMUXD_SIM_GPU_DIR"])["used"] == 0
     assert not ckdir(d).exists() and not list(ckdir(d).parent.glob("images.partial-*"))  # no half checkpoint
     assert complete(d, "m2").status_code == 200
@@ -153,7 +154,7 @@ def test_dumped_pids_taken_at_restore(ck, expected, tmp_path):
     assert complete(d2, "m1").status_code == 200
     outer = d2.status()["models"]["m1"]["pids"]
     assert d2.control("sleep", "m1").json()["state"] == "checkpointed"
-    wait_until(lambda: not any(pid_alive(p) for p in outer), 10, what="dumped tree gone")
+    wait_until(lambda: not any(alive(p) for p in outer), 10, what="dumped tree gone")
     squatters = [s for s in (_take_pid(p) for p in outer[:2]) if s]
     try:
         assert squatters
@@ -170,7 +171,7 @@ def _sim_serving(port: int) -> list[int]:
     """Simulator processes started to serve on ``port``, found by their command line alone."""
     found = []
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and pid_alive(int(entry.name)):
+        if entry.name.isdigit() and alive(int(entry.name)):
             try:
                 argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
             except OSError:

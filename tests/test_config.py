@@ -28,7 +28,7 @@ LLMUX_EXAMPLE = {
     "port": 3000, "metrics_port": 9090, "admin_port": 3001, "warmup": False,
 }
 
-MISSION = {
+CHECKPOINT_EXAMPLE = {
     "models": {"qwen3-0.6b": {"model_path": "Qwen/Qwen3-0.6B", "port": 8001,
                               "eviction": {"weights": "discard", "process": "checkpoint"},
                               "checkpoint_path": "/tmp/llmux-checkpoints/qwen3-0.6b/images"}},
@@ -48,8 +48,8 @@ def test_llmux_example_config_is_accepted_unchanged():
     assert c.admin_port == 3001 and not any("admin_port" in n for n in c.ignored_settings())  # acted on
 
 
-def test_mission_config_and_defaults():
-    c = parse_config(MISSION)
+def test_checkpoint_example_config_and_defaults():
+    c = parse_config(CHECKPOINT_EXAMPLE)
     assert c.checkpoint_dir_for("qwen3-0.6b").as_posix() == "/tmp/llmux-checkpoints/qwen3-0.6b/images"
     assert c.vllm_command == "vllm" and c.policy.drain_before_switch
     assert c.policy.request_timeout_secs == 300 and c.policy.startup_timeout_secs == 1800

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from conftest import model_entry
-from harness import LLMUXD, free_ports, pid_alive, wait_until
+from harness import LLMUXD, free_ports, wait_until
+from llmuxd.isolation.procfs import alive
 from test_switching import GpuWatch, metric, two_models
 
 
@@ -31,7 +32,7 @@ def test_control_sleep_wake_status(make_daemon):
     st = d.status()
     m1 = st["models"]["m1"]
     assert st["active_model"] == "m1" and st["queue_depth"] == 0 and st["switching"] is None
-    assert m1["pids"] and all(pid_alive(p) for p in m1["pids"]) and len(m1["pids"]) >= 2  # server + engine
+    assert m1["pids"] and all(alive(p) for p in m1["pids"]) and len(m1["pids"]) >= 2  # server + engine
     assert m1["eviction"] == {"weights": "offload", "process": "keep_running"} and m1["port"] > 0
     assert m1["last_wake_kind"] == "cold_start" and m1["last_wake_secs"] > 0 and m1["in_flight"] == 0
     r = d.control("sleep", "m1")
@@ -86,7 +87,7 @@ def test_stop_policy_cold_starts_and_leaves_no_process(make_daemon, expected):
     old = d.status()["models"]["m1"]["pids"]
     complete(d, "m2")
     st = d.status()["models"]["m1"]
-    assert st["state"] == "stopped" and st["pids"] == [] and not any(pid_alive(p) for p in old)
+    assert st["state"] == "stopped" and st["pids"] == [] and not any(alive(p) for p in old)
     assert complete(d, "m1", "z").json()["choices"][0]["text"] == expected("m1", "z", 4)
     assert d.status()["models"]["m1"]["last_wake_kind"] == "cold_start"
 
@@ -99,7 +100,7 @@ def test_failed_sleep_escalates_to_stop(make_daemon, expected):
     assert complete(d, "m2", "k").json()["choices"][0]["text"] == expected("m2", "k", 4)
     m1 = d.status()["models"]["m1"]
     assert m1["state"] == "stopped" and "escalated to stop" in m1["last_error"]
-    assert not any(pid_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
     assert metric(d, "llmuxd_eviction_escalations_total", model="m1") == 1
     assert "escalated to stop" in d.log()
 
@@ -126,7 +127,7 @@ def test_failed_checkpoint_escalates_to_stop(make_daemon, tmp_path):
     pids = d.status()["models"]["m1"]["pids"]
     r = d.control("sleep", "m1").json()
     assert r["state"] == "stopped" and "escalated to stop" in r["last_error"]
-    assert not any(pid_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
     assert not (tmp_path / "ck" / "m1").exists() or not any((tmp_path / "ck" / "m1").iterdir())
 
 

@@ -1,4 +1,4 @@
-"""The success test of the mission: a checkpoint made in container A restores in a NEW container
+"""The cross-container restore test: a checkpoint made in container A restores in a NEW container
 B of the same image that shares only the checkpoint folder and the HuggingFace cache.
 
 Two container shapes:
@@ -8,15 +8,14 @@ Two container shapes:
       ``docker run --pid=host --network=host --ipc=host`` does, with llmuxd as the entrypoint
       (packaging/entrypoint.sh).
 Each container's writable layer is fresh: nothing A wrote is visible in B except through the two
-shared folders.  The config is the mission's, with the simulator as vllm_command and free ports
-(3000 and 8001 may be taken on a test machine).
+shared folders.  The config is the documented checkpoint set-up (Qwen/Qwen3-0.6B with discard +
+checkpoint, images under /tmp/llmux-checkpoints), with the simulator as vllm_command and free
+ports (3000 and 8001 may be taken on a test machine).
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,21 +23,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import SIM, free_ports, remove_cgroups, wait_until
+from harness import free_ports, remove_cgroups
 from llmuxd.sim import model as simmodel
-from systemd_env import REPO, VENV, ServiceContainer, require_containers
+from systemd_env import VENV, ServiceContainer, require_containers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "infra"))
+import entrypoint  # noqa: E402
 import mntns  # noqa: E402
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
-CKPT = "/tmp/llmux-checkpoints"
-HF = "/root/.cache/huggingface"
+CKPT = entrypoint.CKPT
+HF = entrypoint.HF
 CHAT = [{"role": "user", "content": "What is CRIU?"}]
 
 
-def mission_config(port: int, model_port: int) -> dict:
+def cross_container_config(port: int, model_port: int) -> dict:
     return {
         "models": {"qwen3-0.6b": {"model_path": "Qwen/Qwen3-0.6B", "port": model_port,
                                   "eviction": {"weights": "discard", "process": "checkpoint"},
@@ -74,53 +74,19 @@ def status(url: str) -> dict:
     return httpx.get(url + "/control/status", timeout=30).json()["models"]["qwen3-0.6b"]
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
-    def up():
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_until(up, timeout, what=f"{url}/health")
-
-
 # -- shape (b): mount-namespace containers, llmuxd as the entrypoint ------------------------------
 
-class EntrypointContainer:
+class EntrypointContainer(entrypoint.EntrypointContainer):
+    """llmuxd as the container's entrypoint (tests/infra/entrypoint.py) with the checkout's venv;
+    stop() also removes what is left of the daemon's cgroup layout (llmuxd-<port>): a daemon
+    killed at the container's end cannot."""
+
     def __init__(self, name: str, ckpt: Path, hf: Path, config: dict, workdir: Path, env: dict | None = None):
-        cfg = workdir / f"{name}-config.json"
-        cfg.write_text(json.dumps(config))
-        self.url = f"http://127.0.0.1:{config['port']}"
-        self.port = config["port"]
-        self.env = env
-        self.c = mntns.MountContainer(name, binds=[(str(ckpt), CKPT), (str(hf), HF), (str(cfg), "/etc/llmux/config.json"),
-                                                   *mntns.repo_binds(REPO)])
-
-    def start(self) -> "EntrypointContainer":
-        self.c.start()
-        # The image's install (files stage: units, D-Bus policy, /usr/local/bin/llmuxd -> venv).
-        self.c.run(["bash", f"{REPO}/packaging/install.sh", "--stages", "files", "--venv", VENV])
-        self.proc = self.c.spawn(["sh", f"{REPO}/packaging/entrypoint.sh"], stdout="/var/log/llmuxd/entrypoint.log",
-                                 env=self.env)
-        wait_http(self.url)
-        return self
-
-    def log(self) -> str:
-        return self.c.path("/var/log/llmuxd/entrypoint.log").read_text(errors="replace")
+        super().__init__(name, ckpt, hf, config, workdir, env, venv=VENV)
 
     def stop(self, timeout: float = 120) -> None:
-        """As ``docker stop`` with a long stop timeout: SIGTERM llmuxd and let it stop its models
-        and remove its cgroups (a vLLM tree takes more than the container's own 2 s of grace),
-        then end the container; what a daemon killed even so could not remove goes too."""
-        proc = getattr(self, "proc", None)  # None: start() failed before the spawn
-        try:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            self.c.stop()
-            remove_cgroups(self.port)
+        super().stop(timeout)
+        remove_cgroups(self.port)
 
 
 def test_cross_container_entrypoint_shape(tmp_path, shared):
@@ -129,7 +95,7 @@ def test_cross_container_entrypoint_shape(tmp_path, shared):
     ckpt = base / "ckpt-b"
     ckpt.mkdir()
     port, mport = free_ports(2)
-    config = mission_config(port, mport)
+    config = cross_container_config(port, mport)
     a = EntrypointContainer("llmuxd-xa", ckpt, hf, config, tmp_path).start()
     try:
         t0 = time.monotonic()
@@ -179,7 +145,7 @@ def test_cross_container_systemd_shape(tmp_path, shared):
     ckpt = base / "ckpt-a"
     ckpt.mkdir()
     port, mport = free_ports(2)
-    config = mission_config(port, mport)
+    config = cross_container_config(port, mport)
     binds = [(str(ckpt), CKPT), (str(hf), HF)]
     a = ServiceContainer("xa", tmp_path, config, {}, binds=binds).start()
     try:
@@ -215,7 +181,7 @@ def test_restore_into_a_different_image_is_refused(tmp_path, shared):
     ckpt = base / "ckpt-img"
     ckpt.mkdir()
     port, mport = free_ports(2)
-    config = mission_config(port, mport)
+    config = cross_container_config(port, mport)
     a = EntrypointContainer("llmuxd-ia", ckpt, hf, config, tmp_path).start()
     try:
         assert chat(a.url) == answer

@@ -29,7 +29,7 @@ import pytest
 
 from conftest import model_entry
 from llmuxd.isolation import procfs
-from harness import REPO, SIM, free_ports, wait_until
+from harness import REPO, SIM, free_ports, terminate, wait_until
 from llmuxd.api.dbus import (
     BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, DbusStartError, DbusTransport, to_dbus_error,
 )
@@ -100,13 +100,7 @@ class Bus:
         self.address = line.split(",guid=")[0]
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate(self.proc, 5)
         self.proc.stdout.close()
         self.log.close()
 

@@ -1,6 +1,6 @@
 """The image users run, in the real Docker engine: the project's Dockerfile is built (FROM a
 Debian base built here, standing in for vLLM's image: images cannot be pulled in CI) and the
-mission's success test runs with `docker run`, `docker exec`, `docker stop` and `docker logs`:
+cross-container restore test runs with `docker run`, `docker exec`, `docker stop` and `docker logs`:
 container A cold-starts the model, serves it and checkpoints it; A is stopped; a NEW container B
 of the same image restores it (not a cold start) and serves the same answer.
 

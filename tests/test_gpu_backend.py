@@ -1,10 +1,10 @@
-"""The GPU test backend (gpu/backend.py) on CPU tensors.
+"""The GPU test backend (tests/gpu/backend.py) on CPU tensors.
 
 The GPU itself cannot run here (no CUDA on this machine): these tests exercise the backend's
 HTTP endpoints, its vLLM-shaped process tree, greedy decoding from the safetensors weights in the
 HF cache, and the sleep/wake/reload semantics, with the engine's tensors on the CPU.  The GPU
 path (CUDA memory really freed by sleep level 2, CUDA graph, CUDA suspend, CRIU checkpoint and
-restore in a new mount namespace) is exercised by gpu/run.sh on the GPU machine; its figures are
+restore in a new mount namespace) is exercised by tests/gpu/run.sh on the GPU machine; its figures are
 in bench/results/gpu-h200.{json,md}.
 
 Needs torch (skipped without it; a CPU wheel is enough).
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from harness import REPO, LlmuxdProcess, free_ports, wait_until  # noqa: E402
+from harness import REPO, LlmuxdProcess, free_ports, terminate, wait_until  # noqa: E402
 
 from gpu import model as gm  # noqa: E402
 
@@ -34,7 +33,8 @@ REPO_ID = "gpu-test/tiny"
 
 def env_for(hf: Path, home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    path = [str(REPO), *(p for p in sys.path if p and "torch" in p and Path(p, "torch").is_dir())]
+    # the checkout's llmuxd, and tests/ for the backend's package (`python -m gpu.backend`)
+    path = [str(REPO), str(REPO / "tests"), *(p for p in sys.path if p and "torch" in p and Path(p, "torch").is_dir())]
     env.update(HF_HOME=str(hf), HF_HUB_OFFLINE="1", HOME=str(home), VLLM_SERVER_DEV_MODE="1",
                PYTHONPATH=os.pathsep.join(path + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     return env
@@ -116,13 +116,7 @@ class Server:
         return r.json()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate(self.proc, 20, group=True)  # the API server and its engine
 
 
 @pytest.fixture(scope="module")

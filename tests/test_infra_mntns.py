@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from llmuxd.isolation.procfs import alive
+
 sys.path.insert(0, str(Path(__file__).resolve().parent / "infra"))
 import mntns  # noqa: E402
 
@@ -188,7 +190,7 @@ def test_spawn_then_stop_leaves_nothing(shared: dict[str, Path]) -> None:
         t0 = time.monotonic()
         c.stop(grace=0.5)
         print(f"{c.name}: stopped in {time.monotonic() - t0:.2f} s")
-        assert [p for p in pids if mntns.pid_alive(p)] == []
+        assert [p for p in pids if alive(p)] == []
         assert serve.returncode is not None and stubborn.returncode == -signal.SIGKILL
         assert not base.exists()
         assert str(base) not in Path("/proc/self/mountinfo").read_text()
@@ -226,11 +228,11 @@ def test_container_of_a_killed_owner_is_reclaimed() -> None:
     assert r.returncode == -signal.SIGKILL, r.stderr
     pids = [int(x) for x in r.stdout.split()]
     try:
-        assert all(mntns.pid_alive(p) for p in pids)
+        assert all(alive(p) for p in pids)
         assert len(mntns.leftovers(name)) == 2  # its directory and its namespace's processes
         assert name in mntns.reclaim_stale()
         assert mntns.leftovers(name) == []
-        assert not any(mntns.pid_alive(p) for p in pids)
+        assert not any(alive(p) for p in pids)
     finally:
         mntns.reclaim_stale()
         for p in pids:  # only if reclaiming failed: these are our own processes, by pidfd
@@ -287,20 +289,20 @@ def test_criu_checkpoint_restores_in_a_new_container(shared: dict[str, Path]) ->
         assert r.returncode == 0, f"criu restore failed ({r.returncode}): {r.stderr}\n{log_tail('restore.log')}"
         print(f"criu dump {t_dump:.3f} s, restore {t_restore:.3f} s (pid {pid})")
         # The same PID (the PID namespace is the host's), running in the NEW container.
-        assert mntns.pid_alive(pid), f"restored pid {pid} is not running\n{log_tail('restore.log')}"
+        assert alive(pid), f"restored pid {pid} is not running\n{log_tail('restore.log')}"
         assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"
         assert b.contains(pid) and pid in b.pids()
         fds = b.run(f"readlink /proc/{pid}/fd/0 /proc/{pid}/fd/1 /proc/{pid}/cwd").stdout.split()
         assert fds == ["/dev/null", f"{CKPT}/sleep.log", "/"]
         time.sleep(0.2)
-        assert mntns.pid_alive(pid)
+        assert alive(pid)
         fd = os.pidfd_open(pid)
         try:
             if b.contains(pid):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
         finally:
             os.close(fd)
-        _wait(lambda: not mntns.pid_alive(pid), 5, f"restored pid {pid} to die")
+        _wait(lambda: not alive(pid), 5, f"restored pid {pid} to die")
     finally:
         _stop_all(a, b)
-    assert pid is None or not mntns.pid_alive(pid)
+    assert pid is None or not alive(pid)

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llmuxd.isolation.procfs import alive
 from llmuxd.sim import gpu
 from llmuxd.sim.model import make_model
 
@@ -38,14 +39,6 @@ def _children(pid: int) -> list[int]:
     except OSError:
         pass
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 class Sim:
@@ -106,7 +99,7 @@ class Sim:
             except subprocess.TimeoutExpired:
                 pass
         for pid in sorted(self.known_pids - {self.proc.pid}):
-            if _alive(pid):
+            if alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -337,7 +330,7 @@ def test_engine_crash_mid_stream(start, env):
     assert time.monotonic() - t0 < 1.5
     assert 0 < len(texts) <= 5
     assert "died unexpectedly" in sim.log
-    assert not _alive(engine)
+    assert not alive(engine)
     assert gpu.usage(env["LLMUXD_SIM_GPU_DIR"])["leases"] == []
     assert not any(Path(p).exists() for p in sim.info["ipc_paths"])
 
@@ -353,7 +346,7 @@ def test_sigterm_cleanup_and_flags(start, env):
     assert shm.exists() and all(Path(p).exists() for p in paths)
     sim.proc.send_signal(signal.SIGTERM)
     assert sim.wait_exit(5) == 0
-    assert not _alive(engine)
+    assert not alive(engine)
     assert not shm.exists() and not any(Path(p).exists() for p in paths)
     assert gpu.usage(env["LLMUXD_SIM_GPU_DIR"])["leases"] == []
 

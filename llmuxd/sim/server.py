@@ -74,7 +74,7 @@ def _bind(host: str, port: int) -> socket.socket:
 async def run_server(args: argparse.Namespace, sock: socket.socket, make_engine: Callable[[], EngineClient],
                      make_api: Callable[[EngineClient], Api], engine_stop_timeout: float | None = None) -> int:
     """The API server's life: start the engine, then serve until a signal or the engine's death,
-    as vLLM does (also used by the GPU test backend, gpu/backend.py, with its own engine)."""
+    as vLLM does (also used by the GPU test backend, tests/gpu/backend.py, with its own engine)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     exit_code = 0

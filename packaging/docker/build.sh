@@ -16,6 +16,7 @@
 # /tmp/build-extra, a CA bundle `ca.crt` (pip and curl) and a wheelhouse `wheels/` (then pip
 # installs from it only).
 set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VENV=/opt/llmuxd/venv
 EXTRA=/tmp/build-extra
 PROTOBUF_SPEC='protobuf>=3.20,<7'
@@ -40,10 +41,10 @@ case "${1:-}" in
       || pkgs+=(python3-dev)
     python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
     [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || pkgs+=(debian-archive-keyring)
-    log "apt: ${pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+    # (sourced here only: the cuda-checkpoint stage has build.sh alone)
+    # shellcheck source=../apt-missing.sh
+    source "$HERE/../apt-missing.sh"
+    apt_install_missing "${pkgs[@]}"
     ;;
   deps)
     src=$2

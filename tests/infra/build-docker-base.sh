@@ -16,6 +16,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../../packaging/apt-missing.sh
+source "$HERE/../../packaging/apt-missing.sh"
 DOCKER=${DOCKER:-docker}
 MIRROR=${LLMUXD_TEST_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${LLMUXD_TEST_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
@@ -38,10 +40,7 @@ if [[ $FORCE == 0 ]] && "$DOCKER" image inspect "$TAG" >/dev/null 2>&1; then
   echo "$TAG"
   exit 0
 fi
-command -v mmdebstrap >/dev/null || {
-  log "installing mmdebstrap"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
-}
+command -v mmdebstrap >/dev/null || apt_install_missing mmdebstrap
 
 T=$(mktemp -d /var/tmp/llmuxd-docker-base.XXXXXX)
 trap 'rm -rf --one-file-system "$T"' EXIT

@@ -20,6 +20,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=../../packaging/apt-missing.sh
+source "$REPO/packaging/apt-missing.sh"
 IMAGE=${LLMUXD_TEST_IMAGE:-/var/cache/llmuxd-test/image}
 MIRROR=${LLMUXD_TEST_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${LLMUXD_TEST_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
@@ -79,17 +81,7 @@ exec 9>"$IMAGE.lock"
 flock 9
 if [[ $FORCE == 0 && "$(current_key)" == "$KEY" ]]; then done_msg; fi   # built while we waited
 
-HOST_PKGS=(systemd-container mmdebstrap libsystemd-dev pkg-config)
-missing=()
-for p in "${HOST_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "ok installed" >/dev/null || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing host packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_install_missing systemd-container mmdebstrap libsystemd-dev pkg-config
 
 # ---------------------------------------------------------------------------------------------
 # The tree.

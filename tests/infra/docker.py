@@ -1,5 +1,5 @@
-"""The real Docker engine for tests (stdlib only): used as is when one answers, otherwise started
-here (containerd, then dockerd) and stopped again by ``Engine.stop()``.
+"""The real Docker engine for tests (stdlib and llmuxd's /proc reader): used as is when one
+answers, otherwise started here (containerd, then dockerd) and stopped again by ``Engine.stop()``.
 
 Started engine (no iptables on a test machine, so containers use ``--network=host``)::
 
@@ -30,12 +30,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
 from typing import Sequence
+
+from container import starttime, terminate
+from llmuxd.isolation.procfs import alive
 
 __all__ = ["Engine", "EngineError", "available"]
 
@@ -89,21 +91,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _starttime(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def _exe(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/exe")
@@ -149,7 +136,7 @@ class Engine:
     """
 
     def __init__(self, *, start_timeout: float = 90.0, log_dir: str | os.PathLike = "/var/log/llmuxd-test"):
-        self.session = f"{os.getpid()}-{_starttime(os.getpid())}-{uuid.uuid4().hex[:6]}"
+        self.session = f"{os.getpid()}-{starttime(os.getpid())}-{uuid.uuid4().hex[:6]}"
         self.start_timeout = start_timeout
         self.log_dir = Path(log_dir)
         self.cli = _which("docker") or "docker"
@@ -193,7 +180,7 @@ class Engine:
         except (OSError, ValueError):
             return
         for name, (pid, start) in rec.get("pids", {}).items():
-            if _alive(pid) and _starttime(pid) == start:
+            if alive(pid) and starttime(pid) == start:
                 self.started[name] = pid
         self._cgroups_before = set(rec.get("cgroups_before", []))
         self._mounts_before = set(rec.get("mounts_before", []))
@@ -201,7 +188,7 @@ class Engine:
             f.unlink(missing_ok=True)
 
     def _record(self) -> None:
-        rec = {"owner": os.getpid(), "pids": {n: (p, _starttime(p)) for n, p in self.started.items()},
+        rec = {"owner": os.getpid(), "pids": {n: (p, starttime(p)) for n, p in self.started.items()},
                "cgroups_before": sorted(self._cgroups_before), "mounts_before": sorted(self._mounts_before)}
         tmp = STATE_DIR / "started.json.tmp"
         tmp.write_text(json.dumps(rec))
@@ -257,7 +244,7 @@ class Engine:
     def _wait(self, pred, deadline: float, what: str, name: str) -> None:
         while not pred():
             pid = self.started.get(name)
-            if pid is not None and not _alive(pid):
+            if pid is not None and not alive(pid):
                 raise EngineError(f"{what} exited during start-up: {self.log_tail(name)}")
             if time.monotonic() > deadline:
                 raise EngineError(f"{what} did not answer within {self.start_timeout:g} s: {self.log_tail(name)}")
@@ -302,33 +289,9 @@ class Engine:
         return left
 
     def _terminate(self, pid: int, name: str, grace: float = 30.0) -> bool:
-        start = _starttime(pid)
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            return True
-        try:
-            if _starttime(pid) != start:
-                return True
-            signal.pidfd_send_signal(fd, signal.SIGTERM)
-            end = time.monotonic() + grace
-            while _alive(pid) and time.monotonic() < end:
-                time.sleep(0.1)
-            if _alive(pid):
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-                end = time.monotonic() + 10
-                while _alive(pid) and time.monotonic() < end:
-                    time.sleep(0.1)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        # Reap it if it is our child (started by this process).
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        return not _alive(pid)
+        """Stop what this session (or a killed one) started: True once it is gone."""
+        terminate(pid, grace, kill_wait=10)
+        return not alive(pid)
 
     def _engine_roots(self) -> list[str]:
         return [os.path.realpath(p) for p in (self.data_root or "/var/lib/docker", self.exec_root, "/run/containerd",
@@ -367,7 +330,7 @@ class Engine:
             r = self.docker("ps", "-aq", "--filter", f"label={LABEL}={self.session}", check=False)
             left += [f"container {c}" for c in r.stdout.split()]
         for name, pid in self.started.items():
-            if _alive(pid):
+            if alive(pid):
                 left.append(f"{name} pid {pid}")
         if self._stopped_engine and not self.started:
             left += [f"mount {m}" for m in sorted(set(_mounts_under(*self._engine_roots())) - self._mounts_before)]
@@ -448,7 +411,7 @@ class Engine:
         for s in sessions:
             try:
                 pid, start = s.split("-")[:2]
-                if _alive(int(pid)) and _starttime(int(pid)) == start:
+                if alive(int(pid)) and starttime(int(pid)) == start:
                     continue
             except ValueError:
                 pass

@@ -1,4 +1,5 @@
-"""Docker-like "host namespaces, own filesystem" containers for tests (stdlib only).
+"""Docker-like "host namespaces, own filesystem" containers for tests (stdlib and llmuxd's /proc
+reader).
 
 The shape imitated is::
 
@@ -48,21 +49,19 @@ Pitfalls handled here:
 * The lower layer is the LIVE host root: what the host changes under / later shows through in
   every container where that path was not written inside (the "image" is not frozen).
 * Processes CRIU restores with ``--restore-detached`` are re-parented to the host's PID 1, which
-  reaps them only every few seconds: a killed one stays a zombie for a while (``pid_alive``
+  reaps them only every few seconds: a killed one stays a zombie for a while (``procfs.alive``
   treats zombies as dead; they hold no namespace).
 
 Example::
 
     with MountContainer("a", binds=[(ckpt, "/tmp/llmux-checkpoints")]) as c:
-        c.run(["/work/main/.venv/bin/python", "-c", "print(1)"])
+        c.run([sys.executable, "-c", "print(1)"])
         p = c.spawn(["llmuxd", "serve"], stdout="/var/log/llmuxd/serve.log")
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import re
 import select
 import shutil
 import signal
@@ -72,20 +71,21 @@ import time
 from pathlib import Path
 from typing import IO, Iterable, Sequence
 
+from container import NAME_RE, Container, ContainerError, starttime
+from llmuxd.isolation.procfs import alive
+
 __all__ = [
     "MountContainer",
     "ContainerError",
     "available",
     "base_dir",
     "leftovers",
-    "pid_alive",
     "processes_in_ns",
     "reclaim_stale",
 ]
 
 DEFAULT_BASE = "/var/tmp/llmuxd-mntns"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 # Runs as the keeper: builds the root in the new mount namespace, pivots into it, says "ready",
 # then becomes `sleep infinity`. Arguments: BASE, then pairs HOST_PATH DEST_PATH.
@@ -136,10 +136,6 @@ exec "$@"
 """
 
 
-class ContainerError(RuntimeError):
-    """A container could not be started, driven or cleaned up."""
-
-
 def base_dir(name: str | None = None) -> Path:
     """Where containers keep their upper/work/root dirs: $LLMUXD_MNTNS_DIR or /var/tmp/llmuxd-mntns
     (with `name`: that container's own directory)."""
@@ -165,16 +161,6 @@ def available() -> tuple[bool, str]:
     if not hasattr(os, "pidfd_open"):
         return False, "os.pidfd_open missing (Python >= 3.9 on Linux >= 5.3 needed)"
     return True, f"overlay of / with upper dirs under {base_dir()}"
-
-
-def pid_alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def _ns_of(pid: int | str) -> tuple[int, int] | None:
@@ -250,13 +236,6 @@ def _signal_ns_members(ns: tuple[int, int], sig: int, exclude: Iterable[int] = (
     return hit
 
 
-def _starttime(pid: int | str) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def reclaim_stale(max_age: float = 60.0) -> list[str]:
     """Remove containers whose owner (the process that started them, recorded in BASE/owner) is
     gone, e.g. a test run killed with SIGKILL: kill the processes in their namespaces (by pidfd,
@@ -269,11 +248,11 @@ def reclaim_stale(max_age: float = 60.0) -> list[str]:
     except OSError:
         return reclaimed
     for d in entries:
-        if not d.is_dir() or d.is_symlink() or not _NAME_RE.match(d.name):
+        if not d.is_dir() or d.is_symlink() or not NAME_RE.match(d.name):
             continue
         try:
             pid, start = (d / "owner").read_text().split()
-            if pid_alive(int(pid)) and _starttime(pid) == start:
+            if alive(int(pid)) and starttime(pid) == start:
                 continue
         except (OSError, ValueError):
             try:
@@ -292,19 +271,6 @@ def reclaim_stale(max_age: float = 60.0) -> list[str]:
     return reclaimed
 
 
-# Containers started and not yet stopped (stopped at interpreter exit).
-_live: "set[MountContainer]" = set()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for c in list(_live):
-        try:
-            c.stop(grace=0)
-        except Exception:
-            pass
-
-
 def repo_binds(repo: str) -> list[tuple[str, str]]:
     """A checkout under a folder that containers get afresh (/tmp, /run, /dev/shm) is not in the
     lower layer: bind it at its own path, as the nspawn containers do."""
@@ -312,7 +278,7 @@ def repo_binds(repo: str) -> list[tuple[str, str]]:
     return [(repo, repo)] if any(repo == f or repo.startswith(f + "/") for f in fresh) else []
 
 
-class MountContainer:
+class MountContainer(Container):
     """A container with its own mount namespace (overlay root over the host's /) sharing the
     host's PID, network, IPC and UTS namespaces.
 
@@ -332,9 +298,7 @@ class MountContainer:
         env: dict[str, str] | None = None,
         start_timeout: float = 30.0,
     ) -> None:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"bad container name {name!r} (letters, digits, - _ ., at most 63)")
-        self.name = name
+        super().__init__(name)
         self.binds = [(str(h), str(d)) for h, d in binds]
         for host, dest in self.binds:
             if not dest.startswith("/") or "/../" in dest + "/" or dest.rstrip("/") == "":
@@ -372,7 +336,7 @@ class MountContainer:
             if not os.path.exists(host):
                 raise ContainerError(f"{self.name}: bind source {host} does not exist")
         t0 = time.monotonic()
-        _live.add(self)
+        self._track()
         try:
             reclaim_stale()
             if self.base.exists() or self.base.is_symlink():
@@ -382,7 +346,7 @@ class MountContainer:
                 shutil.rmtree(self.base)  # remains of a killed run
             self.base.mkdir(parents=True)
             self._made_base = True
-            (self.base / "owner").write_text(f"{os.getpid()} {_starttime(os.getpid())}\n")
+            (self.base / "owner").write_text(f"{os.getpid()} {starttime(os.getpid())}\n")
             for sub in ("upper", "work", "root"):
                 (self.base / sub).mkdir(mode=0o755)
             args = [str(self.base)]
@@ -512,26 +476,21 @@ class MountContainer:
             self.keeper = None
             self.keeper_pid = None
             self.mnt_ns = None
-            _live.discard(self)
+            self._untrack()
             if errors:
                 raise ContainerError(f"{self.name}: cleanup incomplete: " + "; ".join(errors))
 
     def _reap(self) -> None:
         self._spawned = [p for p in self._spawned if p.poll() is None]
 
-    def __enter__(self) -> "MountContainer":
-        if self.keeper is None:
-            self.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.stop()
-        except ContainerError:
-            if exc_type is None:
-                raise
+    def _stop_at_exit(self) -> None:
+        self.stop(grace=0)
 
     # ---------------------------------------------------------------- state
+
+    @property
+    def started(self) -> bool:
+        return self.keeper is not None
 
     @property
     def running(self) -> bool:
@@ -544,15 +503,10 @@ class MountContainer:
             raise ContainerError(f"{self.name}: keeper {self.keeper_pid} is gone")
         return self.keeper_pid
 
-    @property
-    def root(self) -> Path:
-        """The container's root as seen from the host: /proc/KEEPER/root."""
-        return Path(f"/proc/{self._need_keeper()}/root")
-
-    def path(self, p: str | os.PathLike) -> Path:
-        """Host path of the container's path `p` (through /proc/KEEPER/root). A file opened
-        through it belongs to the container's mounts (CRIU inside can resolve it)."""
-        return self.root / str(p).lstrip("/")
+    def _root_pid(self) -> int:
+        """The keeper: the container's root is /proc/KEEPER/root (a file opened through path()
+        belongs to the container's mounts: CRIU inside can resolve it)."""
+        return self._need_keeper()
 
     def pids(self) -> list[int]:
         """Processes now in the container (the keeper excluded)."""
@@ -562,7 +516,7 @@ class MountContainer:
 
     def contains(self, pid: int) -> bool:
         """Whether `pid` is a live process in this container's mount namespace."""
-        return self.mnt_ns is not None and _ns_of(pid) == self.mnt_ns and pid_alive(pid)
+        return self.mnt_ns is not None and _ns_of(pid) == self.mnt_ns and alive(pid)
 
     # ---------------------------------------------------------------- driving it
 

@@ -1,4 +1,4 @@
-"""Boot real systemd-nspawn containers for tests (stdlib only).
+"""Boot real systemd-nspawn containers for tests (stdlib and llmuxd's /proc reader).
 
 A booted container has a real systemd as PID 1, a real D-Bus system bus, real journald and a real
 cgroup v2 tree, from the image that ``tests/infra/build-image.sh`` builds. How and why it is done
@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
@@ -40,6 +39,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
+
+import container
+from container import ContainerError
+from llmuxd.isolation.procfs import alive
 
 __all__ = [
     "Container",
@@ -61,11 +64,6 @@ NSPAWN_ENV = {
     "SYSTEMD_SECCOMP": "0",
     "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "1",
 }
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-
-class ContainerError(RuntimeError):
-    """A container could not be started, driven or cleaned up."""
 
 
 def default_image_dir() -> str:
@@ -199,30 +197,8 @@ def leftovers(name: str) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 
-# Containers started and not yet stopped (strong references: a forgotten container is still
-# powered off when the interpreter exits).
-_live: "set[Container]" = set()
 
-
-@atexit.register
-def _stop_all() -> None:
-    for c in list(_live):
-        try:
-            c.stop()
-        except Exception:
-            pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-class Container:
+class Container(container.Container):
     """One booted systemd-nspawn container.
 
     Attributes: ``name``, ``image_dir``, ``binds``, ``ro_binds``, ``share_network``,
@@ -243,9 +219,7 @@ class Container:
         boot_timeout: float = 60.0,
         keep_log: bool = False,
     ) -> None:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"bad container name {name!r} (letters, digits, - _ ., at most 63)")
-        self.name = name
+        super().__init__(name)
         self.image_dir = Path(image_dir or default_image_dir())
         self.binds = [(str(h), str(d)) for h, d in binds]
         self.ro_binds = [(str(h), str(d)) for h, d in ro_binds]
@@ -303,10 +277,10 @@ class Container:
         mf = MACHINES_DIR / self.name
         if mf.exists():
             old = _read_kv(mf).get("LEADER", "")
-            if old.isdigit() and _pid_alive(int(old)):
+            if old.isdigit() and alive(int(old)):
                 raise ContainerError(f"a machine {self.name} is already running (leader {old})")
         t0 = time.monotonic()
-        _live.add(self)
+        self._track()
         try:
             # Stale remains of an earlier container of the same name (its cgroups are empty).
             for d in cgroup_dirs(self.name):
@@ -383,7 +357,7 @@ class Container:
         state = "?"
         while time.monotonic() < deadline:
             self._check_nspawn()
-            if not _pid_alive(self.leader):
+            if not alive(self.leader):
                 raise ContainerError(f"{self.name}: the container's PID 1 exited")
             try:
                 r = subprocess.run(
@@ -407,25 +381,18 @@ class Container:
         with self._lock:
             errors: list[str] = []
             p = self.process
-            if p is not None and p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                    p.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    errors.append(f"systemd-nspawn {p.pid} ignored SIGTERM for {timeout} s; killed")
-                    p.kill()
-                    try:
-                        p.wait(5)
-                    except subprocess.TimeoutExpired:
-                        errors.append(f"systemd-nspawn {p.pid} survived SIGKILL")
+            if p is not None and not container.terminate(p, timeout, kill_wait=5):
+                errors.append(f"systemd-nspawn {p.pid} ignored SIGTERM for {timeout} s; killed")
+                if p.poll() is None:
+                    errors.append(f"systemd-nspawn {p.pid} survived SIGKILL")
             # The container's PID 1 normally ends with nspawn; if nspawn was killed it would not.
-            if self.leader is not None and _pid_alive(self.leader):
+            if self.leader is not None and alive(self.leader):
                 try:
                     os.kill(self.leader, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 for _ in range(100):
-                    if not _pid_alive(self.leader):
+                    if not alive(self.leader):
                         break
                     time.sleep(0.05)
                 else:
@@ -437,7 +404,7 @@ class Container:
             if self._machine_file_written or mf.exists():
                 # Only our own file (a same-named running machine of someone else stays).
                 leader = _read_kv(mf).get("LEADER", "")
-                if not (leader.isdigit() and _pid_alive(int(leader)) and int(leader) != self.leader):
+                if not (leader.isdigit() and alive(int(leader)) and int(leader) != self.leader):
                     try:
                         mf.unlink()
                     except FileNotFoundError:
@@ -460,41 +427,28 @@ class Container:
                 except FileNotFoundError:
                     pass
             self.process = None
-            _live.discard(self)
+            self._untrack()
             if errors:
                 raise ContainerError(f"{self.name}: cleanup incomplete: " + "; ".join(errors))
-
-    def __enter__(self) -> "Container":
-        if self.process is None:
-            self.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.stop()
-        except ContainerError:
-            if exc_type is None:
-                raise
 
     # ---------------------------------------------------------------- state
 
     @property
+    def started(self) -> bool:
+        return self.process is not None
+
+    @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None and self.leader is not None and _pid_alive(self.leader)
+        return self.process is not None and self.process.poll() is None and self.leader is not None and alive(self.leader)
 
     def _need_leader(self) -> int:
         if self.leader is None:
             raise ContainerError(f"{self.name}: not started")
         return self.leader
 
-    @property
-    def root(self) -> Path:
-        """The container's root filesystem as seen from the host: /proc/LEADER/root."""
-        return Path(f"/proc/{self._need_leader()}/root")
-
-    def path(self, p: str | os.PathLike) -> Path:
-        """Host path of the container's path `p` (through /proc/LEADER/root)."""
-        return self.root / str(p).lstrip("/")
+    def _root_pid(self) -> int:
+        """The container's PID 1: its root is /proc/LEADER/root."""
+        return self._need_leader()
 
     @property
     def bus_address(self) -> str:

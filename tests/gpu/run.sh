@@ -1,7 +1,8 @@
 #!/bin/bash
-# The GPU run, on the GPU machine, from the repository root (see gpu/drive.py for what it does).
+# The GPU run, on the GPU machine: `bash tests/gpu/run.sh [drive.py arguments]` (see
+# tests/gpu/drive.py for what it does).
 #
-# Needs, carried with the working tree (both git-ignored):
+# Needs, in the checkout (both git-ignored):
 #   .cache/criu-root/   CRIU 4.2.1's extracted root (a copy of /opt/llmuxd/criu, as
 #                       packaging/install-criu.sh makes it), run with its own loader;
 #   .cache/gpu-wheels/  llmuxd's Python deps missing from the machine's image, for Python 3.12:
@@ -9,15 +10,16 @@
 #                       typing-extensions, pyzmq, sdnotify, dbus-fast, protobuf<7.
 # Optional: .cache/llmuxd-src/llmuxd, a pinned copy of llmuxd (e.g. `git archive HEAD llmuxd |
 #   tar -x -C .cache/llmuxd-src`) used instead of the checkout's, which may be mid-edit.
-# Device call: run `OUT=$OUT bash gpu/run.sh` carrying those folders (about 24 MiB); ~85 s of
-# command time plus the machine's start.  Arguments go to gpu/drive.py (--hidden, --layers, ...).
+# Run: `OUT=DIR bash tests/gpu/run.sh` with those folders in place (about 24 MiB); about 85 s on
+# an H200.  Arguments go to tests/gpu/drive.py (--hidden, --layers, ...).
 # Everything is put outside /tmp (each test container gets a fresh tmpfs there): code in
 # /opt/llmuxd-gpu, CRIU in /opt/llmuxd/criu, HF cache + checkpoints + logs in /var/lib/llmuxd-gpu.
 # Results: $OUT/gpu-h200.json, gpu-h200.md, drive.log, setup.log, logs.tar.gz.
 set -u
 OUT=${OUT:-/var/tmp/llmuxd-gpu-out}
 mkdir -p "$OUT"
-REPO=$(pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)  # the repository root (.cache/, llmuxd/, tests/)
+cd "$REPO"
 ROOT=/opt/llmuxd-gpu
 STATE=/var/lib/llmuxd-gpu
 {
@@ -25,9 +27,10 @@ STATE=/var/lib/llmuxd-gpu
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
   command -v unshare mount iptables iptables-restore nft || true
   rm -rf "$ROOT" "$STATE" && mkdir -p "$ROOT/src" "$STATE" /opt/llmuxd
-  # llmuxd from a pinned snapshot when one is carried (the checkout may be mid-edit), else the checkout's
+  # llmuxd from a pinned snapshot when there is one (the checkout may be mid-edit), else the checkout's
   if [ -d .cache/llmuxd-src/llmuxd ]; then cp -a .cache/llmuxd-src/llmuxd "$ROOT/src/"; else cp -a llmuxd "$ROOT/src/"; fi
-  cp -a gpu "$ROOT/src/"
+  # the GPU backend and its driver (the package `gpu`), and the test containers' base beside it
+  cp -a tests/gpu tests/infra "$ROOT/src/"
   [ -x /opt/llmuxd/criu/usr/sbin/criu ] || cp -a .cache/criu-root /opt/llmuxd/criu
   C=/opt/llmuxd/criu
   printf '#!/bin/sh\nexec %s/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path %s/usr/lib/x86_64-linux-gnu %s/usr/sbin/criu "$@"\n' \

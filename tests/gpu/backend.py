@@ -6,7 +6,7 @@
                           [--window N] [--kv-bytes N] [--seed N] [--device cuda|cpu]
 
 The process shape is vLLM's: this API server process (aiohttp; it never imports torch or touches
-the GPU) spawns an engine-core child (``gpu/engine.py``) that holds the weights, a KV buffer and
+the GPU) spawns an engine-core child (``tests/gpu/engine.py``) that holds the weights, a KV buffer and
 a captured CUDA graph; they talk over two ZMQ ``ipc:///tmp/<uuid>`` sockets and a
 ``/dev/shm/psm_*`` status block.  The HTTP routes are the simulator's (``llmuxd.sim.api``):
 ``/health``, ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` (greedy,
@@ -14,7 +14,8 @@ deterministic from the weights), ``/v1/embeddings``; with ``VLLM_SERVER_DEV_MODE
 ``/sleep?level=``, ``/wake_up``, ``/is_sleeping``, ``/collective_rpc`` (``reload_weights``),
 ``/reset_prefix_cache``; plus ``GET /gpu/info[?checksum=1]`` (memory, timings, weights digest).
 MODEL is a local folder or ORG/NAME in the offline HF cache (``$HF_HOME/hub``).  Without CUDA
-the engine runs on CPU tensors (the tests on a machine without a GPU).
+the engine runs on CPU tensors (the tests on a machine without a GPU).  ``gpu`` is this folder,
+tests/gpu: tests/ must be on the Python path (``PYTHONPATH=tests``).
 """
 
 from __future__ import annotations

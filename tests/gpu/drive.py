@@ -1,4 +1,4 @@
-"""The GPU run's driver (started by gpu/run.sh on the GPU machine): llmuxd in entrypoint mode
+"""The GPU run's driver (started by tests/gpu/run.sh on the GPU machine): llmuxd in entrypoint mode
 (`llmuxd serve --config ...`) with the GPU test backend as `vllm_command`, through
 
   A. container A (new mount namespace: fresh tmpfs /tmp, /dev/shm, ~/.cache, ~/.nv, ~/.triton):
@@ -14,7 +14,7 @@
   E. llmuxd B stopped: no process left holding the GPU.
 
 Figures (and GPU memory after each step, from NVML) go to OUT/gpu-h200.json; a table to
-OUT/gpu-h200.md (also: `python3 gpu/drive.py --render RESULTS.json`).
+OUT/gpu-h200.md (also: `python3 tests/gpu/drive.py --render RESULTS.json`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from llmuxd.isolation import procfs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "infra"))  # tests/infra (run.sh copies it)
+import container  # noqa: E402
 
 MIB = 1 << 20
 PROMPT = "llmuxd canary: the capital of France is"
@@ -92,14 +96,7 @@ def nvidia_holders(exclude: set[int]) -> list[dict]:
 
 def outer_pid(pids: list[int], inner: int | None) -> int | None:
     """The PID (as this process sees it) of the tree member whose PID in its own namespace is ``inner``."""
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("NSpid:") and int(line.split()[-1]) == inner:
-                    return p
-        except OSError:
-            continue
-    return None
+    return next((p for p in pids if procfs.inner_pid(p) == inner), None)
 
 
 def cuda_state(pid: int) -> str:
@@ -124,21 +121,35 @@ exec "$@"
 """
 
 
-class Container:
+class Container(container.Container):
     """llmuxd as the entrypoint of a new mount namespace (host PID and network namespaces, as
     `docker run --pid=host --network=host`), with fresh tmpfs on /tmp, /dev/shm and the home caches."""
 
     def __init__(self, name: str, config: Path, env: dict[str, str]):
-        self.name = name
+        super().__init__(name)
+        self.config, self.env = config, env
         self.log_path = OUT / f"llmuxd-{name}.log"
         self.url = f"http://127.0.0.1:{PORT}"
+        self.proc: subprocess.Popen | None = None
+        self.mntns = None
+
+    def start(self) -> "Container":
         sh = CONTAINER_SH.replace("HOMECACHES", " ".join(HOME_CACHES))
         argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", sh, "container",
-                sys.executable, "-m", "llmuxd", "serve", "--config", str(config), "--dbus", "off"]
-        self.logf = open(STATE / f"llmuxd-{name}.log", "ab")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf, env=env,
+                sys.executable, "-m", "llmuxd", "serve", "--config", str(self.config), "--dbus", "off"]
+        self.logf = open(STATE / f"llmuxd-{self.name}.log", "ab")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf, env=self.env,
                                      start_new_session=True)
-        self.mntns = None
+        return self
+
+    @property
+    def started(self) -> bool:
+        return self.proc is not None
+
+    def _root_pid(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            raise container.ContainerError(f"{self.name}: llmuxd is not running")
+        return self.proc.pid
 
     def wait_up(self, timeout: float = 60) -> None:
         import httpx
@@ -161,22 +172,15 @@ class Container:
         for d in os.listdir("/proc"):
             if d.isdigit():
                 try:
-                    if os.stat(f"/proc/{d}/ns/mnt").st_ino == self.mntns:
-                        st = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                        if st != "Z":
-                            pids.append(int(d))
+                    if os.stat(f"/proc/{d}/ns/mnt").st_ino == self.mntns and procfs.alive(int(d)):
+                        pids.append(int(d))
                 except OSError:
                     pass
         return pids
 
     def stop(self, timeout: float = 60) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGTERM llmuxd, SIGKILL after `timeout` s (the namespace goes with its last process)."""
+        container.terminate(self.proc, timeout)
         self.logf.close()
         return self.proc.returncode
 
@@ -371,7 +375,7 @@ def probe_pidns() -> None:
 @phase("A: cold start, canary, sleep = discard + CUDA suspend + CRIU dump")
 def container_a(env: dict[str, str]) -> dict:
     mem("baseline")
-    a = Container("A", STATE / "config.json", env)
+    a = Container("A", STATE / "config.json", env).start()
     try:
         a.wait_up()
         check("A: llmuxd in a new mount namespace with its own tmpfs /tmp and /dev/shm", own_tmpfs(a),
@@ -545,7 +549,7 @@ def main() -> int:
     container_a(env)
     b = None
     try:
-        b = Container("B", STATE / "config.json", env)
+        b = Container("B", STATE / "config.json", env).start()
         b.wait_up()
         check("B: llmuxd in a new mount namespace with its own tmpfs /tmp and /dev/shm", own_tmpfs(b),
               {"mntns": b.mntns, "driver_mntns": os.stat("/proc/self/ns/mnt").st_ino})
@@ -599,7 +603,7 @@ def render(r: dict) -> str:
         "",
         f"Run {r.get('started', '?')}, {gpu.get('name', '?')}, driver {((r.get('machine') or {}).get('gpu') or {}).get('driver_version', '?')}, "
         f"kernel {(r.get('machine') or {}).get('kernel', '?')}, torch {(r.get('machine') or {}).get('torch', '?')}. "
-        f"Model: gpu/model.py, hidden {cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers, vocab {cfg.get('vocab_size')}, "
+        f"Model: tests/gpu/model.py, hidden {cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers, vocab {cfg.get('vocab_size')}, "
         f"bf16 weights {model.get('weights_file_bytes', 0) / 2**30:.2f} GiB (safetensors in an HF cache), "
         f"KV buffer {cfg.get('kv_cache_bytes', 0) / 2**30:.2f} GiB, one decode step as a CUDA graph. One run, single figures.",
         "",

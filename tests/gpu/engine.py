@@ -1,5 +1,6 @@
 """The GPU test backend's engine core: a spawned child of the API server (like vLLM's EngineCore),
-speaking the simulator's ZMQ protocol (llmuxd.sim.protocol), holding real GPU state.
+holding real GPU state.  The process's plumbing is the simulator's (llmuxd.sim.engine.EngineCore:
+the ZMQ protocol of llmuxd.sim.protocol, status block, heartbeat, receive loop, shutdown).
 
 On start: CUDA context, weights read from the HF-cache safetensors file, KV buffer, one decode
 step captured as a CUDA graph (eager on CPU or with --enforce-eager).  Utility calls:
@@ -14,88 +15,48 @@ step captured as a CUDA graph (eager on CPU or with --enforce-eager).  Utility c
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
-from multiprocessing import shared_memory
-from pathlib import Path
 from typing import Any
 
-import zmq
-
 from llmuxd.sim import protocol
-from llmuxd.sim.logs import setup_logging
+from llmuxd.sim.engine import ALL_TAGS, EngineCore, EngineCoreConfig, run_engine_core
 
 log = logging.getLogger("gpu.engine")
 
-ALL_TAGS = ("weights", "kv_cache")
-
 
 @dataclass
-class GpuEngineConfig:
-    model: str
-    model_path: str
-    served_name: str
-    input_address: str
-    output_address: str
-    shm_name: str
+class GpuEngineConfig(EngineCoreConfig):
     enforce_eager: bool = False
     device: str | None = None  # None: cuda when available, else cpu
 
 
-class Engine:
+class Engine(EngineCore):
+    log = log
+
     def __init__(self, cfg: GpuEngineConfig) -> None:
         import torch
 
         from gpu import model as m
 
+        super().__init__(cfg)
         self.torch, self.m = torch, m
-        self.cfg = cfg
-        self.path = Path(cfg.model_path)
         self.weights_file = sorted(self.path.glob("*.safetensors"))[0]
-        self.pid, self.ppid = os.getpid(), os.getppid()
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"
-        import json
         self.dims = m.Dims.from_config(json.loads((self.path / "config.json").read_text()))
         self.lm = m.TinyLM(self.dims, self.device)
-        self.ctx = zmq.Context(io_threads=1)
-        self.inp = self.ctx.socket(zmq.PULL)
-        self.inp.connect(cfg.input_address)
-        self.out = self.ctx.socket(zmq.PUSH)
-        self.out.setsockopt(zmq.LINGER, 1000)
-        self.out.connect(cfg.output_address)
-        self.shm = shared_memory.SharedMemory(name=cfg.shm_name)
-        self.state = protocol.STATE_LOADING
-        self.heartbeat = self.tokens_total = 0
         self.asleep: set[str] = set()
         self.host_copy: dict[str, Any] | None = None
         self.graph = None
         self.static: dict[str, Any] = {}
-        self.stopping = False
         self.timings: dict[str, float] = {}
         self.memory: dict[str, dict[str, int]] = {}  # GPU memory after each step
 
-    # -- status block --------------------------------------------------------------------------
-    def _publish(self) -> None:
-        protocol.write_status(self.shm.buf, state=self.state, engine_pid=self.pid, heartbeat=self.heartbeat,
-                              tokens=self.tokens_total, gpu_bytes=self._allocated(), requests=0)
-
-    def _watch(self) -> None:
-        while not self.stopping:
-            time.sleep(0.1)
-            self.heartbeat += 1
-            try:
-                self._publish()
-            except (ValueError, TypeError):
-                return
-            if os.getppid() != self.ppid:
-                log.error("API server process is gone; engine core exiting")
-                os._exit(1)
+    def _usage(self) -> tuple[int, int]:
+        return self._allocated(), 0
 
     # -- memory ----------------------------------------------------------------------------------
     def _allocated(self) -> int:
@@ -310,41 +271,7 @@ class Engine:
             self.stopping = True
         # "abort": requests run to completion one at a time; nothing to drop
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        self.out.send(protocol.encode(msg))
-
-    def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.inp, zmq.POLLIN)
-        while not self.stopping:
-            if poller.poll(100):
-                while not self.stopping:
-                    try:
-                        data = self.inp.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle(protocol.decode(data))
-        log.info("Engine core shut down")
-
-    def close(self) -> None:
-        self.stopping = True
-        self.inp.close(0)
-        self.out.close()
-        self.ctx.term()
-        self.shm.close()
-
 
 def run_engine(cfg: GpuEngineConfig) -> None:
     """Entry point of the spawned engine-core process."""
-    setup_logging()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    engine = Engine(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(engine, "stopping", True))
-    threading.Thread(target=engine._watch, name="engine-watch", daemon=True).start()
-    try:
-        engine.load()
-        engine.run()
-    except BaseException:
-        log.exception("Engine core failed")
-        sys.exit(1)
-    engine.close()
+    run_engine_core(Engine, cfg)
