@@ -4,14 +4,19 @@ Every use of a checkpoint folder first applies the trust rule (:mod:`.trust`) an
 ``checkpoint.key_file``, checks the manifest's tag (:mod:`.seal`).
 
 Dump: CUDA suspend (when the tree holds GPU state) -> CRIU dump of the tree, frozen through its
-cgroup, into a private ``<checkpoint_path>.partial-<time>-<random>/`` (0700) -> manifest and
-saved files (0600) -> sync -> atomic exchange into ``checkpoint_path`` -> wait until the dumped
-tree is gone.  A crash at any point leaves either the previous checkpoint or a ``.partial-``
-folder that is never used.  CRIU is killed after ``checkpoint.dump_timeout_secs``.
+cgroup, into a private ``<checkpoint_path>.partial-<time>-<random>/`` (0700) -> the images made
+0600 and hashed (BLAKE3), several at a time, while the images are read and the saved files
+(0600) copied -> manifest -> sync -> atomic exchange into ``checkpoint_path`` -> wait until the
+dumped tree is gone.  A crash at any point leaves either the previous checkpoint or a
+``.partial-`` folder that is never used.  CRIU is killed after ``checkpoint.dump_timeout_secs``.
 
-Restore: image integrity -> put back what the container lacks (confined, :mod:`.safefs`) ->
-check and preflight -> CRIU restore into the model's cgroup (llmuxd is a child subreaper, so the
-restored root becomes its child), killed with what it restored after
+Phases timed (seconds, ``manifest.timings``): ``cuda_suspend``, ``criu_dump``; then, from CRIU's
+end, ``digest_images`` (hashing the images) runs alongside ``read_images`` and ``save_files``,
+and ``manifest`` is the wall time of all three until the manifest's content is known.
+
+Restore: image integrity (BLAKE3, several images at a time) -> put back what the container lacks
+(confined, :mod:`.safefs`) -> check and preflight -> CRIU restore into the model's cgroup (llmuxd
+is a child subreaper, so the restored root becomes its child), killed with what it restored after
 ``checkpoint.restore_timeout_secs`` -> CUDA resume.  What follows (health, wake sequence,
 canary) is the model's: ``llmuxd/model/checkpoint.py``.
 """
@@ -23,6 +28,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,11 +37,11 @@ from ..isolation.pidinit import RESTORED
 from ..isolation.procfs import inner_pid, outlive_dirs, shm_files
 from ..isolation.tree import ProcessTree
 from .. import cuda as cudamod
-from . import remaps, safefs
+from . import digest, remaps, safefs
 from .criu import Criu, CriuError, CriuTimeout, error_lines
 from .fsview import FsView
 from .images import ImageError, read_images
-from .manifest import DumpFacts, build
+from .manifest import DumpFacts, build, digest_images
 from .model import CudaInventory, Manifest
 from .prepare import Prepared, Unusable, apply, check, check_images, preflight
 from .store import (BLOBS, IMAGES, Found, Settings, discard, exchange, inspect, new_partial, quarantine,
@@ -156,10 +162,7 @@ class Checkpointer:
             started = time.monotonic()
             if gpu_pids:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
-            manifest = await asyncio.to_thread(build, read_images(images), images, partial / BLOBS, FsView(), facts)
-            for r in manifest.link_remaps:  # CRIU made them for this dump: ours
-                remaps.mark(r.path, facts.port)
-            await asyncio.to_thread(safefs.secure_tree, str(partial))
+            manifest = await asyncio.to_thread(self._describe, images, partial, facts, t)
             t["manifest"] = time.monotonic() - started
             manifest = manifest.model_copy(update={"timings": t})
             write_manifest(partial, manifest, key)
@@ -174,10 +177,43 @@ class Checkpointer:
             raise CheckpointFailed(str(e), reason="criu_dump") from None
         except Untrusted as e:
             raise CheckpointFailed(f"checkpoint not written: {e}", reason="untrusted") from None
-        except (OSError, ImageError, safefs.Unsafe) as e:
+        except (OSError, ImageError, safefs.Unsafe, safefs.DigestMismatch) as e:
             raise CheckpointFailed(f"checkpoint could not be written: {e}", reason="write") from None
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+        return manifest
+
+    def _describe(self, images: Path, partial: Path, facts: DumpFacts, t: dict[str, float]) -> Manifest:
+        """The manifest of what CRIU wrote, and the saved files it needs: the images hashed on
+        threads of their own while the images are read and the saved files copied (the two never
+        wait for each other until the manifest takes the images' records)."""
+        with digest.Digester() as d:
+            hashing: Future = d.background(_timed, t, "digest_images", digest_images, images, d)
+            waited = 0.0
+
+            def image_records() -> dict[str, dict]:
+                nonlocal waited
+                since = time.monotonic()
+                try:
+                    return hashing.result()
+                finally:
+                    waited = time.monotonic() - since
+
+            try:
+                started = time.monotonic()
+                needs = read_images(images)
+                t["read_images"] = time.monotonic() - started
+                started = time.monotonic()
+                manifest = build(needs, image_records, partial / BLOBS, FsView(), facts, d)
+                for r in manifest.link_remaps:  # CRIU made them for this dump: ours
+                    remaps.mark(r.path, facts.port)
+                safefs.secure_tree(str(partial))  # what CRIU wrote besides the images (its log): 0600 too
+                t["save_files"] = time.monotonic() - started - waited  # not counting the wait for the images
+            finally:
+                try:  # never leave the hashing running over a folder that is about to be removed
+                    hashing.result()
+                except Exception:  # noqa: BLE001 - the first error is the one raised
+                    pass
         return manifest
 
     def _before_dump(self, tree: ProcessTree, port: int) -> None:
@@ -356,6 +392,14 @@ class Checkpointer:
         if not discard(self.path, self.settings):
             log.warning("%s: checkpoint at %s left in place: it fails the trust rule", self.name, self.path,
                         extra={"MODEL": self.name, "EVENT": "discard"})
+
+
+def _timed(t: dict[str, float], key: str, fn, *args):
+    started = time.monotonic()
+    try:
+        return fn(*args)
+    finally:
+        t[key] = time.monotonic() - started
 
 
 def _inventory(inv: CudaInventory | None) -> dict | None:

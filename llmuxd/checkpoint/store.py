@@ -1,7 +1,7 @@
 """Where a model's checkpoint lives, whether it can be trusted, and whether it is complete.
 
 A checkpoint is a folder (the model's ``checkpoint_path``) holding the CRIU images (``criu/``),
-the files a restore must put back (``files/<sha256>``), ``manifest.json`` and, when
+the files a restore must put back (``files/<blake3>``), ``manifest.json`` and, when
 ``checkpoint.key_file`` is set, ``manifest.mac``.  It is written into a private sibling folder
 (``<checkpoint_path>.partial-<random>``, 0700) and renamed into place as a whole, so a folder at
 ``checkpoint_path`` with a manifest is complete by construction; partial dumps are never used.
@@ -33,7 +33,7 @@ from .trust import Untrusted, base_for, check_inside, check_tree, normalized, ow
 MANIFEST = "manifest.json"
 MAC = "manifest.mac"
 IMAGES = "criu"  # the CRIU images
-BLOBS = "files"  # saved files, by SHA-256
+BLOBS = "files"  # saved files, by BLAKE3
 PARTIAL = ".partial-"
 QUARANTINE = ".quarantine-"
 CONTENTS = {MANIFEST: False, MAC: False, IMAGES: True, BLOBS: True}  # name -> is a directory
