@@ -5,14 +5,18 @@ Every use of a checkpoint folder first applies the trust rule (:mod:`.trust`) an
 
 Dump: CUDA suspend (when the tree holds GPU state) -> CRIU dump of the tree, frozen through its
 cgroup, into a private ``<checkpoint_path>.partial-<time>-<random>/`` (0700) -> the images made
-0600 and hashed (BLAKE3), several at a time, while the images are read and the saved files
-(0600) copied -> manifest -> sync -> atomic exchange into ``checkpoint_path`` -> wait until the
-dumped tree is gone.  A crash at any point leaves either the previous checkpoint or a
-``.partial-`` folder that is never used.  CRIU is killed after ``checkpoint.dump_timeout_secs``.
+0600, hashed (BLAKE3) and fsynced, several at a time, while the images are read and the saved
+files (0600) copied and fsynced -> manifest written and fsynced, folders fsynced -> atomic
+exchange into ``checkpoint_path`` (its folder fsynced) -> wait until the dumped tree is gone.
+Nothing but what the dump wrote is synced (no machine-wide sync).  A crash at any point leaves
+either the previous checkpoint or a ``.partial-`` folder that is never used.  CRIU is killed
+after ``checkpoint.dump_timeout_secs``.
 
 Phases timed (seconds, ``manifest.timings``): ``cuda_suspend``, ``criu_dump``; then, from CRIU's
-end, ``digest_images`` (hashing the images) runs alongside ``read_images`` and ``save_files``,
-and ``manifest`` is the wall time of all three until the manifest's content is known.
+end, ``digest_images`` (hashing and syncing the images) runs alongside ``read_images`` and
+``save_files``, and ``manifest`` is the wall time of all three until the manifest's content is
+known; ``write`` (manifest written, synced, exchanged into place) is only in what :meth:`dump`
+returns (the manifest on disk cannot know it).
 
 Restore: image integrity (BLAKE3, several images at a time) -> put back what the container lacks
 (confined, :mod:`.safefs`) -> check and preflight -> CRIU restore into the model's cgroup (llmuxd
@@ -38,6 +42,7 @@ from ..isolation.procfs import inner_pid, outlive_dirs, shm_files
 from ..isolation.tree import ProcessTree
 from .. import cuda as cudamod
 from . import digest, remaps, safefs
+from .durable import Writeback, fsync_dir
 from .criu import Criu, CriuError, CriuTimeout, error_lines
 from .fsview import FsView
 from .images import ImageError, read_images
@@ -156,19 +161,32 @@ class Checkpointer:
                 t["cuda_suspend"] = time.monotonic() - started
             await asyncio.to_thread(self._before_dump, tree, facts.port)
             started = time.monotonic()
-            await self.criu.dump(target, images, freeze_cgroup=self.cgroup.path if self.cgroup else None,
-                                 enter=enter, timeout=self.settings.dump_timeout)
+            written = asyncio.Event()  # the disk writes the images out while CRIU writes them
+            writeback = asyncio.create_task(Writeback(images).run(written))
+            try:
+                await self.criu.dump(target, images, freeze_cgroup=self.cgroup.path if self.cgroup else None,
+                                     enter=enter, timeout=self.settings.dump_timeout)
+            finally:
+                written.set()
+                await writeback
             t["criu_dump"] = time.monotonic() - started
             started = time.monotonic()
             if gpu_pids:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
             manifest = await asyncio.to_thread(self._describe, images, partial, facts, t)
             t["manifest"] = time.monotonic() - started
-            manifest = manifest.model_copy(update={"timings": t})
-            write_manifest(partial, manifest, key)
-            await asyncio.to_thread(os.sync)
+            manifest = manifest.model_copy(update={"timings": dict(t)})
+            started = time.monotonic()
+            await asyncio.to_thread(write_manifest, partial, manifest, key)
             self.settings.check(self.path)  # still nobody else's folder at the destination
             exchange(partial, self.path)  # the old checkpoint (if any) is now at `partial`
+            try:
+                await asyncio.to_thread(fsync_dir, self.path.parent)
+            except OSError as e:  # in place; only whether the exchange survives a crash is not known
+                log.warning("%s: the folder of %s could not be synced: %s", self.name, self.path, e,
+                            extra={"MODEL": self.name, "EVENT": "dump"})
+            t["write"] = time.monotonic() - started
+            manifest = manifest.model_copy(update={"timings": t})
         except CriuError as e:
             if isinstance(e, CriuTimeout):
                 self._thaw()
@@ -184,9 +202,10 @@ class Checkpointer:
         return manifest
 
     def _describe(self, images: Path, partial: Path, facts: DumpFacts, t: dict[str, float]) -> Manifest:
-        """The manifest of what CRIU wrote, and the saved files it needs: the images hashed on
-        threads of their own while the images are read and the saved files copied (the two never
-        wait for each other until the manifest takes the images' records)."""
+        """The manifest of what CRIU wrote, and everything it needs written and synced: the
+        images hashed and synced on threads of their own while the images are read and the saved
+        files copied (the two never wait for each other until the manifest takes the images'
+        records)."""
         with digest.Digester() as d:
             hashing: Future = d.background(_timed, t, "digest_images", digest_images, images, d)
             waited = 0.0

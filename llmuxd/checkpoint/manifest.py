@@ -20,6 +20,7 @@ Built right after ``criu dump`` while the dumped filesystem is still as the tree
 
 The result is the typed :class:`~.model.Manifest`, validated by the same contract that reads it
 back; saved files are read without following a link and stored 0600 under their digest.
+Everything written is fsynced (files, then their folders) instead of a machine-wide sync.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import redact
-from . import digest, safefs
+from . import digest, durable, safefs
 from .fsview import FsView
 from .images import ImageError, ImageNeeds
 from .model import VERSION, Manifest, ManifestError, decode, is_path, is_target
@@ -60,9 +61,10 @@ class DumpFacts:
 
 def digest_images(images_dir: Path, digester: digest.Digester) -> dict[str, dict]:
     """Make what CRIU wrote in ``images_dir`` part of the checkpoint: every regular file there
-    made 0600 and hashed when it is an image (``*.img``: recorded with its size and BLAKE3) —
-    several files at a time, the largest first (it bounds the time).  Returns the images'
-    records by name."""
+    made 0600, hashed when it is an image (``*.img``: recorded with its size and BLAKE3) and
+    fsynced — several files at a time, the largest first (it bounds the time), each file's
+    writeback started before it is hashed so the disk works meanwhile — then the folder
+    itself fsynced.  Returns the images' records by name."""
     dfd = os.open(images_dir, safefs.DIR_FLAGS)
     try:
         entries = []
@@ -76,17 +78,20 @@ def digest_images(images_dir: Path, digester: digest.Digester) -> dict[str, dict
             name = entry[1]
             fd, st = safefs.open_regular(name, dfd)
             try:
+                durable.start_writeback(fd)
                 os.fchmod(fd, 0o600)
                 rec = None
                 if name.endswith(".img"):
                     rec = {"size": st.st_size, "blake3": digester.hash_fd(fd, st.st_size)}
                     if os.fstat(fd).st_size != st.st_size:
                         raise ImageError(f"{images_dir / name} changed while it was hashed")
+                os.fsync(fd)
                 return name, rec
             finally:
                 os.close(fd)
 
         records = dict(digester.map(one, entries))
+        os.fsync(dfd)
     finally:
         os.close(dfd)
     return {name: rec for name, rec in sorted(records.items()) if rec is not None}
@@ -131,8 +136,8 @@ def _meta(st: os.stat_result) -> dict:
 
 
 def _save(path: str, blobs: int, digester: digest.Digester | None) -> dict:
-    """Copy a file into the blob store (content-addressed by BLAKE3, 0600; holes stay holes);
-    returns its record.  The file is opened without following a link at its last
+    """Copy a file into the blob store (content-addressed by BLAKE3, 0600, fsynced; holes stay
+    holes); returns its record.  The file is opened without following a link at its last
     component and must be a regular file."""
     src, st = safefs.open_regular(path)
     try:
@@ -142,6 +147,7 @@ def _save(path: str, blobs: int, digester: digest.Digester | None) -> dict:
             try:
                 name = safefs.copy_hashing(src, out, st.st_size, digester)
                 os.fchmod(out, 0o600)
+                os.fsync(out)
             finally:
                 os.close(out)
             os.rename(tmp, name, src_dir_fd=blobs, dst_dir_fd=blobs)
@@ -155,13 +161,16 @@ def _save(path: str, blobs: int, digester: digest.Digester | None) -> dict:
 
 def build(needs: ImageNeeds, images: Callable[[], dict[str, dict]], blobs_dir: Path, view: FsView,
           facts: DumpFacts, digester: digest.Digester | None = None) -> Manifest:
-    """Classify what the images need, save what a new container lacks, and return the manifest
-    (validated by the same contract that reads it back).  ``images()`` gives the images' records (:func:`digest_images`, which may run
+    """Classify what the images need, save what a new container lacks (``blobs_dir`` fsynced
+    once they are in it), and return the manifest (validated by the same contract that reads it
+    back).  ``images()`` gives the images' records (:func:`digest_images`, which may run
     meanwhile: it is called last)."""
     os.mkdir(blobs_dir, 0o700)
     blobs = os.open(blobs_dir, safefs.DIR_FLAGS)
     try:
-        return _build(needs, images, blobs, view, facts, digester)
+        m = _build(needs, images, blobs, view, facts, digester)
+        os.fsync(blobs)
+        return m
     finally:
         os.close(blobs)
 

@@ -27,6 +27,7 @@ from typing import Literal
 
 from ..config import CheckpointConfig, Config
 from . import safefs, seal
+from .durable import fsync_dir
 from .model import MAX_BYTES, Manifest, ManifestError, decode, encode
 from .trust import Untrusted, base_for, check_inside, check_tree, normalized, owners
 
@@ -184,6 +185,8 @@ def new_partial(path: Path, settings: Settings) -> Path:
 
 
 def write_manifest(folder: Path, manifest: Manifest, key: bytes | None) -> None:
+    """``manifest.json`` (and ``manifest.mac`` with a key) in ``folder``, each file fsynced, then
+    the folder: what the folder holds is on disk before it is exchanged into place."""
     data = encode(manifest)
     files = {MANIFEST: data, **({MAC: (seal.tag(key, data) + "\n").encode()} if key is not None else {})}
     for name, content in files.items():
@@ -193,8 +196,10 @@ def write_manifest(folder: Path, manifest: Manifest, key: bytes | None) -> None:
             view = memoryview(content)
             while view:
                 view = view[os.write(fd, view):]
+            os.fsync(fd)
         finally:
             os.close(fd)
+    fsync_dir(folder)
 
 
 def quarantine(path: Path, settings: Settings) -> Path:
