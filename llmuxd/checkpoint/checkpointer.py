@@ -18,11 +18,13 @@ end, ``digest_images`` (hashing and syncing the images) runs alongside ``read_im
 known; ``write`` (manifest written, synced, exchanged into place) is only in what :meth:`dump`
 returns (the manifest on disk cannot know it).
 
-Restore: image integrity (BLAKE3, several images at a time) -> put back what the container lacks
-(confined, :mod:`.safefs`) -> check and preflight -> CRIU restore into the model's cgroup (llmuxd
-is a child subreaper, so the restored root becomes its child), killed with what it restored after
-``checkpoint.restore_timeout_secs`` -> CUDA resume.  What follows (health, wake sequence,
-canary) is the model's: ``llmuxd/model/checkpoint.py``.
+Restore: manifest read and checked -> image integrity (BLAKE3, several images at a time) -> put
+back what the container lacks (confined, :mod:`.safefs`) -> check and preflight -> CRIU restore
+into the model's cgroup (llmuxd is a child subreaper, so the restored root becomes its child),
+killed with what it restored after ``checkpoint.restore_timeout_secs`` -> CUDA resume.  What
+follows (health, wake sequence, canary) is the model's: ``llmuxd/model/checkpoint.py``.  Phases
+timed (``Restored.seconds``, one after the other): ``read_manifest``, ``verify_images``,
+``prepare``, ``criu_restore``.
 """
 
 from __future__ import annotations
@@ -197,8 +199,8 @@ class Checkpointer:
             raise CheckpointFailed(f"checkpoint not written: {e}", reason="untrusted") from None
         except (OSError, ImageError, safefs.Unsafe, safefs.DigestMismatch) as e:
             raise CheckpointFailed(f"checkpoint could not be written: {e}", reason="write") from None
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        finally:  # the unfinished dump, or the previous checkpoint: off the event loop (GBs of files)
+            await asyncio.to_thread(shutil.rmtree, partial, ignore_errors=True)
         return manifest
 
     def _describe(self, images: Path, partial: Path, facts: DumpFacts, t: dict[str, float]) -> Manifest:
@@ -276,7 +278,9 @@ class Checkpointer:
         """Verify, prepare and CRIU-restore a checkpoint of a server for ``served_name`` on
         ``port``.  Every failure is a CheckpointFailed, after what was restored is killed and what
         was put in place is removed."""
-        found = self.found()
+        started = time.monotonic()
+        found = await asyncio.to_thread(self.found)
+        read_manifest = time.monotonic() - started
         if found.state != "valid" or found.manifest is None:
             raise CheckpointFailed(found.detail, reason=found.reason or "invalid", unusable=found.state == "invalid")
         m = found.manifest
@@ -286,7 +290,7 @@ class Checkpointer:
             raise CheckpointFailed(f"cannot restore here: the checkpoint serves {m.served_name!r} on port {m.port}, "
                                    f"the config {served_name!r} on port {port}", reason="environment")
         try:
-            return await self._restore(found, found.manifest, tree)
+            return await self._restore(found, found.manifest, tree, {"read_manifest": read_manifest})
         except CheckpointFailed:
             raise
         except Exception as e:  # noqa: BLE001 - never out of a restore but as CheckpointFailed
@@ -313,8 +317,7 @@ class Checkpointer:
             except (FileNotFoundError, IsADirectoryError):
                 pass
 
-    async def _restore(self, found: Found, m: Manifest, tree: ProcessTree) -> Restored:
-        t: dict[str, float] = {}
+    async def _restore(self, found: Found, m: Manifest, tree: ProcessTree, t: dict[str, float]) -> Restored:
         self._spawned = None
         self._work_folder()
         started = time.monotonic()
