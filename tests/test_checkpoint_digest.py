@@ -139,6 +139,25 @@ def test_a_dump_records_blake3_of_images_and_saved_files_and_keeps_them_private(
     assert "sha256" not in json.dumps(json.loads((found.path / "manifest.json").read_bytes()))
 
 
+def test_several_saved_files_are_saved_at_once_in_order(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, data in (("big", os.urandom(5 * MIB + 1)), ("empty", b""), ("tiny", b"abc")):
+        (run / name).write_bytes(data)
+    _sparse(run / "sparse", 9 * MIB, {MIB: b"z" * 100})
+    contents = {str(run / n): (run / n).read_bytes() for n in ("big", "empty", "tiny", "sparse")}
+    (tmp_path / "criu").mkdir()
+    facts = DumpFacts(model="m", eviction="discard+checkpoint", served_name="m", port=18001, argv=[], canary=None,
+                      sleep_level=None)
+    with digest.Digester(4) as d:
+        m = build(_needs(*contents), lambda: {}, tmp_path / BLOBS, _RuntimeView(), facts, d)
+    assert [r.path for r in m.saved] == list(contents)
+    for r in m.saved:
+        assert r.blake3 == _reference(contents[r.path]) and r.size == len(contents[r.path])
+        assert (tmp_path / BLOBS / r.blake3).read_bytes() == contents[r.path]
+    assert not [p for p in (tmp_path / BLOBS).iterdir() if p.name.startswith(".")]
+
+
 def test_a_sparse_file_is_put_back_byte_exact_with_its_holes_mode_owner_and_times(made):
     found, ring, content, _ = made
     before = os.stat(ring)

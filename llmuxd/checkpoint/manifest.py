@@ -159,6 +159,10 @@ def _save(path: str, blobs: int, digester: digest.Digester | None) -> dict:
     return {"path": path, "blake3": name, **_meta(st)}
 
 
+def _each(fn: Callable, items: list) -> list:
+    return [fn(x) for x in items]
+
+
 def build(needs: ImageNeeds, images: Callable[[], dict[str, dict]], blobs_dir: Path, view: FsView,
           facts: DumpFacts, digester: digest.Digester | None = None) -> Manifest:
     """Classify what the images need, save what a new container lacks (``blobs_dir`` fsynced
@@ -177,7 +181,7 @@ def build(needs: ImageNeeds, images: Callable[[], dict[str, dict]], blobs_dir: P
 
 def _build(needs: ImageNeeds, images_of: Callable[[], dict[str, dict]], blobs: int, view: FsView,
            facts: DumpFacts, digester: digest.Digester | None) -> Manifest:
-    saved, recreate, verify, dirs, problems = [], [], [], [], []
+    to_save, recreate, verify, dirs, problems = [], [], [], [], []
     for f in needs.needed_files():
         if not is_path(f.path):
             problems.append(f"{f.path!r}: not a normalized absolute path, not recorded")
@@ -200,15 +204,17 @@ def _build(needs: ImageNeeds, images_of: Callable[[], dict[str, dict]], blobs: i
             else:
                 verify.append({"path": f.path, "origin": origin, "kind": "exists"})
         elif origin == "runtime":
-            saved.append({**_save(f.path, blobs, digester), "kinds": f.kinds})
+            to_save.append(f)
         else:
             verify.append({"path": f.path, "origin": origin, "kind": "file", "size": st.st_size,
                            "mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns,
                            "build_id": f.build_id or (elf_build_id(f.path) if "mmap" in f.kinds or "exe" in f.kinds else None)})
-    link_remaps = []
-    for r in needs.remaps:
-        if r.type == "linked" and r.link_path and is_target(r.link_path) and os.path.exists(r.link_path):
-            link_remaps.append(_save(r.link_path, blobs, digester))
+    remapped = [r.link_path for r in needs.remaps
+                if r.type == "linked" and r.link_path and is_target(r.link_path) and os.path.exists(r.link_path)]
+    paths = [f.path for f in to_save] + remapped  # saved several at a time (each file's chunks in order)
+    records = (digester.map if digester is not None else _each)(lambda p: _save(p, blobs, digester), paths)
+    saved = [{**rec, "kinds": f.kinds} for rec, f in zip(records, to_save)]
+    link_remaps = records[len(to_save):]
     sockets = [s.path for s in needs.unix_sockets if not s.deleted and is_target(s.path)]
     socket_dirs = sorted({os.path.dirname(p) for p in sockets} - {"/"})
     pids = sorted({t for p in needs.processes for t in [p.pid, *p.threads]})
