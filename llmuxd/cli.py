@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_restore)
     k = sub.add_parser("inspect-checkpoint", help="what a checkpoint needs, what it saved, what this container lacks")
     k.add_argument("path", type=Path)
-    k.add_argument("--verify-images", action="store_true", help="also check every image's SHA-256")
+    k.add_argument("--verify-images", action="store_true", help="also check every image's BLAKE3 digest")
     k.add_argument("--key-file", type=Path, help="check the checkpoint's tag with this key (checkpoint.key_file)")
     k.set_defaults(func=cmd_inspect_checkpoint)
     k = sub.add_parser("validate", parents=[common],

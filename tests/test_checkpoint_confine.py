@@ -57,11 +57,11 @@ def malformed(out: Path) -> dict:
         "types": (set_("pids", ["1"]), "pids.0"),
         "missing_key": (lambda m: m.pop("images"), "images: Field required"),
         "extra_key": (set_("environ", {"HF_TOKEN": "x"}), "environ: Extra inputs"),
-        "version": (set_("version", 1), "version 1 is not 2"),
-        "not_json": (lambda m: b"{\"version\": 2, ", "not JSON"),
+        "version": (set_("version", 1), "version 1 is not 3"),
+        "not_json": (lambda m: b"{\"version\": 3, ", "not JSON"),
         "other_model": (set_("model", "someone-else"), "describes model 'someone-else'"),
-        "digest_is_path": (_edit("sha256", "/etc/hostname"), "saved.0.sha256"),
-        "digest_dotdot": (_edit("sha256", f"../../../../../../..{out}/x"), "saved.0.sha256"),
+        "digest_is_path": (_edit("blake3", "/etc/hostname"), "saved.0.blake3"),
+        "digest_dotdot": (_edit("blake3", f"../../../../../../..{out}/x"), "saved.0.blake3"),
         "image_dotdot": (image_name(f"../../../../../..{out}/x.img"), "not a plain image file name"),
         "image_abs": (image_name("/etc/passwd"), "not a plain image file name"),
         "target_dotdot": (_edit("path", f"{out}/../{out.name}/pwned"), "not a normalized path"),
@@ -112,7 +112,7 @@ def _add_saved(path: str, **changes):
 
 
 def _blob(ck: Path, golden) -> Path:
-    return ck / "files" / golden.manifest()["saved"][0]["sha256"]
+    return ck / "files" / golden.manifest()["saved"][0]["blake3"]
 
 
 def test_prepare_restore_is_confined_and_goes_on_with_the_next_model(golden, tmp_path, sim_env, hf_home):
@@ -138,7 +138,7 @@ def test_prepare_restore_is_confined_and_goes_on_with_the_next_model(golden, tmp
     cases = {  # name -> (manifest edit, what the log says)
         "parent_link": (_add_saved(f"{t}/link/pwned"), "is a symbolic link or not a directory"),
         "socket_in_the_way": (lambda m: m["socket_paths"].append(f"{t}/sock"), "in the way of a unix socket"),
-        **{name: (_add_saved(f"{t}/{name}"), "not a regular file" if name != "blob_tampered" else "SHA-256")
+        **{name: (_add_saved(f"{t}/{name}"), "not a regular file" if name != "blob_tampered" else "BLAKE3")
            for name in blob_attacks},
         "final_link": (_add_saved(f"{t}/final"), "ready to restore"),
         "setid": (_add_saved(f"{t}/setid", mode=0o6755), "ready to restore"),
@@ -165,7 +165,7 @@ def test_prepare_restore_is_confined_and_goes_on_with_the_next_model(golden, tmp
     assert (t / "link").is_symlink() and (t / "sock").read_text() == "not a socket"
     for name in blob_attacks:
         assert not os.path.lexists(t / name), name
-    blob = golden.path / "files" / golden.manifest()["saved"][0]["sha256"]
+    blob = golden.path / "files" / golden.manifest()["saved"][0]["blake3"]
     assert not (t / "final").is_symlink() and (t / "final").read_bytes() == blob.read_bytes()  # the link replaced
     assert stat.S_IMODE((t / "setid").stat().st_mode) == 0o755  # never set-id
     assert not [p for p in t.iterdir() if p.name.startswith(".")]  # no temporary left behind

@@ -101,7 +101,7 @@ def test_damaged_checkpoint_is_detected_quarantined_and_cold_started(ck, expecte
     path = ckdir(d)
     manifest = json.loads((path / "manifest.json").read_text())
     if damage == "missing_saved_file":
-        (path / "files" / manifest["saved"][0]["sha256"]).unlink()
+        (path / "files" / manifest["saved"][0]["blake3"]).unlink()
         words = "missing from the checkpoint"
     else:
         img = max((path / "criu").glob("pages-*.img"), key=lambda p: p.stat().st_size)

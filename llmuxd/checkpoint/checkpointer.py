@@ -4,16 +4,27 @@ Every use of a checkpoint folder first applies the trust rule (:mod:`.trust`) an
 ``checkpoint.key_file``, checks the manifest's tag (:mod:`.seal`).
 
 Dump: CUDA suspend (when the tree holds GPU state) -> CRIU dump of the tree, frozen through its
-cgroup, into a private ``<checkpoint_path>.partial-<time>-<random>/`` (0700) -> manifest and
-saved files (0600) -> sync -> atomic exchange into ``checkpoint_path`` -> wait until the dumped
-tree is gone.  A crash at any point leaves either the previous checkpoint or a ``.partial-``
-folder that is never used.  CRIU is killed after ``checkpoint.dump_timeout_secs``.
+cgroup, into a private ``<checkpoint_path>.partial-<time>-<random>/`` (0700) -> the images made
+0600, hashed (BLAKE3) and fsynced, several at a time, while the images are read and the saved
+files (0600) copied and fsynced -> manifest written and fsynced, folders fsynced -> atomic
+exchange into ``checkpoint_path`` (its folder fsynced) -> wait until the dumped tree is gone.
+Nothing but what the dump wrote is synced (no machine-wide sync).  A crash at any point leaves
+either the previous checkpoint or a ``.partial-`` folder that is never used.  CRIU is killed
+after ``checkpoint.dump_timeout_secs``.
 
-Restore: image integrity -> put back what the container lacks (confined, :mod:`.safefs`) ->
-check and preflight -> CRIU restore into the model's cgroup (llmuxd is a child subreaper, so the
-restored root becomes its child), killed with what it restored after
-``checkpoint.restore_timeout_secs`` -> CUDA resume.  What follows (health, wake sequence,
-canary) is the model's: ``llmuxd/model/checkpoint.py``.
+Phases timed (seconds, ``manifest.timings``): ``cuda_suspend``, ``criu_dump``; then, from CRIU's
+end, ``digest_images`` (hashing and syncing the images) runs alongside ``read_images`` and
+``save_files``, and ``manifest`` is the wall time of all three until the manifest's content is
+known; ``write`` (manifest written, synced, exchanged into place) is only in what :meth:`dump`
+returns (the manifest on disk cannot know it).
+
+Restore: manifest read and checked -> image integrity (BLAKE3, several images at a time) -> put
+back what the container lacks (confined, :mod:`.safefs`) -> check and preflight -> CRIU restore
+into the model's cgroup (llmuxd is a child subreaper, so the restored root becomes its child),
+killed with what it restored after ``checkpoint.restore_timeout_secs`` -> CUDA resume.  What
+follows (health, wake sequence, canary) is the model's: ``llmuxd/model/checkpoint.py``.  Phases
+timed (``Restored.seconds``, one after the other): ``read_manifest``, ``verify_images``,
+``prepare``, ``criu_restore``.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,11 +43,12 @@ from ..isolation.pidinit import RESTORED
 from ..isolation.procfs import inner_pid, outlive_dirs, shm_files
 from ..isolation.tree import ProcessTree
 from .. import cuda as cudamod
-from . import remaps, safefs
+from . import digest, remaps, safefs
+from .durable import Writeback, fsync_dir
 from .criu import Criu, CriuError, CriuTimeout, error_lines
 from .fsview import FsView
 from .images import ImageError, read_images
-from .manifest import DumpFacts, build
+from .manifest import DumpFacts, build, digest_images
 from .model import CudaInventory, Manifest
 from .prepare import Prepared, Unusable, apply, check, check_images, preflight
 from .store import (BLOBS, IMAGES, Found, Settings, discard, exchange, inspect, new_partial, quarantine,
@@ -150,22 +163,32 @@ class Checkpointer:
                 t["cuda_suspend"] = time.monotonic() - started
             await asyncio.to_thread(self._before_dump, tree, facts.port)
             started = time.monotonic()
-            await self.criu.dump(target, images, freeze_cgroup=self.cgroup.path if self.cgroup else None,
-                                 enter=enter, timeout=self.settings.dump_timeout)
+            written = asyncio.Event()  # the disk writes the images out while CRIU writes them
+            writeback = asyncio.create_task(Writeback(images).run(written))
+            try:
+                await self.criu.dump(target, images, freeze_cgroup=self.cgroup.path if self.cgroup else None,
+                                     enter=enter, timeout=self.settings.dump_timeout)
+            finally:
+                written.set()
+                await writeback
             t["criu_dump"] = time.monotonic() - started
             started = time.monotonic()
             if gpu_pids:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
-            manifest = await asyncio.to_thread(build, read_images(images), images, partial / BLOBS, FsView(), facts)
-            for r in manifest.link_remaps:  # CRIU made them for this dump: ours
-                remaps.mark(r.path, facts.port)
-            await asyncio.to_thread(safefs.secure_tree, str(partial))
+            manifest = await asyncio.to_thread(self._describe, images, partial, facts, t)
             t["manifest"] = time.monotonic() - started
-            manifest = manifest.model_copy(update={"timings": t})
-            write_manifest(partial, manifest, key)
-            await asyncio.to_thread(os.sync)
+            manifest = manifest.model_copy(update={"timings": dict(t)})
+            started = time.monotonic()
+            await asyncio.to_thread(write_manifest, partial, manifest, key)
             self.settings.check(self.path)  # still nobody else's folder at the destination
             exchange(partial, self.path)  # the old checkpoint (if any) is now at `partial`
+            try:
+                await asyncio.to_thread(fsync_dir, self.path.parent)
+            except OSError as e:  # in place; only whether the exchange survives a crash is not known
+                log.warning("%s: the folder of %s could not be synced: %s", self.name, self.path, e,
+                            extra={"MODEL": self.name, "EVENT": "dump"})
+            t["write"] = time.monotonic() - started
+            manifest = manifest.model_copy(update={"timings": t})
         except CriuError as e:
             if isinstance(e, CriuTimeout):
                 self._thaw()
@@ -174,10 +197,44 @@ class Checkpointer:
             raise CheckpointFailed(str(e), reason="criu_dump") from None
         except Untrusted as e:
             raise CheckpointFailed(f"checkpoint not written: {e}", reason="untrusted") from None
-        except (OSError, ImageError, safefs.Unsafe) as e:
+        except (OSError, ImageError, safefs.Unsafe, safefs.DigestMismatch) as e:
             raise CheckpointFailed(f"checkpoint could not be written: {e}", reason="write") from None
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        finally:  # the unfinished dump, or the previous checkpoint: off the event loop (GBs of files)
+            await asyncio.to_thread(shutil.rmtree, partial, ignore_errors=True)
+        return manifest
+
+    def _describe(self, images: Path, partial: Path, facts: DumpFacts, t: dict[str, float]) -> Manifest:
+        """The manifest of what CRIU wrote, and everything it needs written and synced: the
+        images hashed and synced on threads of their own while the images are read and the saved
+        files copied (the two never wait for each other until the manifest takes the images'
+        records)."""
+        with digest.Digester() as d:
+            hashing: Future = d.background(_timed, t, "digest_images", digest_images, images, d)
+            waited = 0.0
+
+            def image_records() -> dict[str, dict]:
+                nonlocal waited
+                since = time.monotonic()
+                try:
+                    return hashing.result()
+                finally:
+                    waited = time.monotonic() - since
+
+            try:
+                started = time.monotonic()
+                needs = read_images(images)
+                t["read_images"] = time.monotonic() - started
+                started = time.monotonic()
+                manifest = build(needs, image_records, partial / BLOBS, FsView(), facts, d)
+                for r in manifest.link_remaps:  # CRIU made them for this dump: ours
+                    remaps.mark(r.path, facts.port)
+                safefs.secure_tree(str(partial))  # what CRIU wrote besides the images (its log): 0600 too
+                t["save_files"] = time.monotonic() - started - waited  # not counting the wait for the images
+            finally:
+                try:  # never leave the hashing running over a folder that is about to be removed
+                    hashing.result()
+                except Exception:  # noqa: BLE001 - the first error is the one raised
+                    pass
         return manifest
 
     def _before_dump(self, tree: ProcessTree, port: int) -> None:
@@ -221,7 +278,9 @@ class Checkpointer:
         """Verify, prepare and CRIU-restore a checkpoint of a server for ``served_name`` on
         ``port``.  Every failure is a CheckpointFailed, after what was restored is killed and what
         was put in place is removed."""
-        found = self.found()
+        started = time.monotonic()
+        found = await asyncio.to_thread(self.found)
+        read_manifest = time.monotonic() - started
         if found.state != "valid" or found.manifest is None:
             raise CheckpointFailed(found.detail, reason=found.reason or "invalid", unusable=found.state == "invalid")
         m = found.manifest
@@ -231,7 +290,7 @@ class Checkpointer:
             raise CheckpointFailed(f"cannot restore here: the checkpoint serves {m.served_name!r} on port {m.port}, "
                                    f"the config {served_name!r} on port {port}", reason="environment")
         try:
-            return await self._restore(found, found.manifest, tree)
+            return await self._restore(found, found.manifest, tree, {"read_manifest": read_manifest})
         except CheckpointFailed:
             raise
         except Exception as e:  # noqa: BLE001 - never out of a restore but as CheckpointFailed
@@ -258,8 +317,7 @@ class Checkpointer:
             except (FileNotFoundError, IsADirectoryError):
                 pass
 
-    async def _restore(self, found: Found, m: Manifest, tree: ProcessTree) -> Restored:
-        t: dict[str, float] = {}
+    async def _restore(self, found: Found, m: Manifest, tree: ProcessTree, t: dict[str, float]) -> Restored:
         self._spawned = None
         self._work_folder()
         started = time.monotonic()
@@ -356,6 +414,14 @@ class Checkpointer:
         if not discard(self.path, self.settings):
             log.warning("%s: checkpoint at %s left in place: it fails the trust rule", self.name, self.path,
                         extra={"MODEL": self.name, "EVENT": "discard"})
+
+
+def _timed(t: dict[str, float], key: str, fn, *args):
+    started = time.monotonic()
+    try:
+        return fn(*args)
+    finally:
+        t[key] = time.monotonic() - started
 
 
 def _inventory(inv: CudaInventory | None) -> dict | None:

@@ -5,24 +5,26 @@ Built right after ``criu dump`` while the dumped filesystem is still as the tree
 
 * every file the tree had open or mapped, every cwd, the exe of each process — classified by
   :class:`FsView` as shared / runtime / image / system:
-    runtime files are saved byte-exact (``files/<sha256>``) with mode, owner and timestamps;
+    runtime files are saved byte-exact (``files/<blake3>``, holes kept as holes) with mode, owner
+    and timestamps;
     runtime files opened O_WRONLY|O_APPEND (logs) are only re-created (CRIU does not check
     their size, and their old content is of no use to the process);
     image and shared files are recorded for a cheap check (size, mode, mtime, ELF build-id);
 * the directories that bound unix sockets need (CRIU re-creates the sockets themselves);
 * the ``link_remap.N`` files CRIU made (a restore consumes them: their bytes are saved);
 * listening ports, PIDs and thread IDs, whether the tree has its own PID namespace;
-* every image file's size and SHA-256, so corruption is caught before a restore is attempted;
+* every image file's size and BLAKE3 digest (:mod:`.digest`), so corruption is caught before a
+  restore is attempted;
 * what the daemon knows of the model (:class:`DumpFacts`): its argv with secrets redacted, never
   its environment.
 
 The result is the typed :class:`~.model.Manifest`, validated by the same contract that reads it
 back; saved files are read without following a link and stored 0600 under their digest.
+Everything written is fsynced (files, then their folders) instead of a machine-wide sync.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -31,14 +33,13 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .. import redact
-from . import safefs
+from . import digest, durable, safefs
 from .fsview import FsView
 from .images import ImageError, ImageNeeds
 from .model import VERSION, Manifest, ManifestError, decode, is_path, is_target
-
-CHUNK = 4 << 20
 
 
 @dataclass
@@ -58,16 +59,42 @@ class DumpFacts:
     cuda_bytes: dict[str, int] = field(default_factory=dict)
 
 
-def sha256_file(path: Path | str, dir_fd: int | None = None) -> str:
-    """SHA-256 of a regular file (never through a link)."""
-    fd, _ = safefs.open_regular(str(path), dir_fd)
-    h = hashlib.sha256()
+def digest_images(images_dir: Path, digester: digest.Digester) -> dict[str, dict]:
+    """Make what CRIU wrote in ``images_dir`` part of the checkpoint: every regular file there
+    made 0600, hashed when it is an image (``*.img``: recorded with its size and BLAKE3) and
+    fsynced — several files at a time, the largest first (it bounds the time), each file's
+    writeback started before it is hashed so the disk works meanwhile — then the folder
+    itself fsynced.  Returns the images' records by name."""
+    dfd = os.open(images_dir, safefs.DIR_FLAGS)
     try:
-        while chunk := os.read(fd, CHUNK):
-            h.update(chunk)
+        entries = []
+        for name in os.listdir(dfd):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                entries.append((st.st_size, name))
+        entries.sort(reverse=True)
+
+        def one(entry: tuple[int, str]) -> tuple[str, dict | None]:
+            name = entry[1]
+            fd, st = safefs.open_regular(name, dfd)
+            try:
+                durable.start_writeback(fd)
+                os.fchmod(fd, 0o600)
+                rec = None
+                if name.endswith(".img"):
+                    rec = {"size": st.st_size, "blake3": digester.hash_fd(fd, st.st_size)}
+                    if os.fstat(fd).st_size != st.st_size:
+                        raise ImageError(f"{images_dir / name} changed while it was hashed")
+                os.fsync(fd)
+                return name, rec
+            finally:
+                os.close(fd)
+
+        records = dict(digester.map(one, entries))
+        os.fsync(dfd)
     finally:
-        os.close(fd)
-    return h.hexdigest()
+        os.close(dfd)
+    return {name: rec for name, rec in sorted(records.items()) if rec is not None}
 
 
 def elf_build_id(path: str) -> str | None:
@@ -108,41 +135,53 @@ def _meta(st: os.stat_result) -> dict:
             "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns, "size": st.st_size}
 
 
-def _save(path: str, blobs: int) -> dict:
-    """Copy a file into the blob store (content-addressed, 0600); returns its record.  The file
-    is opened without following a link at its last component and must be a regular file."""
+def _save(path: str, blobs: int, digester: digest.Digester | None) -> dict:
+    """Copy a file into the blob store (content-addressed by BLAKE3, 0600, fsynced; holes stay
+    holes); returns its record.  The file is opened without following a link at its last
+    component and must be a regular file."""
     src, st = safefs.open_regular(path)
     try:
         tmp = f".in-{secrets.token_hex(16)}"
         out = os.open(tmp, safefs.NEW_FILE_FLAGS, 0o600, dir_fd=blobs)
         try:
             try:
-                digest = safefs.copy_hashing(src, out, st.st_size)
+                name = safefs.copy_hashing(src, out, st.st_size, digester)
                 os.fchmod(out, 0o600)
+                os.fsync(out)
             finally:
                 os.close(out)
-            os.rename(tmp, digest, src_dir_fd=blobs, dst_dir_fd=blobs)
+            os.rename(tmp, name, src_dir_fd=blobs, dst_dir_fd=blobs)
         except BaseException:
             os.unlink(tmp, dir_fd=blobs)
             raise
     finally:
         os.close(src)
-    return {"path": path, "sha256": digest, **_meta(st)}
+    return {"path": path, "blake3": name, **_meta(st)}
 
 
-def build(needs: ImageNeeds, images_dir: Path, blobs_dir: Path, view: FsView, facts: DumpFacts) -> Manifest:
-    """Classify what the images need, save what a new container lacks, and return the manifest
-    (validated by the same contract that reads it back)."""
+def _each(fn: Callable, items: list) -> list:
+    return [fn(x) for x in items]
+
+
+def build(needs: ImageNeeds, images: Callable[[], dict[str, dict]], blobs_dir: Path, view: FsView,
+          facts: DumpFacts, digester: digest.Digester | None = None) -> Manifest:
+    """Classify what the images need, save what a new container lacks (``blobs_dir`` fsynced
+    once they are in it), and return the manifest (validated by the same contract that reads it
+    back).  ``images()`` gives the images' records (:func:`digest_images`, which may run
+    meanwhile: it is called last)."""
     os.mkdir(blobs_dir, 0o700)
     blobs = os.open(blobs_dir, safefs.DIR_FLAGS)
     try:
-        return _build(needs, images_dir, blobs, view, facts)
+        m = _build(needs, images, blobs, view, facts, digester)
+        os.fsync(blobs)
+        return m
     finally:
         os.close(blobs)
 
 
-def _build(needs: ImageNeeds, images_dir: Path, blobs: int, view: FsView, facts: DumpFacts) -> Manifest:
-    saved, recreate, verify, dirs, problems = [], [], [], [], []
+def _build(needs: ImageNeeds, images_of: Callable[[], dict[str, dict]], blobs: int, view: FsView,
+           facts: DumpFacts, digester: digest.Digester | None) -> Manifest:
+    to_save, recreate, verify, dirs, problems = [], [], [], [], []
     for f in needs.needed_files():
         if not is_path(f.path):
             problems.append(f"{f.path!r}: not a normalized absolute path, not recorded")
@@ -165,20 +204,21 @@ def _build(needs: ImageNeeds, images_dir: Path, blobs: int, view: FsView, facts:
             else:
                 verify.append({"path": f.path, "origin": origin, "kind": "exists"})
         elif origin == "runtime":
-            saved.append({**_save(f.path, blobs), "kinds": f.kinds})
+            to_save.append(f)
         else:
             verify.append({"path": f.path, "origin": origin, "kind": "file", "size": st.st_size,
                            "mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns,
                            "build_id": f.build_id or (elf_build_id(f.path) if "mmap" in f.kinds or "exe" in f.kinds else None)})
-    link_remaps = []
-    for r in needs.remaps:
-        if r.type == "linked" and r.link_path and is_target(r.link_path) and os.path.exists(r.link_path):
-            link_remaps.append(_save(r.link_path, blobs))
+    remapped = [r.link_path for r in needs.remaps
+                if r.type == "linked" and r.link_path and is_target(r.link_path) and os.path.exists(r.link_path)]
+    paths = [f.path for f in to_save] + remapped  # saved several at a time (each file's chunks in order)
+    records = (digester.map if digester is not None else _each)(lambda p: _save(p, blobs, digester), paths)
+    saved = [{**rec, "kinds": f.kinds} for rec, f in zip(records, to_save)]
+    link_remaps = records[len(to_save):]
     sockets = [s.path for s in needs.unix_sockets if not s.deleted and is_target(s.path)]
     socket_dirs = sorted({os.path.dirname(p) for p in sockets} - {"/"})
-    images = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-              for p in sorted(images_dir.iterdir()) if p.is_file() and not p.is_symlink() and p.suffix == ".img"}
     pids = sorted({t for p in needs.processes for t in [p.pid, *p.threads]})
+    images = images_of()
     record = {
         "version": VERSION,
         "model": facts.model,

@@ -8,8 +8,11 @@ manifest is refused with the field at fault before anything is written:
 * target paths (files put back, directories and socket directories created, files unlinked
   after a failed restore) are absolute, normalized (no ``..``, ``.``, ``//``, NUL) and never
   under /proc, /sys or /dev (except /dev/shm);
-* blob names are SHA-256 digests (64 lowercase hex), image names plain file names;
+* blob names are BLAKE3 digests (64 lowercase hex), image names plain file names;
 * modes are permission bits only where they are applied (set-id and sticky bits never are).
+
+Version 3 records BLAKE3 digests (fields ``blake3``); versions 1 and 2 recorded SHA-256 and are
+refused as made by an older llmuxd (such a checkpoint is not restored: the model cold-starts).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .images import ImageNeeds
 
-VERSION = 2
+VERSION = 3
+OLDER = {1: "SHA-256 digests", 2: "SHA-256 digests"}  # what an older version differs in
 MAX_BYTES = 256 << 20  # a manifest is a few MiB at most; larger is refused unread
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
@@ -36,7 +40,7 @@ class ManifestError(Exception):
 
 def _digest(v: str) -> str:
     if not _HEX64.fullmatch(v):
-        raise ValueError("not a SHA-256 digest (64 lowercase hex digits)")
+        raise ValueError("not a BLAKE3 digest (64 lowercase hex digits)")
     return v
 
 
@@ -109,10 +113,10 @@ class FileMeta(_Record):
 
 
 class SavedFile(FileMeta):
-    """A file whose bytes are in the checkpoint (``files/<sha256>``), put back byte-exact."""
+    """A file whose bytes are in the checkpoint (``files/<blake3>``), put back byte-exact."""
 
     path: TargetPath
-    sha256: Digest
+    blake3: Digest
     kinds: list[Literal["fd", "mmap", "exe", "cwd", "root"]] = []
 
 
@@ -141,7 +145,7 @@ class Verified(_Record):
 
 class ImageRecord(_Record):
     size: Count
-    sha256: Digest
+    blake3: Digest
 
 
 class Listen(_Record):
@@ -172,7 +176,7 @@ class CudaInventory(_Record):
 
 
 class Manifest(_Record):
-    version: Literal[2]
+    version: Literal[3]
     model: str
     created: str
     created_ts: float
@@ -230,8 +234,11 @@ def decode(data: bytes) -> Manifest:
         raise ManifestError(f"manifest is not JSON: {e}") from None
     if not isinstance(head, dict):
         raise ManifestError("manifest is not a JSON object")
-    if head.get("version") != VERSION:
-        raise ManifestError(f"manifest version {head.get('version')!r} is not {VERSION}")
+    version = head.get("version")
+    if version != VERSION:
+        older = OLDER.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
+        raise ManifestError(f"manifest version {version!r} is not {VERSION}"
+                            + (f" (made by an older llmuxd, with {older}: not restored)" if older else ""))
     try:
         return Manifest.model_validate_json(data)
     except ValidationError as e:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ConfigError, load_config
-from . import remaps, safefs
+from . import digest, remaps, safefs
 from .fsview import container_epoch
-from .manifest import elf_build_id, sha256_file
+from .manifest import elf_build_id
 from .model import SavedFile
 from .store import BLOBS, IMAGES, Found, Settings, inspect, remove_partials
 from .trust import Untrusted, check_owned
@@ -48,29 +48,29 @@ def _in_place(rec: SavedFile) -> bool:
 
 def _blob_present(rec: SavedFile, blobs: int) -> None:
     try:
-        st = os.stat(rec.sha256, dir_fd=blobs, follow_symlinks=False)
+        st = os.stat(rec.blake3, dir_fd=blobs, follow_symlinks=False)
     except FileNotFoundError:
         raise Unusable(f"saved copy of {rec.path} is missing from the checkpoint") from None
     if not stat.S_ISREG(st.st_mode):
-        raise Unusable(f"saved copy of {rec.path} (files/{rec.sha256}) is not a regular file")
+        raise Unusable(f"saved copy of {rec.path} (files/{rec.blake3}) is not a regular file")
 
 
 def _put_back(rec: SavedFile, blobs: int, mark: Callable[[int], object] | None) -> None:
     try:
-        src, st = safefs.open_regular(rec.sha256, blobs)
+        src, st = safefs.open_regular(rec.blake3, blobs)
     except FileNotFoundError:
         raise Unusable(f"saved copy of {rec.path} is missing from the checkpoint") from None
     except safefs.Unsafe:
-        raise Unusable(f"saved copy of {rec.path} (files/{rec.sha256}) is not a regular file") from None
+        raise Unusable(f"saved copy of {rec.path} (files/{rec.blake3}) is not a regular file") from None
     try:
         try:
-            check_owned(Path(BLOBS) / rec.sha256, st, directory=False)
+            check_owned(Path(BLOBS) / rec.blake3, st, directory=False)
         except Untrusted as e:
             raise Unusable(f"saved copy of {rec.path}: {e}") from None
         if st.st_size != rec.size:
             raise Unusable(f"saved copy of {rec.path} is {st.st_size} bytes, {rec.size} recorded")
         try:
-            safefs.put_file(rec.path, src, size=rec.size, sha256=rec.sha256, mode=rec.mode, uid=rec.uid,
+            safefs.put_file(rec.path, src, size=rec.size, blake3=rec.blake3, mode=rec.mode, uid=rec.uid,
                             gid=rec.gid, atime_ns=rec.atime_ns, mtime_ns=rec.mtime_ns,
                             marked=mark)
         except safefs.DigestMismatch as e:
@@ -140,10 +140,10 @@ def check(found: Found, *, images: bool = True) -> list[str]:
     return problems
 
 
-def check_images(found: Found) -> list[str]:
-    """Every image present with its recorded size and SHA-256, read without following links;
-    nothing else CRIU could read in the images folder (no unlisted image, no link, FIFO or
-    device, nothing writable by others)."""
+def check_images(found: Found, digester: digest.Digester | None = None) -> list[str]:
+    """Every image present with its recorded size and BLAKE3, read without following links
+    (several images at a time); nothing else CRIU could read in the images folder (no unlisted
+    image, no link, FIFO or device, nothing writable by others)."""
     m, d = found.manifest, found.path / IMAGES
     assert m is not None
     try:
@@ -151,6 +151,8 @@ def check_images(found: Found) -> list[str]:
     except (OSError, safefs.Unsafe) as e:
         return [f"{d} is missing or not a directory ({e})"]
     problems = []
+    own = digester is None
+    digester = digester or digest.Digester()
     try:
         for name in sorted(os.listdir(dfd)):
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -161,25 +163,36 @@ def check_images(found: Found) -> list[str]:
                 continue
             if name.endswith(".img") and name not in m.images:
                 problems.append(f"image {name} is not listed in the manifest")
-        for name, rec in m.images.items():
-            problems += _check_image(dfd, name, rec.size, rec.sha256)
+        largest_first = sorted(m.images.items(), key=lambda item: -item[1].size)
+        for found_problems in digester.map(lambda item: _check_image(dfd, item[0], item[1].size, item[1].blake3,
+                                                                     digester), largest_first):
+            problems += found_problems
     finally:
         os.close(dfd)
+        if own:
+            digester.close()
     return problems
 
 
-def _check_image(dfd: int, name: str, size: int, sha256: str) -> list[str]:
+def _check_image(dfd: int, name: str, size: int, blake3: str, digester: digest.Digester) -> list[str]:
     try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        fd, st = safefs.open_regular(name, dfd)
     except FileNotFoundError:
         return [f"image {name} is missing"]
-    if st.st_size != size:
-        return [f"image {name} is {st.st_size} bytes, {size} recorded (truncated?)"]
-    try:
-        digest = sha256_file(name, dfd)
     except (OSError, safefs.Unsafe):
         return [f"image {name} is not a regular file"]
-    return [] if digest == sha256 else [f"image {name} is corrupt (SHA-256 differs)"]
+    try:
+        if st.st_size != size:
+            return [f"image {name} is {st.st_size} bytes, {size} recorded (truncated?)"]
+        try:
+            got = digester.hash_fd(fd, size)
+        except OSError as e:
+            return [f"image {name} cannot be read ({e.strerror or e})"]
+        if os.fstat(fd).st_size != size:
+            return [f"image {name} changed while it was verified"]
+    finally:
+        os.close(fd)
+    return [] if got == blake3 else [f"image {name} is corrupt ({digest.ALGORITHM} differs)"]
 
 
 def preflight(found: Found) -> list[str]:

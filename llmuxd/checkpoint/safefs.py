@@ -4,26 +4,26 @@ ever followed, no predictable name is ever used, nothing but what was recorded i
 * a directory is reached by walking from ``/`` one component at a time
   (``O_DIRECTORY|O_NOFOLLOW``, ``dir_fd``): a symlink anywhere on the way is refused;
 * a file is written into a private temporary in its target folder
-  (``O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW``, random name), hashed while copied, given its owner,
-  permission bits (never set-id or sticky) and times on the descriptor, then renamed into place;
+  (``O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW``, random name), hashed (BLAKE3) while copied — only its
+  data extents: holes stay holes —, given its owner, permission bits (never set-id or sticky) and
+  times on the descriptor, then renamed into place;
 * only a regular file is unlinked, where a regular file was recorded.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import secrets
 import stat
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from . import digest
+
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-CHUNK = 4 << 20
-_ZEROS = bytes(CHUNK)
 PERM = 0o777  # what is applied of a recorded mode: never setuid, setgid or sticky
 
 
@@ -120,55 +120,50 @@ def open_regular(name: str, dir_fd: int | None = None) -> tuple[int, os.stat_res
     return fd, st
 
 
-def copy_hashing(src: int, dst: int, size: int) -> str:
-    """Copy ``size`` bytes from ``src`` to ``dst``, skipping holes, and return their SHA-256."""
-    h, pos = hashlib.sha256(), 0
-    while pos < size:
-        data, end = _next_data(src, pos, size)
-        while pos < data:  # a hole: zeros, not written
-            n = min(CHUNK, data - pos)
-            h.update(_ZEROS[:n])
-            pos += n
-        while pos < end:
-            chunk = os.pread(src, min(CHUNK, end - pos), pos)
-            if not chunk:
-                raise DigestMismatch(f"source ended at {pos} of {size} bytes")
-            h.update(chunk)
-            view, off = memoryview(chunk), pos
-            while view:
-                n = os.pwrite(dst, view, off)
-                view, off = view[n:], off + n
-            pos += len(chunk)
-    os.ftruncate(dst, size)
+def copy_hashing(src: int, dst: int, size: int, digester: digest.Digester | None = None) -> str:
+    """Copy ``size`` bytes from ``src`` to ``dst`` and return their BLAKE3 (of the logical
+    content: holes hash as zeros).  Only data extents are read and written: ``dst`` is first
+    truncated to ``size``, so a hole of ``src`` stays a hole (a 252 MB /dev/shm ring holding
+    45 KB copies 45 KB).  The bytes are read once into memory, hashed there and written from
+    there (``copy_file_range`` would copy in the kernel, but the hash needs them here anyway).
+    DigestMismatch when ``src`` ends early."""
+    own = digester is None
+    d = digester or digest.Digester(1)
+    h = digest.new()
+    try:
+        os.ftruncate(dst, size)
+        for start, end, data in digest.extents(src, size):
+            if not data:
+                digest.update_zeros(h, end - start)
+                continue
+            off = start
+            for chunk in d.chunks(src, start, end):
+                h.update(chunk)
+                view = chunk
+                while view:
+                    n = os.pwrite(dst, view, off)
+                    view, off = view[n:], off + n
+    except digest.ShortRead as e:
+        raise DigestMismatch(f"source ended early: {e.strerror}") from None
+    finally:
+        if own:
+            d.close()
     return h.hexdigest()
 
 
-def _next_data(fd: int, pos: int, size: int) -> tuple[int, int]:
-    try:
-        data = os.lseek(fd, pos, os.SEEK_DATA)
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # only a hole up to the end
-            return size, size
-        return pos, size  # no SEEK_DATA here: all data
-    try:
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-    except OSError:
-        hole = size
-    return min(data, size), min(hole, size)
-
-
-def put_file(path: str, src: int, *, size: int, sha256: str, mode: int, uid: int, gid: int,
+def put_file(path: str, src: int, *, size: int, blake3: str, mode: int, uid: int, gid: int,
              atime_ns: int, mtime_ns: int, marked: Callable[[int], object] | None = None) -> None:
-    """Write ``path`` from ``src`` (``size`` bytes that must hash to ``sha256``) atomically;
-    ``marked(fd)`` is called on the new file before it takes its name."""
+    """Write ``path`` from ``src`` (``size`` bytes that must hash to ``blake3``, holes kept as
+    holes) atomically; ``marked(fd)`` is called on the new file before it takes its name."""
     with parent_of(path, create=0o755) as (dfd, name):
         tmp = f".llmuxd-{secrets.token_hex(16)}"
         out = os.open(tmp, NEW_FILE_FLAGS, 0o600, dir_fd=dfd)
         try:
             try:
-                digest = copy_hashing(src, out, size)
-                if digest != sha256:
-                    raise DigestMismatch(f"the saved copy of {path} does not match its SHA-256 (it has {digest})")
+                got = copy_hashing(src, out, size)
+                if got != blake3:
+                    raise DigestMismatch(f"the saved copy of {path} does not match its {digest.ALGORITHM} digest "
+                                         f"(it has {got})")
                 _own(out, uid, gid)
                 os.fchmod(out, mode & PERM)
                 os.utime(out, ns=(atime_ns, mtime_ns))

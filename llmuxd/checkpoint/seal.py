@@ -1,8 +1,8 @@
 """Authenticity of a checkpoint: an HMAC-SHA256 tag over the manifest's exact bytes.
 
-The manifest lists the SHA-256 of every CRIU image and every saved file, so the tag covers the
-whole checkpoint: images and blobs are verified against the manifest before CRIU runs or a file
-is put back.  The key is read from ``checkpoint.key_file``, a root-only file.  The tag is kept
+The manifest lists the BLAKE3 digest of every CRIU image and every saved file, so the tag covers
+the whole checkpoint: images and blobs are verified against the manifest before CRIU runs or a
+file is put back.  The key is read from ``checkpoint.key_file``, a root-only file.  The tag is kept
 next to the manifest (``manifest.mac``) as ``hmac-sha256:<hex>``; it is checked before the
 manifest is even parsed.
 """

@@ -1,7 +1,7 @@
 """Where a model's checkpoint lives, whether it can be trusted, and whether it is complete.
 
 A checkpoint is a folder (the model's ``checkpoint_path``) holding the CRIU images (``criu/``),
-the files a restore must put back (``files/<sha256>``), ``manifest.json`` and, when
+the files a restore must put back (``files/<blake3>``), ``manifest.json`` and, when
 ``checkpoint.key_file`` is set, ``manifest.mac``.  It is written into a private sibling folder
 (``<checkpoint_path>.partial-<random>``, 0700) and renamed into place as a whole, so a folder at
 ``checkpoint_path`` with a manifest is complete by construction; partial dumps are never used.
@@ -27,13 +27,14 @@ from typing import Literal
 
 from ..config import CheckpointConfig, Config
 from . import safefs, seal
+from .durable import fsync_dir
 from .model import MAX_BYTES, Manifest, ManifestError, decode, encode
 from .trust import Untrusted, base_for, check_inside, check_tree, normalized, owners
 
 MANIFEST = "manifest.json"
 MAC = "manifest.mac"
 IMAGES = "criu"  # the CRIU images
-BLOBS = "files"  # saved files, by SHA-256
+BLOBS = "files"  # saved files, by BLAKE3
 PARTIAL = ".partial-"
 QUARANTINE = ".quarantine-"
 CONTENTS = {MANIFEST: False, MAC: False, IMAGES: True, BLOBS: True}  # name -> is a directory
@@ -184,6 +185,8 @@ def new_partial(path: Path, settings: Settings) -> Path:
 
 
 def write_manifest(folder: Path, manifest: Manifest, key: bytes | None) -> None:
+    """``manifest.json`` (and ``manifest.mac`` with a key) in ``folder``, each file fsynced, then
+    the folder: what the folder holds is on disk before it is exchanged into place."""
     data = encode(manifest)
     files = {MANIFEST: data, **({MAC: (seal.tag(key, data) + "\n").encode()} if key is not None else {})}
     for name, content in files.items():
@@ -193,8 +196,10 @@ def write_manifest(folder: Path, manifest: Manifest, key: bytes | None) -> None:
             view = memoryview(content)
             while view:
                 view = view[os.write(fd, view):]
+            os.fsync(fd)
         finally:
             os.close(fd)
+    fsync_dir(folder)
 
 
 def quarantine(path: Path, settings: Settings) -> Path:
