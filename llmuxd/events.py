@@ -17,6 +17,7 @@ class State(str, Enum):
     ASLEEP = "asleep"  # process alive, evicted per its weights axis
     WAKING = "waking"
     STOPPING = "stopping"
+    DUMPING = "dumping"  # GPU released; the tree is being checkpointed in the background
     SUSPENDED = "suspended"  # process alive, its CUDA state suspended to host memory
     CHECKPOINTED = "checkpointed"  # no process; a checkpoint to restore from
     RESTORING = "restoring"

@@ -367,7 +367,7 @@ class Switcher(Listener):
                 started = time.monotonic()
                 await self._drain(name)
                 self.metrics.phase_done(name, "drain", time.monotonic() - started)
-            return await model.sleep()
+            return await model.sleep(background=for_switch)  # a switch waits for the GPU, not the dump
         finally:
             self._evicting = None
             if self.active == name:

@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..isolation.cgroups import Cgroup
@@ -66,6 +66,18 @@ class CheckpointFailed(Exception):
         super().__init__(message)
         self.reason = reason  # short, for the metric label
         self.unusable = unusable
+
+
+@dataclass
+class GpuReleased:
+    """A tree's GPU state, suspended to host memory before its dump (nothing when it held none):
+    from here the GPU is free for another model, and the dump may follow later."""
+
+    suspended: list[int] = field(default_factory=list)  # pids, in suspend order
+    cuda: cudamod.CudaCheckpointer | None = None
+    cuda_pids: list[int] = field(default_factory=list)  # the same processes, by their PID in the tree
+    cuda_bytes: dict | None = None
+    seconds: float = 0.0
 
 
 @dataclass
@@ -121,14 +133,34 @@ class Checkpointer:
         return found
 
     # -- dump ----------------------------------------------------------------------------------
-    async def dump(self, tree: ProcessTree, facts: DumpFacts) -> Manifest:
-        """Dump the tree; returns the manifest.  On failure nothing that looks like a checkpoint
-        is left behind, and the tree may still be running.
+    async def release_gpu(self, tree: ProcessTree) -> GpuReleased:
+        """Suspend the CUDA state of the tree's GPU processes (the first step of a dump)."""
+        gpu_pids = cudamod.gpu_processes(tree.pids())
+        if not gpu_pids:
+            return GpuReleased()
+        cuda = self.cuda.get()
+        if cuda is None:
+            raise CheckpointFailed(f"processes {gpu_pids} hold GPU state and no CUDA checkpoint "
+                                   f"(driver API or cuda-checkpoint) is available: {self.cuda.why}", reason="no_cuda")
+        started = time.monotonic()
+        inner = [q for p in gpu_pids if (q := inner_pid(p)) is not None]
+        needs = cudamod.gpu_bytes_of(gpu_pids)
+        suspended = await cudamod.suspend_tree(gpu_pids, cuda)
+        return GpuReleased(suspended, cuda, inner, needs, time.monotonic() - started)
+
+    async def resume_gpu(self, released: GpuReleased) -> None:
+        """Give a tree whose dump did not happen its GPU back."""
+        if released.suspended:
+            await cudamod.resume_tree(released.suspended, released.cuda)
+
+    async def dump(self, tree: ProcessTree, facts: DumpFacts, released: GpuReleased | None = None) -> Manifest:
+        """Dump the tree (after :meth:`release_gpu`, done here unless ``released`` says it was);
+        returns the manifest.  On failure nothing that looks like a checkpoint is left behind,
+        and the tree may still be running (after a CRIU failure, with its GPU given back).
 
         A tree in its own PID and mount namespaces is dumped from inside them (CRIU entered
         into the init's namespaces, dumping the server by its inner PID): no namespace or mount
         state goes into the images, and a restore needs a fresh pair of namespaces only."""
-        tree_pids = tree.pids()
         server = tree.server_pid
         if server is None:
             raise CheckpointFailed("the model's process tree is gone", reason="gone")
@@ -146,21 +178,13 @@ class Checkpointer:
             raise CheckpointFailed(f"checkpoint could not be written: {e}", reason="write") from None
         t: dict[str, float] = {}
         images = partial / IMAGES
-        suspended: list[int] = []
         try:
             os.mkdir(images, 0o700)
-            started = time.monotonic()
-            gpu_pids = cudamod.gpu_processes(tree_pids)
-            cuda = self.cuda.get() if gpu_pids else None
-            if gpu_pids:
-                if cuda is None:
-                    raise CheckpointFailed(f"processes {gpu_pids} hold GPU state and no CUDA checkpoint "
-                                           f"(driver API or cuda-checkpoint) is available: {self.cuda.why}",
-                                           reason="no_cuda")
-                facts = replace(facts, cuda_pids=[q for p in gpu_pids if (q := inner_pid(p)) is not None],
-                                cuda_bytes=cudamod.gpu_bytes_of(gpu_pids))
-                suspended = await cudamod.suspend_tree(gpu_pids, cuda)
-                t["cuda_suspend"] = time.monotonic() - started
+            if released is None:
+                released = await self.release_gpu(tree)
+            if released.suspended:
+                facts = replace(facts, cuda_pids=released.cuda_pids, cuda_bytes=released.cuda_bytes)
+                t["cuda_suspend"] = released.seconds
             await asyncio.to_thread(self._before_dump, tree, facts.port)
             started = time.monotonic()
             written = asyncio.Event()  # the disk writes the images out while CRIU writes them
@@ -173,7 +197,7 @@ class Checkpointer:
                 await writeback
             t["criu_dump"] = time.monotonic() - started
             started = time.monotonic()
-            if gpu_pids:
+            if released.suspended:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
             manifest = await asyncio.to_thread(self._describe, images, partial, facts, t)
             t["manifest"] = time.monotonic() - started
@@ -192,8 +216,8 @@ class Checkpointer:
         except CriuError as e:
             if isinstance(e, CriuTimeout):
                 self._thaw()
-            if suspended:  # the tree lives on: give it its GPU back
-                await cudamod.resume_tree(suspended, cuda)
+            if released is not None:  # the tree lives on: give it its GPU back
+                await self.resume_gpu(released)
             raise CheckpointFailed(str(e), reason="criu_dump") from None
         except Untrusted as e:
             raise CheckpointFailed(f"checkpoint not written: {e}", reason="untrusted") from None

@@ -1,5 +1,11 @@
 """``checkpoint``: the tree is dumped by CRIU and ended; the next wake restores it.
 
+An eviction for a switch frees the GPU first (weights asleep, CUDA state suspended) and
+returns: the dump and the manifest then finish in the background while the next model wakes
+(the model is ``dumping`` meanwhile; a wake or stop of it waits for the dump).  A dump that fails
+there escalates to stop like any failed eviction; a crash leaves only a ``.partial-`` folder,
+never used and removed at the next start.
+
 :meth:`Checkpoint.restore` is the whole restore, top to bottom: verify the images, prepare what
 they need, CRIU restore (those three in :class:`~llmuxd.checkpoint.checkpointer.Checkpointer`),
 CUDA resume, health, the weights' wake sequence, the canary.  Any failure kills what was
@@ -13,7 +19,7 @@ import logging
 import time
 
 from ..backends.vllm import BackendError
-from ..checkpoint.checkpointer import CheckpointFailed, Checkpointer
+from ..checkpoint.checkpointer import CheckpointFailed, Checkpointer, GpuReleased
 from ..checkpoint.manifest import DumpFacts
 from ..config import ProcessEviction as Kind
 from ..cuda import CudaError
@@ -36,6 +42,7 @@ class Checkpoint(ProcessEviction):
         self.last_dump: DumpRecord | ReusedCheckpoint | None = None
         self.last_restore: RestoreRecord | None = None
         self._canary: str | None = None
+        self._pending: tuple[DumpFacts, GpuReleased] | None = None  # a dump left for finish()
 
     # -- evict -----------------------------------------------------------------------------------
     async def before_weights(self) -> None:
@@ -51,7 +58,7 @@ class Checkpoint(ProcessEviction):
         found = self.checkpointer.found()
         return found.state == "valid" and found.manifest is not None and found.manifest.created_ts == self.restored_from
 
-    async def evict(self) -> State:
+    async def evict(self, *, background: bool = False) -> State:
         m = self.model
         if self.reusable():
             log.info("%s: keep_images: reusing the checkpoint it was restored from", m.name,
@@ -61,9 +68,18 @@ class Checkpoint(ProcessEviction):
             return self.resting
         facts = DumpFacts(model=m.name, eviction=str(m.eviction), served_name=m.backend.served_name, port=m.port,
                           argv=m.backend.argv(), canary=self._canary, sleep_level=m.sleep_level)
+        released = await self.checkpointer.release_gpu(m.backend.tree)  # from here the GPU is free
+        self._pending = (facts, released)
+        return State.DUMPING if background else await self.finish()
+
+    async def finish(self) -> State:
+        """CRIU dump, manifest, and the end of the tree."""
+        m = self.model
+        assert self._pending is not None
+        (facts, released), self._pending = self._pending, None
         m.backend.expect_exit()  # once dumped, the tree is ended (by us)
         try:
-            manifest = await self.checkpointer.dump(m.backend.tree, facts)
+            manifest = await self.checkpointer.dump(m.backend.tree, facts, released)
         except CheckpointFailed:
             if m.backend.running:  # the dump failed before the end: the tree still serves
                 m.backend.unexpect_exit()

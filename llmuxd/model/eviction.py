@@ -59,9 +59,14 @@ class ProcessEviction:
     async def before_weights(self) -> None:
         """Called while the model still serves, before its weights are put to sleep."""
 
-    async def evict(self) -> State:
+    async def evict(self, *, background: bool = False) -> State:
         """Evict the (running) tree; returns the state the model rests in.  Raises on failure
-        (the model then escalates to stop)."""
+        (the model then escalates to stop).  ``background``: a strategy may return as soon as
+        the GPU is free, with ``DUMPING``; the model then runs :meth:`finish` on its own."""
+        raise NotImplementedError
+
+    async def finish(self) -> State:
+        """The rest of an eviction that returned ``DUMPING``; returns the resting state."""
         raise NotImplementedError
 
     def resume_problems(self) -> list[str]:
@@ -84,7 +89,7 @@ class Stop(ProcessEviction):
     kind = Kind.STOP
     resting = State.STOPPED
 
-    async def evict(self) -> State:
+    async def evict(self, *, background: bool = False) -> State:
         await self.model.stop_tree()
         return State.STOPPED
 
@@ -100,7 +105,7 @@ class KeepRunning(ProcessEviction):
     kind = Kind.KEEP_RUNNING
     resting = State.ASLEEP
 
-    async def evict(self) -> State:
+    async def evict(self, *, background: bool = False) -> State:
         return self.resting
 
     async def resume(self) -> str:
@@ -133,7 +138,7 @@ class CudaSuspend(KeepRunning):
         self.suspended: list[int] = []  # pids whose CUDA state is suspended, in suspend order
         self._needs: tuple[dict | None, dict] = (None, {})  # the GPUs and bytes at suspend
 
-    async def evict(self) -> State:
+    async def evict(self, *, background: bool = False) -> State:
         gpu_pids = cudamod.gpu_processes(self.model.backend.pids())
         if gpu_pids:  # no GPU state (CPU backend, no GPU here): nothing to suspend
             self._needs = (cudamod.gpu_inventory(), cudamod.gpu_bytes_of(gpu_pids))

@@ -6,6 +6,7 @@ escalates to stop.  ``wake`` asks the strategy that owns the resting state to ``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ class Model:
         self.last_wake_kind: str | None = None
         self.last_sleep_secs: float | None = None
         self.awake_since: float | None = None  # monotonic
+        self._finishing: asyncio.Task | None = None  # an eviction finishing in the background
         self._discover()
 
     def _discover(self) -> None:
@@ -164,8 +166,14 @@ class Model:
                  extra={"MODEL": self.name, "EVENT": "adopt"})
         return True
 
+    async def settled(self) -> None:
+        """Wait until an eviction finishing in the background (a dump) has ended."""
+        if self._finishing is not None:
+            await asyncio.shield(self._finishing)
+
     async def wake(self) -> float:
         """Make the model serve; returns the transition's duration (0 if it was awake)."""
+        await self.settled()
         if self.state is State.AWAKE:
             return 0.0
         strategy = self._resumes.get(self.state, self._resumes[State.STOPPED])
@@ -205,9 +213,11 @@ class Model:
                 await self.backend.reset_prefix_cache()
             self.sleep_level = None
 
-    async def sleep(self) -> float:
+    async def sleep(self, *, background: bool = False) -> float:
         """Evict per the model's policy: the weights step, then the process strategy's; any
-        failing step escalates to stop.  Returns the duration (0 if there was nothing to do)."""
+        failing step escalates to stop.  Returns the duration (0 if there was nothing to do).
+        ``background``: return once the GPU is free and let the rest (a checkpoint's dump)
+        finish on its own (state ``dumping`` until then)."""
         if self.state is not State.AWAKE:
             return 0.0
         started = time.monotonic()
@@ -220,20 +230,44 @@ class Model:
                 self.sleep_level = level
             if not self.backend.running:
                 raise BackendError("backend exited during eviction")
-            resting = await self.process.evict()
+            resting = await self.process.evict(background=background)
         except EVICTION_ERRORS as e:
-            self.note_error(f"eviction {self.eviction} failed: {e}; escalated to stop to free the GPU")
-            self.escalations += 1
-            self.events.escalated(self.name, str(e))
-            await self.stop_backend()
-            resting = State.STOPPED
+            resting = await self._escalate(e)
         self.last_sleep_secs = self._phase("sleep", started)
-        log.info("%s: evicted (%s) in %.3f s", self.name, self.eviction, self.last_sleep_secs,
+        log.info("%s: evicted (%s) in %.3f s%s", self.name, self.eviction, self.last_sleep_secs,
+                 "; the dump goes on in the background" if resting is State.DUMPING else "",
                  extra={"MODEL": self.name, "EVENT": "evict", "DURATION_S": f"{self.last_sleep_secs:.3f}"})
         self.set_state(resting)
+        if resting is State.DUMPING:
+            self._finishing = asyncio.create_task(self._finish_eviction(), name=f"dump {self.name}")
         return self.last_sleep_secs
 
+    async def _finish_eviction(self) -> None:
+        started = time.monotonic()
+        try:
+            resting = await self.process.finish()
+        except EVICTION_ERRORS as e:
+            resting = await self._escalate(e)
+        except BaseException as e:  # noqa: BLE001 - never left dumping: the tree goes, the GPU stays free
+            self.note_error(f"background dump interrupted ({type(e).__name__}: {e}); stopping the tree")
+            await asyncio.shield(self.stop_backend())
+            raise
+        finally:
+            self._finishing = None
+        secs = self._phase("dump", started)
+        log.info("%s: background dump ended in %.3f s (%s)", self.name, secs, resting.value,
+                 extra={"MODEL": self.name, "EVENT": "dump", "DURATION_S": f"{secs:.3f}"})
+        self.set_state(resting)
+
+    async def _escalate(self, e: Exception) -> State:
+        self.note_error(f"eviction {self.eviction} failed: {e}; escalated to stop to free the GPU")
+        self.escalations += 1
+        self.events.escalated(self.name, str(e))
+        await self.stop_backend()
+        return State.STOPPED
+
     async def stop(self) -> None:
+        await self.settled()
         if self.state in (State.STOPPED, State.CHECKPOINTED) and not self.backend.pids():
             return
         self.set_state(State.STOPPING)
@@ -253,6 +287,7 @@ class Model:
             strategy.tree_gone()
 
     async def close(self) -> None:
+        await self.settled()
         await self.backend.close()
 
 
