@@ -47,6 +47,8 @@ cd /
 timeout "${DRIVE_TIMEOUT:-540}" python3 "$ROOT/src/gpu/drive.py" --out "$OUT" --criu "$ROOT/criu" "$@" >"$OUT/drive.log" 2>&1
 rc=$?
 echo "drive.py exit status $rc" >>"$OUT/drive.log"
+# AMX permission across fork, exec and a CRIU dump/restore (an AMX host only; see amx_probe.py)
+timeout 60 python3 "$ROOT/src/gpu/amx_probe.py" --criu "$ROOT/criu" --out "$OUT/amx.json" >"$OUT/amx.log" 2>&1
 # what llmuxd, the backends and CRIU wrote (no images)
 tar -czf "$OUT/logs.tar.gz" --exclude='*.img' -C "$STATE" logs config.json $(cd "$STATE" && ls llmuxd-*.log 2>/dev/null) \
   $(cd "$STATE" && ls -d ck/ck/images/manifest.json ck/ck/images/dump.log 2>/dev/null) 2>>"$OUT/setup.log"
