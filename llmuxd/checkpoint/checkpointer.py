@@ -33,6 +33,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ from ..isolation.cgroups import Cgroup
 from ..isolation.pidinit import RESTORED
 from ..isolation.procfs import inner_pid, outlive_dirs, shm_files
 from ..isolation.tree import ProcessTree
+from ..isolation.xstate import XstateError, amx_here, give_back_amx
 from .. import cuda as cudamod
 from . import digest, remaps, safefs
 from .durable import Writeback, fsync_dir
@@ -279,15 +281,16 @@ class Checkpointer:
                 pass
 
     # -- restore ---------------------------------------------------------------------------------
-    async def _criu_restore(self, m: Manifest, tree: ProcessTree) -> int:
+    async def _criu_restore(self, m: Manifest, tree: ProcessTree, stopped: bool) -> int:
+        """CRIU restore; ``stopped``: the tree is left stopped (see :meth:`_give_back_amx`)."""
         images, work, timeout = self.path / IMAGES, self.work_dir, self.settings.restore_timeout
         if not m.own_pidns:  # dumped in the container's PID namespace
-            root = await self.criu.restore(images, work, self.cgroup, timeout=timeout)
+            root = await self.criu.restore(images, work, self.cgroup, timeout=timeout, leave_stopped=stopped)
             tree.adopt(root)
             return root
         # A fresh PID + mount namespace whose init runs criu restore, then adopts the tree.
-        root = self._spawned = await tree.spawn(await self.criu.restore_argv(images, work), dict(os.environ),
-                                                restore_dir=work)
+        argv = await self.criu.restore_argv(images, work, leave_stopped=stopped)
+        root = self._spawned = await tree.spawn(argv, dict(os.environ), restore_dir=work)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not (work / RESTORED).exists():
@@ -369,8 +372,9 @@ class Checkpointer:
             self.clean_after_failure()
             raise CheckpointFailed("cannot restore here: " + "; ".join(problems), reason="environment")
         started = time.monotonic()
+        stopped = amx_here()  # the restored processes get their AMX right back before they run
         try:
-            root = await self._criu_restore(m, tree)
+            root = await self._criu_restore(m, tree, stopped)
         except CriuError as e:
             await self._kill(tree)
             self.clean_after_failure()
@@ -378,7 +382,25 @@ class Checkpointer:
             raise CheckpointFailed(str(e), reason="timeout" if timed_out else "criu_restore",
                                    unusable=not timed_out) from None
         t["criu_restore"] = time.monotonic() - started
+        if stopped:
+            started = time.monotonic()
+            try:
+                await asyncio.to_thread(self._give_back_amx, tree)
+            except XstateError as e:
+                await self._kill(tree)
+                self.clean_after_failure()
+                raise CheckpointFailed(f"cannot restore here: {e}", reason="environment") from None
+            t["amx_right"] = time.monotonic() - started
         return Restored(root, found, m, prepared.done, t)
+
+    @staticmethod
+    def _give_back_amx(tree: ProcessTree) -> None:
+        """The right to use AMX is not in CRIU's images (isolation/xstate.py): each restored
+        process, still stopped, asks for it again; then the tree runs."""
+        pids = tree.workload_pids()
+        give_back_amx(pids)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
     async def resume_cuda(self, m: Manifest, pids: list[int]) -> float:
         """After a restore: resume CUDA in the processes that were suspended at the dump

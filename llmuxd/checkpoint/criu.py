@@ -16,7 +16,9 @@ Options, and why:
   --leave-stopped     the dumped tree stays stopped (llmuxd kills it once the manifest is
                       written): killing it would end its PID namespace — and the criu running
                       inside it — before criu is done, and the files the manifest saves are
-                      read while nothing can change them
+                      read while nothing can change them; (restore, on AMX hosts) the restored
+                      tree waits until llmuxd gave its processes their AMX right back
+                      (isolation/xstate.py)
 """
 
 from __future__ import annotations
@@ -181,13 +183,15 @@ class Criu:
             raise CriuError("dump", error_lines(images / "dump.log") if (images / "dump.log").exists() else out[-500:],
                             images / "dump.log")
 
-    async def restore_argv(self, images: Path, work: Path) -> list[str]:
-        """`criu restore` as run by a tree's init in fresh namespaces (pidinit --restore)."""
+    async def restore_argv(self, images: Path, work: Path, leave_stopped: bool = False) -> list[str]:
+        """`criu restore` as run by a tree's init in fresh namespaces (pidinit --restore).
+        ``leave_stopped``: the restored tree stays stopped until llmuxd continues it."""
         return [self.path, "restore", "-D", str(images), "-W", str(work), "-o", str(work / "restore.log"), "-v4",
                 *COMMON, *RESTORE, "--restore-detached", "--pidfile", str(work / "restore.pid"),
-                "--network-lock", await self.network_lock()]
+                "--network-lock", await self.network_lock(), *(["--leave-stopped"] if leave_stopped else [])]
 
-    async def restore(self, images: Path, work: Path, cgroup: Cgroup | None, timeout: float | None = None) -> int:
+    async def restore(self, images: Path, work: Path, cgroup: Cgroup | None, timeout: float | None = None,
+                      leave_stopped: bool = False) -> int:
         """Restore detached; returns the restored root's PID (a child of ours when we are a
         child subreaper)."""
         work.mkdir(parents=True, exist_ok=True)
@@ -195,7 +199,7 @@ class Criu:
         pidfile.unlink(missing_ok=True)
         args = ["restore", "-D", str(images), "-W", str(work), "-o", str(work / "restore.log"), "-v4",
                 *COMMON, *RESTORE, "--restore-detached", "--pidfile", str(pidfile),
-                "--network-lock", await self.network_lock()]
+                "--network-lock", await self.network_lock(), *(["--leave-stopped"] if leave_stopped else [])]
         code, out = await self._run(args, cgroup=cgroup, timeout=timeout)
         if code != 0:
             raise CriuError("restore", error_lines(work / "restore.log"), work / "restore.log")

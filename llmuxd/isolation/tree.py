@@ -195,6 +195,13 @@ class ProcessTree:
         if not self._exited.done():
             self._exited.set_result(code)
 
+    def workload_pids(self) -> list[int]:
+        """The tree's processes other than the namespace init llmuxd runs it under (and that
+        init's launcher): the server and what it started, or restored."""
+        if self.namespaced and self.root_pid:
+            return sorted(p for p in namespace_members(self.root_pid) if p != self.root_pid)
+        return self.pids()
+
     def pids(self) -> list[int]:
         members: set[int] = set()
         if self.cgroup is not None and self.cgroup.exists():

@@ -14,11 +14,14 @@ import ctypes
 import json
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from llmuxd.isolation.xstate import request_in  # what llmuxd does after a restore on an AMX host
 
 SYS_ARCH_PRCTL = 158
 ARCH_GET_XCOMP_SUPP, ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1021, 0x1022, 0x1023
@@ -86,10 +89,11 @@ def lines(path: Path) -> list[str]:
         return []
 
 
-def dump_restore(criu: str, work: Path, via_perm_parent: bool) -> dict:
+def dump_restore(criu: str, work: Path, via_perm_parent: bool = False, inject: bool = False) -> dict:
     """Start a worker, dump it, restore it (criu started by a process that holds the
-    permission when ``via_perm_parent``), and watch what the restored worker does."""
-    tag = "parent" if via_perm_parent else "plain"
+    permission when ``via_perm_parent``; restored stopped, given the permission by llmuxd's
+    isolation.xstate.request_in, then continued when ``inject``), and watch what the restored worker does."""
+    tag = "inject" if inject else "parent" if via_perm_parent else "plain"
     d, out = work / f"img-{tag}", work / f"worker-{tag}.log"
     d.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
@@ -106,6 +110,8 @@ def dump_restore(criu: str, work: Path, via_perm_parent: bool) -> dict:
         return res
     n0 = len(lines(out))
     argv = [criu, "restore", "-D", str(d), "-o", "restore.log", "-v4", "-d", "--pidfile", str(d / "pid")]
+    if inject:
+        argv.append("--leave-stopped")
     if via_perm_parent:  # the permission is requested, then criu exec'd from this process
         code = ("import ctypes,os,sys; l=ctypes.CDLL(None); "
                 f"l.syscall({SYS_ARCH_PRCTL},{ARCH_REQ_XCOMP_PERM},{XTILEDATA}); os.execv(sys.argv[1], sys.argv[1:])")
@@ -116,15 +122,24 @@ def dump_restore(criu: str, work: Path, via_perm_parent: bool) -> dict:
         res["restore_log_tail"] = (d / "restore.log").read_text()[-2000:] if (d / "restore.log").exists() else r.stderr
         return res
     pid = int((d / "pid").read_text())
+    if inject:
+        try:
+            res["grant_rc"] = request_in(pid)
+        except Exception as e:  # noqa: BLE001 - reported
+            res["grant_error"] = f"{type(e).__name__}: {e}"
+        os.kill(pid, signal.SIGCONT)
     time.sleep(1.5)
     after = lines(out)[n0:]
     res["rounds_after_restore"] = len(after)
     res["last_lines"] = after[-2:]
-    res["alive_after_1_5s"] = Path(f"/proc/{pid}").exists()
+    st = Path(f"/proc/{pid}/stat")
+    res["state_after_1_5s"] = st.read_text().rsplit(")", 1)[1].split()[0] if st.exists() else "gone"
+    res["alive_after_1_5s"] = res["state_after_1_5s"] not in ("gone", "Z", "X")
     if res["alive_after_1_5s"]:
         os.kill(pid, signal.SIGKILL)
     else:
-        res["kernel_log"] = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()[-5:]
+        res["kernel_log"] = [x for x in subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+                             if "NVRM" not in x][-5:]
     return res
 
 
@@ -140,6 +155,11 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--workdir", default="/var/tmp/llmuxd-amx-probe")
     a = ap.parse_args()
+    fatal = Path("/proc/sys/kernel/print-fatal-signals")  # the kernel logs a SIGILL that kills
+    try:
+        fatal.write_text("1")
+    except OSError:
+        pass
     supp = xcomp(ARCH_GET_XCOMP_SUPP) or 0
     facts: dict = {"supported_mask": hex(supp), "amx": bool(supp >> XTILEDATA & 1),
                    "perm_before": has_perm()}
@@ -149,9 +169,11 @@ def main() -> int:
         facts["perm_in_forked_child"] = child_perm(exec_=False)
         facts["perm_after_exec"] = child_perm(exec_=True)
         work = Path(a.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-        facts["dump_restore"] = dump_restore(a.criu, work, via_perm_parent=False)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        facts["dump_restore"] = dump_restore(a.criu, work)
         facts["dump_restore_criu_from_a_permitted_parent"] = dump_restore(a.criu, work, via_perm_parent=True)
+        facts["dump_restore_stopped_then_granted_by_ptrace"] = dump_restore(a.criu, work, inject=True)
     Path(a.out).write_text(json.dumps(facts, indent=1))
     print(json.dumps(facts, indent=1))
     return 0
