@@ -35,8 +35,7 @@ import os
 import shutil
 import signal
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ..isolation.cgroups import Cgroup
@@ -45,50 +44,20 @@ from ..isolation.procfs import inner_pid, outlive_dirs, shm_files
 from ..isolation.tree import ProcessTree
 from ..isolation.xstate import XstateError, amx_here, give_back_amx
 from .. import cuda as cudamod
-from . import digest, remaps, safefs
+from . import remaps, safefs
+from .describe import describe_dump
 from .durable import Writeback, fsync_dir
 from .criu import Criu, CriuError, CriuTimeout, error_lines
-from .fsview import FsView
-from .images import ImageError, read_images
-from .manifest import DumpFacts, build, digest_images
+from .images import ImageError
+from .manifest import DumpFacts
 from .model import CudaInventory, Manifest
+from .outcome import CheckpointFailed, GpuReleased, Restored
 from .prepare import Prepared, Unusable, apply, check, check_images, preflight
-from .store import (BLOBS, IMAGES, Found, Settings, discard, exchange, inspect, new_partial, quarantine,
+from .store import (IMAGES, Found, Settings, discard, exchange, inspect, new_partial, quarantine,
                     remove_partials, write_manifest)
 from .trust import Untrusted, check_tree, normalized
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointFailed(Exception):
-    """A dump or restore did not happen.  ``unusable``: the checkpoint itself is damaged (and
-    ours: it may be quarantined)."""
-
-    def __init__(self, message: str, *, reason: str, unusable: bool = False):
-        super().__init__(message)
-        self.reason = reason  # short, for the metric label
-        self.unusable = unusable
-
-
-@dataclass
-class GpuReleased:
-    """A tree's GPU state, suspended to host memory before its dump (nothing when it held none):
-    from here the GPU is free for another model, and the dump may follow later."""
-
-    suspended: list[int] = field(default_factory=list)  # pids, in suspend order
-    cuda: cudamod.CudaCheckpointer | None = None
-    cuda_pids: list[int] = field(default_factory=list)  # the same processes, by their PID in the tree
-    cuda_bytes: dict | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class Restored:
-    root_pid: int
-    found: Found
-    manifest: Manifest
-    prepared: list[str]
-    seconds: dict[str, float]
 
 
 class Checkpointer:
@@ -201,7 +170,7 @@ class Checkpointer:
             started = time.monotonic()
             if released.suspended:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
-            manifest = await asyncio.to_thread(self._describe, images, partial, facts, t)
+            manifest = await asyncio.to_thread(describe_dump, images, partial, facts, t)
             t["manifest"] = time.monotonic() - started
             manifest = manifest.model_copy(update={"timings": dict(t)})
             started = time.monotonic()
@@ -227,40 +196,6 @@ class Checkpointer:
             raise CheckpointFailed(f"checkpoint could not be written: {e}", reason="write") from None
         finally:  # the unfinished dump, or the previous checkpoint: off the event loop (GBs of files)
             await asyncio.to_thread(shutil.rmtree, partial, ignore_errors=True)
-        return manifest
-
-    def _describe(self, images: Path, partial: Path, facts: DumpFacts, t: dict[str, float]) -> Manifest:
-        """The manifest of what CRIU wrote, and everything it needs written and synced: the
-        images hashed and synced on threads of their own while the images are read and the saved
-        files copied (the two never wait for each other until the manifest takes the images'
-        records)."""
-        with digest.Digester() as d:
-            hashing: Future = d.background(_timed, t, "digest_images", digest_images, images, d)
-            waited = 0.0
-
-            def image_records() -> dict[str, dict]:
-                nonlocal waited
-                since = time.monotonic()
-                try:
-                    return hashing.result()
-                finally:
-                    waited = time.monotonic() - since
-
-            try:
-                started = time.monotonic()
-                needs = read_images(images)
-                t["read_images"] = time.monotonic() - started
-                started = time.monotonic()
-                manifest = build(needs, image_records, partial / BLOBS, FsView(), facts, d)
-                for r in manifest.link_remaps:  # CRIU made them for this dump: ours
-                    remaps.mark(r.path, facts.port)
-                safefs.secure_tree(str(partial))  # what CRIU wrote besides the images (its log): 0600 too
-                t["save_files"] = time.monotonic() - started - waited  # not counting the wait for the images
-            finally:
-                try:  # never leave the hashing running over a folder that is about to be removed
-                    hashing.result()
-                except Exception:  # noqa: BLE001 - the first error is the one raised
-                    pass
         return manifest
 
     def _before_dump(self, tree: ProcessTree, port: int) -> None:
@@ -460,14 +395,6 @@ class Checkpointer:
         if not discard(self.path, self.settings):
             log.warning("%s: checkpoint at %s left in place: it fails the trust rule", self.name, self.path,
                         extra={"MODEL": self.name, "EVENT": "discard"})
-
-
-def _timed(t: dict[str, float], key: str, fn, *args):
-    started = time.monotonic()
-    try:
-        return fn(*args)
-    finally:
-        t[key] = time.monotonic() - started
 
 
 def _inventory(inv: CudaInventory | None) -> dict | None:

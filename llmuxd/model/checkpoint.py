@@ -19,7 +19,8 @@ import logging
 import time
 
 from ..backends.vllm import BackendError
-from ..checkpoint.checkpointer import CheckpointFailed, Checkpointer, GpuReleased
+from ..checkpoint.checkpointer import Checkpointer
+from ..checkpoint.outcome import CheckpointFailed, GpuReleased
 from ..checkpoint.manifest import DumpFacts
 from ..config import ProcessEviction as Kind
 from ..cuda import CudaError

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .. import cuda as cudamod
 from ..backends.vllm import BackendError, VllmBackend
-from ..checkpoint.checkpointer import CheckpointFailed, Checkpointer
+from ..checkpoint.checkpointer import Checkpointer
+from ..checkpoint.outcome import CheckpointFailed
 from ..checkpoint.criu import Criu
 from ..checkpoint.store import Settings
 from ..config import CheckpointConfig, Config

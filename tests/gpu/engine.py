@@ -1,5 +1,5 @@
 """The GPU test backend's engine core: a spawned child of the API server (like vLLM's EngineCore),
-holding real GPU state.  The process's plumbing is the simulator's (llmuxd.sim.engine.EngineCore:
+holding real GPU state.  The process's plumbing is the simulator's (llmuxd.sim.core.EngineCore:
 the ZMQ protocol of llmuxd.sim.protocol, status block, heartbeat, receive loop, shutdown).
 
 On start: CUDA context, weights read from the HF-cache safetensors file, KV buffer, one decode
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmuxd.sim import protocol
-from llmuxd.sim.engine import ALL_TAGS, EngineCore, EngineCoreConfig, run_engine_core
+from llmuxd.sim.core import EngineCore, EngineCoreConfig, run_engine_core
+from llmuxd.sim.engine import ALL_TAGS
 
 log = logging.getLogger("gpu.engine")
 
