@@ -17,7 +17,7 @@ import time
 import pytest
 
 from harness import wait_until
-from llmuxd.isolation import xstate
+from llmuxd.isolation import procfs, xstate
 
 pytestmark = pytest.mark.skipif(os.uname().machine != "x86_64" or os.geteuid() != 0,
                                 reason="x86_64 and root (ptrace) only")
@@ -25,9 +25,9 @@ pytestmark = pytest.mark.skipif(os.uname().machine != "x86_64" or os.geteuid() !
 COUNTER = "import time\nt = 0\nfor i in range(60):\n    t += i * i\n    time.sleep(0.02)\nprint(t, flush=True)\n"
 
 
-def state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+def state(pid: int) -> str | None:
+    st = procfs.stat(pid)
+    return st.state if st is not None else None
 
 
 def expected_result() -> int:

@@ -19,6 +19,8 @@ import os
 import signal
 from pathlib import Path
 
+from . import procfs
+
 SYS_ARCH_PRCTL = 158
 ARCH_GET_XCOMP_SUPP, ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1021, 0x1022, 0x1023
 XTILEDATA = 18  # the AMX tile data component: asking for it enables AMX
@@ -71,11 +73,6 @@ def _syscall_at(pid: int) -> int:
     raise XstateError(f"process {pid}: no vDSO with a syscall instruction")
 
 
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 def _ptrace(op: int, pid: int, data: object = None) -> None:
     if _libc.ptrace(op, pid, None, data) != 0:
         e = ctypes.get_errno()
@@ -88,7 +85,8 @@ def request_in(pid: int, feature: int = XTILEDATA) -> int:
     ``-errno`` (``-EOPNOTSUPP`` where the machine has no such feature)."""
     at = _syscall_at(pid)
     # Stopped (as a restore leaves it): stopped again at detach, by the signal that stopped it.
-    pending = signal.SIGSTOP if _state(pid) == "T" else 0
+    st = procfs.stat(pid)
+    pending = signal.SIGSTOP if st is not None and st.state == "T" else 0
     _ptrace(_PTRACE_SEIZE, pid)
     try:
         _ptrace(_PTRACE_INTERRUPT, pid)

@@ -43,13 +43,15 @@ class Checkpoint(ProcessEviction):
         self.last_dump: DumpRecord | ReusedCheckpoint | None = None
         self.last_restore: RestoreRecord | None = None
         self._canary: str | None = None
+        self._reuse = False  # this eviction reuses the images (decided once, before the weights)
         self._pending: tuple[DumpFacts, GpuReleased] | None = None  # a dump left for finish()
 
     # -- evict -----------------------------------------------------------------------------------
     async def before_weights(self) -> None:
         """The canary (one greedy answer) is taken while the model still serves; a restore must
         give the same answer.  Not needed when the images are reused (they were checked)."""
-        self._canary = await self.model.backend.canary() if not self.reusable() else None
+        self._reuse = self.reusable()
+        self._canary = await self.model.backend.canary() if not self._reuse else None
 
     def reusable(self) -> bool:
         """keep_images: the tree was restored from the checkpoint on disk and has not been
@@ -61,7 +63,7 @@ class Checkpoint(ProcessEviction):
 
     async def evict(self, *, background: bool = False) -> State:
         m = self.model
-        if self.reusable():
+        if self._reuse:
             log.info("%s: keep_images: reusing the checkpoint it was restored from", m.name,
                      extra={"MODEL": m.name, "EVENT": "checkpoint_reuse"})
             await m.stop_tree()

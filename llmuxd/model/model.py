@@ -56,7 +56,6 @@ class Model:
         #: The eviction the config asks for, and the strategy that resumes from each resting state.
         self.process = next(s for s in strategies if s.kind is self.eviction.process)
         self._resumes = {s.resting: s for s in strategies}
-        self._strategies = strategies
         self.sleep_level: int | None = None  # the vLLM sleep level the weights are at
         self.last_error: str | None = None
         self.escalations = 0  # evictions that failed and fell back to stop
@@ -284,7 +283,7 @@ class Model:
 
     def _tree_gone(self) -> None:
         self.sleep_level = None
-        for strategy in self._strategies:
+        for strategy in self._resumes.values():
             strategy.tree_gone()
 
     async def close(self) -> None:
