@@ -2,11 +2,33 @@
 that receives every change (metrics, D-Bus signals, sd_notify ``STATUS=``).
 
 A leaf module: models and the switcher emit these events, the transports and metrics receive
-them, and neither side needs to import the other for it."""
+them, and neither side needs to import the other for it.
+
+A transition runs as phases, one at a time per model (``phase_started``, then ``phase_done`` or
+``phase_failed``; the ``phase`` label of ``llmuxd_switch_phase_seconds``), each through steps
+(``step``; a step ends where the next begins).  The one vocabulary, with each phase's steps:
+
+* ``drain``: the requests in flight on the model to be evicted finish;
+* ``sleep``: the eviction, until the GPU is free: ``canary`` (the answer a restore must give),
+  ``weights`` (vLLM's sleep level), ``cuda_suspend``, then for a dump that is not left to the
+  background ``criu_dump``, ``manifest``, ``write``, and ``stop`` (the tree ended);
+* ``dump``: the rest of a checkpoint eviction, in the background: ``criu_dump``, ``manifest``,
+  ``write``, ``stop``;
+* ``cold_start``: ``spawn``, ``load`` (until the server answers);
+* ``wake`` (a tree kept running): ``cuda_resume``, ``wake_sequence`` (the weights' wake);
+* ``restore``: ``read_manifest``, ``verify_images``, ``prepare``, ``criu_restore``,
+  ``amx_right``, ``cuda_resume``, ``health``, ``wake_sequence``, ``canary``.
+
+The wake phases are named as ``last_wake_kind``; the steps of a dump and a restore as the keys
+of ``last_checkpoint.seconds`` and ``last_restore.seconds``.  A wake whose first way fails goes
+on as a ``cold_start`` (a failed ``restore`` or ``wake``, then a ``cold_start``)."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from enum import Enum
+from typing import Iterator
 
 
 class State(str, Enum):
@@ -30,8 +52,17 @@ class Listener:
     def state_changed(self, model: str, old: State, new: State) -> None:
         pass
 
+    def phase_started(self, model: str, phase: str) -> None:
+        """A phase of a transition began (see :func:`phase`)."""
+
+    def step(self, model: str, step: str) -> None:
+        """The phase in progress of ``model`` reached ``step`` (it ends where the next begins)."""
+
     def phase_done(self, model: str, phase: str, seconds: float) -> None:
         pass
+
+    def phase_failed(self, model: str, phase: str, seconds: float) -> None:
+        """A phase ended in an error (or was cancelled)."""
 
     def escalated(self, model: str, reason: str) -> None:
         """An eviction failed and fell back to stopping the model."""
@@ -57,9 +88,21 @@ class Events(Listener):
         for listener in self.listeners:
             listener.state_changed(model, old, new)
 
+    def phase_started(self, model: str, phase: str) -> None:
+        for listener in self.listeners:
+            listener.phase_started(model, phase)
+
+    def step(self, model: str, step: str) -> None:
+        for listener in self.listeners:
+            listener.step(model, step)
+
     def phase_done(self, model: str, phase: str, seconds: float) -> None:
         for listener in self.listeners:
             listener.phase_done(model, phase, seconds)
+
+    def phase_failed(self, model: str, phase: str, seconds: float) -> None:
+        for listener in self.listeners:
+            listener.phase_failed(model, phase, seconds)
 
     def escalated(self, model: str, reason: str) -> None:
         for listener in self.listeners:
@@ -72,3 +115,25 @@ class Events(Listener):
     def restore_failed(self, model: str, reason: str) -> None:
         for listener in self.listeners:
             listener.restore_failed(model, reason)
+
+
+class Timed:
+    """How long a :func:`phase` took (set when it ends)."""
+
+    secs: float = 0.0
+
+
+@contextlib.contextmanager
+def phase(listener: Listener, model: str, name: str) -> Iterator[Timed]:
+    """Run the body as phase ``name`` of ``model``: ``phase_started``, then ``phase_done`` with
+    its duration, or ``phase_failed`` when the body raises (or is cancelled)."""
+    timed = Timed()
+    listener.phase_started(model, name)
+    started = time.monotonic()
+    try:
+        yield timed
+    except BaseException:
+        listener.phase_failed(model, name, time.monotonic() - started)
+        raise
+    timed.secs = time.monotonic() - started
+    listener.phase_done(model, name, timed.secs)

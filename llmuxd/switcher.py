@@ -32,11 +32,12 @@ from .cuda import SuspendChoice
 from .errors import (
     Evicted, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests, TransitionFailed, UnknownModel,
 )
-from .events import Events, Listener, State
+from .events import Events, Listener, State, phase
 from .isolation.cgroups import CgroupLayout
 from .lease import Lease, Route
 from .metrics import Metrics
 from .model import Model, TransitionError
+from .progress import Tracker
 from .status import Status, Switching, Transition
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class Switcher(Listener):
         self.policy = config.policy
         self.metrics = metrics or Metrics(list(config.models))
         self.cgroups = cgroups
-        self.events = Events([self.metrics, self])  # shared with every Model
+        self.progress = Tracker()  # where each transition is
+        self.events = Events([self.metrics, self, self.progress])  # shared with every Model
         # The CUDA suspend backend: chosen once (on first use) for every model.
         cuda = SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
         self.models = {
@@ -272,11 +274,11 @@ class Switcher(Listener):
         return await asyncio.shield(job.done)
 
     def status(self) -> Status:
-        models = {name: m.status().model_copy(update={"in_flight": len(self._leases[name]),
-                                                      "waiting": len(self._waiting[name])})
-                  for name, m in self.models.items()}
+        models = {name: m.status().model_copy(update={"in_flight": len(self._leases[name]), "waiting": len(
+            self._waiting[name]), "progress": self.progress.of(name)}) for name, m in self.models.items()}
         switching = Switching(from_=self.switching[0], to=self.switching[1]) if self.switching else None
-        return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models)
+        return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models,
+                      event_seq=self.progress.seq)
 
     # -- the worker ------------------------------------------------------------------------------
     def _enqueue(self, job: _Job) -> None:
@@ -364,9 +366,8 @@ class Switcher(Listener):
         self._evicting = name
         try:
             if self.policy.drain_before_switch:
-                started = time.monotonic()
-                await self._drain(name)
-                self.metrics.phase_done(name, "drain", time.monotonic() - started)
+                with phase(self.events, name, "drain"):
+                    await self._drain(name)
             return await model.sleep(background=for_switch)  # a switch waits for the GPU, not the dump
         finally:
             self._evicting = None

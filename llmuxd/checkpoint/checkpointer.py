@@ -37,6 +37,7 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from ..isolation.cgroups import Cgroup
 from ..isolation.pidinit import RESTORED
@@ -62,8 +63,10 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, name: str, path: Path, criu: Criu, cgroup: Cgroup | None, work_dir: Path,
-                 cuda: cudamod.SuspendChoice | None = None, settings: Settings | None = None):
+                 cuda: cudamod.SuspendChoice | None = None, settings: Settings | None = None,
+                 on_step: Callable[[str], None] = lambda step: None):
         self.name = name
+        self.on_step = on_step  # told each timed step as it begins (its name: the timings' key)
         self.path = normalized(path)
         self.settings = settings or Settings(self.path.parent)
         self.criu = criu
@@ -73,6 +76,10 @@ class Checkpointer:
         self._placed: list[str] = []  # saved files the last restore attempt has in place
         self._transient: set[str] = set()  # of the manifest's saved files, those removed after a failure
         self._spawned: int | None = None  # the init this restore attempt started (namespaced restore)
+
+    def _step(self, name: str) -> float:
+        self.on_step(name)
+        return time.monotonic()
 
     def found(self) -> Found:
         return inspect(self.name, self.path, self.settings)
@@ -113,7 +120,7 @@ class Checkpointer:
         if cuda is None:
             raise CheckpointFailed(f"processes {gpu_pids} hold GPU state and no CUDA checkpoint "
                                    f"(driver API or cuda-checkpoint) is available: {self.cuda.why}", reason="no_cuda")
-        started = time.monotonic()
+        started = self._step("cuda_suspend")
         inner = [q for p in gpu_pids if (q := inner_pid(p)) is not None]
         needs = cudamod.gpu_bytes_of(gpu_pids)
         suspended = await cudamod.suspend_tree(gpu_pids, cuda)
@@ -157,7 +164,7 @@ class Checkpointer:
                 facts = replace(facts, cuda_pids=released.cuda_pids, cuda_bytes=released.cuda_bytes)
                 t["cuda_suspend"] = released.seconds
             await asyncio.to_thread(self._before_dump, tree, facts.port)
-            started = time.monotonic()
+            started = self._step("criu_dump")
             written = asyncio.Event()  # the disk writes the images out while CRIU writes them
             writeback = asyncio.create_task(Writeback(images).run(written))
             try:
@@ -167,13 +174,13 @@ class Checkpointer:
                 written.set()
                 await writeback
             t["criu_dump"] = time.monotonic() - started
-            started = time.monotonic()
+            started = self._step("manifest")
             if released.suspended:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
             manifest = await asyncio.to_thread(describe_dump, images, partial, facts, t)
             t["manifest"] = time.monotonic() - started
             manifest = manifest.model_copy(update={"timings": dict(t)})
-            started = time.monotonic()
+            started = self._step("write")
             await asyncio.to_thread(write_manifest, partial, manifest, key)
             self.settings.check(self.path)  # still nobody else's folder at the destination
             exchange(partial, self.path)  # the old checkpoint (if any) is now at `partial`
@@ -240,7 +247,7 @@ class Checkpointer:
         """Verify, prepare and CRIU-restore a checkpoint of a server for ``served_name`` on
         ``port``.  Every failure is a CheckpointFailed, after what was restored is killed and what
         was put in place is removed."""
-        started = time.monotonic()
+        started = self._step("read_manifest")
         found = await asyncio.to_thread(self.found)
         read_manifest = time.monotonic() - started
         if found.state != "valid" or found.manifest is None:
@@ -282,12 +289,12 @@ class Checkpointer:
     async def _restore(self, found: Found, m: Manifest, tree: ProcessTree, t: dict[str, float]) -> Restored:
         self._spawned = None
         self._work_folder()
-        started = time.monotonic()
+        started = self._step("verify_images")
         problems = await asyncio.to_thread(check_images, found)
         t["verify_images"] = time.monotonic() - started
         if problems:
             raise CheckpointFailed("; ".join(problems), reason="corrupt", unusable=True)
-        started = time.monotonic()
+        started = self._step("prepare")
         self._placed = []
         self._transient = {r.path for r in m.transient()}
         try:
@@ -306,7 +313,7 @@ class Checkpointer:
         if problems:
             self.clean_after_failure()
             raise CheckpointFailed("cannot restore here: " + "; ".join(problems), reason="environment")
-        started = time.monotonic()
+        started = self._step("criu_restore")
         stopped = amx_here()  # the restored processes get their AMX right back before they run
         try:
             root = await self._criu_restore(m, tree, stopped)
@@ -318,7 +325,7 @@ class Checkpointer:
                                    unusable=not timed_out) from None
         t["criu_restore"] = time.monotonic() - started
         if stopped:
-            started = time.monotonic()
+            started = self._step("amx_right")
             try:
                 await asyncio.to_thread(self._give_back_amx, tree)
             except XstateError as e:
@@ -347,7 +354,7 @@ class Checkpointer:
         if cuda is None:
             raise CheckpointFailed(f"the checkpoint holds CUDA state but no CUDA checkpoint is available here: "
                                    f"{self.cuda.why}", reason="no_cuda")
-        started = time.monotonic()
+        started = self._step("cuda_resume")
         await cudamod.resume_tree([p for p in pids if inner_pid(p) in inner], cuda)
         return time.monotonic() - started
 

@@ -50,8 +50,10 @@ class Checkpoint(ProcessEviction):
     async def before_weights(self) -> None:
         """The canary (one greedy answer) is taken while the model still serves; a restore must
         give the same answer.  Not needed when the images are reused (they were checked)."""
-        self._reuse = self.reusable()
-        self._canary = await self.model.backend.canary() if not self._reuse else None
+        self._reuse, self._canary = self.reusable(), None
+        if not self._reuse:
+            self.model.step("canary")
+            self._canary = await self.model.backend.canary()
 
     def reusable(self) -> bool:
         """keep_images: the tree was restored from the checkpoint on disk and has not been
@@ -66,6 +68,7 @@ class Checkpoint(ProcessEviction):
         if self._reuse:
             log.info("%s: keep_images: reusing the checkpoint it was restored from", m.name,
                      extra={"MODEL": m.name, "EVENT": "checkpoint_reuse"})
+            m.step("stop")
             await m.stop_tree()
             self.last_dump = ReusedCheckpoint()
             return self.resting
@@ -87,6 +90,7 @@ class Checkpoint(ProcessEviction):
             if m.backend.running:  # the dump failed before the end: the tree still serves
                 m.backend.unexpect_exit()
             raise
+        m.step("stop")
         await m.stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
         self.restored_from = None
         self.last_dump = DumpRecord(path=str(self.checkpointer.path), image_bytes=manifest.image_bytes,
@@ -115,6 +119,10 @@ class Checkpoint(ProcessEviction):
 
     async def restore(self) -> None:
         """The restore sequence; any failure kills what was restored and raises CheckpointFailed."""
+        with self.model.phase("restore"):
+            await self._restore()
+
+    async def _restore(self) -> None:
         m = self.model
         m.set_state(State.RESTORING)
         r = await self.checkpointer.restore(m.backend.tree, m.port, m.backend.served_name)  # verify, prepare, CRIU
@@ -123,6 +131,7 @@ class Checkpoint(ProcessEviction):
         try:
             m.backend.watch_restored()
             t["cuda_resume"] = await self.checkpointer.resume_cuda(manifest, m.backend.pids())
+            m.step("health")
             started = time.monotonic()
             await m.backend.wait_ready(m.config.policy.startup_timeout_secs)
             t["health"] = time.monotonic() - started
@@ -131,6 +140,7 @@ class Checkpoint(ProcessEviction):
             await m.wake_weights()
             t["wake_sequence"] = time.monotonic() - started
             if manifest.canary is not None:
+                m.step("canary")
                 answer = await m.backend.canary()
                 if answer != manifest.canary:
                     raise CheckpointFailed(f"canary answer after restore {answer!r} differs from the one "

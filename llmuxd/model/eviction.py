@@ -9,6 +9,7 @@ A strategy sees its model only through :class:`ModelOps`."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import ClassVar, Protocol
 
 from .. import cuda as cudamod
@@ -16,7 +17,7 @@ from ..backends.vllm import BackendError, VllmBackend
 from ..config import Config, Eviction
 from ..config import ProcessEviction as Kind
 from ..errors import NotSupported
-from ..events import State
+from ..events import State, Timed
 
 class TransitionError(Exception):
     """A transition failed; the model is left in a resting state (``STOPPED`` when escalated)."""
@@ -37,6 +38,8 @@ class ModelOps(Protocol):
     sleep_level: int | None  # the vLLM sleep level the weights are at
 
     def set_state(self, new: State) -> None: ...
+    def phase(self, name: str) -> AbstractContextManager[Timed]: ...
+    def step(self, name: str) -> None: ...
     def note_error(self, msg: str) -> None: ...
     def restore_failed(self, msg: str, reason: str) -> None: ...
     def cuda_suspender(self) -> cudamod.CudaCheckpointer: ...
@@ -90,6 +93,7 @@ class Stop(ProcessEviction):
     resting = State.STOPPED
 
     async def evict(self, *, background: bool = False) -> State:
+        self.model.step("stop")
         await self.model.stop_tree()
         return State.STOPPED
 
@@ -111,9 +115,10 @@ class KeepRunning(ProcessEviction):
     async def resume(self) -> str:
         m = self.model
         try:
-            m.set_state(State.WAKING)
-            await self.resume_process()
-            await m.wake_weights()
+            with m.phase("wake"):
+                m.set_state(State.WAKING)
+                await self.resume_process()
+                await m.wake_weights()
             return "wake"
         except WAKE_ERRORS as e:
             m.note_error(f"wake failed: {e}; stopping it and cold-starting instead")
@@ -141,6 +146,7 @@ class CudaSuspend(KeepRunning):
     async def evict(self, *, background: bool = False) -> State:
         gpu_pids = cudamod.gpu_processes(self.model.backend.pids())
         if gpu_pids:  # no GPU state (CPU backend, no GPU here): nothing to suspend
+            self.model.step("cuda_suspend")
             self._needs = (cudamod.gpu_inventory(), cudamod.gpu_bytes_of(gpu_pids))
             self.suspended = await cudamod.suspend_tree(gpu_pids, self.model.cuda_suspender())
         return self.resting
@@ -154,6 +160,7 @@ class CudaSuspend(KeepRunning):
 
     async def resume_process(self) -> None:
         if self.suspended:
+            self.model.step("cuda_resume")
             await cudamod.resume_tree(self.suspended, self.model.cuda_suspender())
             self.suspended = []
 

@@ -7,6 +7,7 @@ escalates to stop.  ``wake`` asks the strategy that owns the resting state to ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..checkpoint.criu import Criu
 from ..checkpoint.store import Settings
 from ..config import CheckpointConfig, Config
 from ..errors import NotSupported
-from ..events import Events, Listener, State
+from ..events import Events, Listener, State, Timed, phase
 from ..isolation import procfs
 from ..isolation.cgroups import Cgroup
 from ..status import DumpRecord, EvictionPolicy, ModelStatus, RestoreRecord, ReusedCheckpoint
@@ -50,7 +51,7 @@ class Model:
         ck = self.checkpoint_config
         self.checkpointer = Checkpointer(name, config.checkpoint_dir_for(name), Criu(ck.criu_path), cgroup,
                                          Path(config.log_dir) / "criu" / name, cuda=self.cuda,
-                                         settings=Settings.of(config))
+                                         settings=Settings.of(config), on_step=self.step)
         self.checkpoint = Checkpoint(self, self.checkpointer, ck.keep_images)
         strategies: list[ProcessEviction] = [KeepRunning(self), Stop(self), CudaSuspend(self), self.checkpoint]
         #: The eviction the config asks for, and the strategy that resumes from each resting state.
@@ -95,10 +96,13 @@ class Model:
             log.info("%s: %s -> %s", self.name, old.value, new.value, extra={"MODEL": self.name, "EVENT": "state"})
             self.events.state_changed(self.name, old, new)
 
-    def _phase(self, phase: str, started: float) -> float:
-        secs = time.monotonic() - started
-        self.events.phase_done(self.name, phase, secs)
-        return secs
+    def phase(self, name: str) -> contextlib.AbstractContextManager[Timed]:
+        """Run the body as phase ``name`` of a transition (see :mod:`llmuxd.events`)."""
+        return phase(self.events, self.name, name)
+
+    def step(self, name: str) -> None:
+        """The phase in progress reached step ``name``."""
+        self.events.step(self.name, name)
 
     def _backend_exited(self, code: int) -> None:
         msg = f"backend exited unexpectedly with code {code}; see {self.backend.log_path}"
@@ -183,7 +187,7 @@ class Model:
             raise TransitionError(msg)
         started = time.monotonic()
         kind = await strategy.resume()
-        self.last_wake_secs = self._phase("wake", started)
+        self.last_wake_secs = time.monotonic() - started
         self.last_wake_kind = kind
         self.set_state(State.AWAKE)
         return self.last_wake_secs
@@ -192,21 +196,25 @@ class Model:
         """Start a new tree and wait until it serves; raises TransitionError (stopped) if not."""
         self.set_state(State.STARTING)
         self.sleep_level = None
-        try:
-            await self.checkpoint.new_tree()
-            await self.backend.start()
-            await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
-        except (BackendError, OSError) as e:
-            msg = f"cold start failed: {e}"
-            self.last_error = msg
-            await self.stop_backend()
-            raise TransitionError(msg) from None
+        with self.phase("cold_start"):
+            try:
+                self.step("spawn")
+                await self.checkpoint.new_tree()
+                await self.backend.start()
+                self.step("load")
+                await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
+            except (BackendError, OSError) as e:
+                msg = f"cold start failed: {e}"
+                self.last_error = msg
+                await self.stop_backend()
+                raise TransitionError(msg) from None
 
     async def wake_weights(self) -> None:
         """The weights' wake sequence.  By what was done to the weights (a checkpoint may come
         from another policy), not by the current policy: after level 2 the weights must be
         reloaded or vLLM answers garbage."""
         if self.sleep_level is not None:
+            self.step("wake_sequence")
             await self.backend.wake_up()
             if self.sleep_level >= 2:
                 await self.backend.reload_weights()
@@ -220,20 +228,21 @@ class Model:
         finish on its own (state ``dumping`` until then)."""
         if self.state is not State.AWAKE:
             return 0.0
-        started = time.monotonic()
         self.set_state(State.SLEEPING)
-        try:
-            await self.process.before_weights()
-            level = self.eviction.weights.sleep_level
-            if level is not None:
-                await self.backend.sleep(level)
-                self.sleep_level = level
-            if not self.backend.running:
-                raise BackendError("backend exited during eviction")
-            resting = await self.process.evict(background=background)
-        except EVICTION_ERRORS as e:
-            resting = await self._escalate(e)
-        self.last_sleep_secs = self._phase("sleep", started)
+        with self.phase("sleep") as timed:
+            try:
+                await self.process.before_weights()
+                level = self.eviction.weights.sleep_level
+                if level is not None:
+                    self.step("weights")
+                    await self.backend.sleep(level)
+                    self.sleep_level = level
+                if not self.backend.running:
+                    raise BackendError("backend exited during eviction")
+                resting = await self.process.evict(background=background)
+            except EVICTION_ERRORS as e:
+                resting = await self._escalate(e)
+        self.last_sleep_secs = timed.secs
         log.info("%s: evicted (%s) in %.3f s%s", self.name, self.eviction, self.last_sleep_secs,
                  "; the dump goes on in the background" if resting is State.DUMPING else "",
                  extra={"MODEL": self.name, "EVENT": "evict", "DURATION_S": f"{self.last_sleep_secs:.3f}"})
@@ -243,18 +252,19 @@ class Model:
         return self.last_sleep_secs
 
     async def _finish_eviction(self) -> None:
-        started = time.monotonic()
         try:
-            resting = await self.process.finish()
-        except EVICTION_ERRORS as e:
-            resting = await self._escalate(e)
+            with self.phase("dump") as timed:
+                try:
+                    resting = await self.process.finish()
+                except EVICTION_ERRORS as e:
+                    resting = await self._escalate(e)
         except BaseException as e:  # noqa: BLE001 - never left dumping: the tree goes, the GPU stays free
             self.note_error(f"background dump interrupted ({type(e).__name__}: {e}); stopping the tree")
             await asyncio.shield(self.stop_backend())
             raise
         finally:
             self._finishing = None
-        secs = self._phase("dump", started)
+        secs = timed.secs
         log.info("%s: background dump ended in %.3f s (%s)", self.name, secs, resting.value,
                  extra={"MODEL": self.name, "EVENT": "dump", "DURATION_S": f"{secs:.3f}"})
         self.set_state(resting)
@@ -263,6 +273,7 @@ class Model:
         self.note_error(f"eviction {self.eviction} failed: {e}; escalated to stop to free the GPU")
         self.escalations += 1
         self.events.escalated(self.name, str(e))
+        self.step("stop")
         await self.stop_backend()
         return State.STOPPED
 

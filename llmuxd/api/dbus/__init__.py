@@ -34,6 +34,10 @@ Properties (read-only)
   ``Models``      as the configured model names (constant).
   ``QueueDepth``  u  requests waiting for their model.  Not signalled (annotated
                      ``EmitsChangedSignal=false``): read it when you need it.
+  ``Progress``    a(ssddsdd)  the transitions in progress, one struct per model that has one:
+                     ``(model, phase, elapsed_secs, typical_secs, step, step_elapsed_secs,
+                     step_typical_secs)`` (``/control/status``'s ``progress``; -1 and "" for
+                     none).  Not signalled either: read it when you need it.
 
 Errors (``io.llmux.Llmuxd1.Error.*``)
   ``UnknownModel``, ``SwitchFailed``, ``QueueTimeout``, ``ShuttingDown``, ``NotSupported``,
