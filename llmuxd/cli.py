@@ -29,13 +29,17 @@ def _daemon_url(args: argparse.Namespace) -> str:
     return f"http://127.0.0.1:{config.port}"
 
 
-def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
+def _headers() -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
     token = os.environ.get("LLMUXD_CONTROL_TOKEN")  # needed for a daemon that is not on loopback
     if token:
         headers["Authorization"] = f"Bearer {token.strip()}"
-    req = urllib.request.Request(_daemon_url(args) + path, data=data, method=method, headers=headers)
+    return headers
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(_daemon_url(args) + path, data=data, method=method, headers=_headers())
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as r:
             return json.loads(r.read())
@@ -66,7 +70,12 @@ def print_status(status: dict) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    from .progress_view import running
+    from .status import Progress
+
     for name, m in status["models"].items():
+        if m.get("progress"):
+            print(running(name, Progress.model_validate(m["progress"])))
         if m.get("last_error"):
             print(f"{name}: last error: {m['last_error']}")
 
@@ -185,7 +194,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_transition(args: argparse.Namespace) -> int:
-    result = _call(args, "POST", f"/control/{args.command}", {"model": args.model})
+    from .progress_view import following
+
+    def events():  # the daemon's transitions, live, shown on stderr while the call runs
+        req = urllib.request.Request(_daemon_url(args) + "/control/events", headers=_headers())
+        return urllib.request.urlopen(req, timeout=args.timeout)
+
+    with following(events, lambda: _call(args, "GET", "/control/status")["event_seq"], sys.stderr,
+                   enabled=not args.json):
+        result = _call(args, "POST", f"/control/{args.command}", {"model": args.model})
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -1,4 +1,5 @@
-"""Control API: /control/sleep, /control/wake, /control/status — thin over the Switcher.
+"""Control API: /control/sleep, /control/wake, /control/status, /control/events (the
+transitions' progress, live: ``stream.py``) — thin over the Switcher.
 Who may call it is decided where the routes are mounted (``http.py``, ``auth.py``)."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from aiohttp import web
 
 from ..switcher import Switcher
 from .requests import BodyLimits, read_model_request
+from .stream import EventStream
 
 MAX_CONTROL_BODY = 64 * 1024
 
@@ -16,12 +18,14 @@ class Control:
         self.switcher = switcher
         cfg = switcher.config
         self.limits = BodyLimits(MAX_CONTROL_BODY, cfg.max_json_depth, cfg.client_timeout_secs)
+        self.events = EventStream(switcher.progress, cfg.client_timeout_secs)
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/control/sleep", self.sleep),
             web.post("/control/wake", self.wake),
             web.get("/control/status", self.status),
+            web.get("/control/events", self.events.handle),
         ]
 
     async def sleep(self, request: web.Request) -> web.Response:

@@ -82,7 +82,7 @@ def build_app(switcher: Switcher, access: Access, *, with_control: bool = True) 
     proxy = Proxy(switcher)
     app.router.add_routes(_guarded(proxy.routes(), access.check_api))
     if with_control:
-        app.router.add_routes(_guarded(Control(switcher).routes(), access.check_control))
+        _add_control(app, switcher, access)
     app.router.add_routes(_common_routes(switcher))
     if os.environ.get("LLMUXD_TEST_HOOKS") == "1":
         app.router.add_routes(_guarded([web.post("/debug/block-loop", _block_loop)], access.check_control))
@@ -97,9 +97,15 @@ def build_app(switcher: Switcher, access: Access, *, with_control: bool = True) 
 def build_admin_app(switcher: Switcher, access: Access) -> web.Application:
     """``admin_port``: the control API, /metrics and /health."""
     app = _new_app(switcher)
-    app.router.add_routes(_guarded(Control(switcher).routes(), access.check_control))
+    _add_control(app, switcher, access)
     app.router.add_routes(_common_routes(switcher))
     return app
+
+
+def _add_control(app: web.Application, switcher: Switcher, access: Access) -> None:
+    control = Control(switcher)
+    app.router.add_routes(_guarded(control.routes(), access.check_control))
+    app.on_shutdown.append(control.events.close)  # open event streams end when llmuxd stops
 
 
 async def _block_loop(request: web.Request) -> web.Response:

@@ -1,12 +1,15 @@
 """``llmuxd checkpoint MODEL``: start the model if needed, warm it up, checkpoint it (CRIU),
-exit — the checkpoint machinery without a running daemon."""
+exit — the checkpoint machinery without a running daemon.  Its phases are shown on stderr as
+they happen (:mod:`llmuxd.progress_view`)."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from ..config import Config
 from ..isolation.reaper import reap_forever
+from ..progress_view import Shown
 from ..status import DumpRecord
 from . import CommandError
 from .standalone import standalone_model, tidy
@@ -14,7 +17,8 @@ from .standalone import standalone_model, tidy
 
 async def checkpoint_model(config: Config, name: str) -> int:
     """Start the model if needed (cold start or restore), warm it up, checkpoint it, exit."""
-    model = standalone_model(config, name, force_checkpoint=True)
+    shown = Shown(sys.stderr)
+    model = standalone_model(config, name, force_checkpoint=True, events=shown)
     reaper = asyncio.create_task(reap_forever())
     try:
         await model.wake()
@@ -33,3 +37,4 @@ async def checkpoint_model(config: Config, name: str) -> int:
         await model.close()
         tidy(model)
         reaper.cancel()
+        shown.close()

@@ -1,20 +1,23 @@
 """``llmuxd restore MODEL [--detached]``: restore the model from its checkpoint and serve it
 until a signal or its exit, or leave it running (``--detached``) for the next ``llmuxd serve``
-to adopt — without a running daemon."""
+to adopt — without a running daemon.  Its phases are shown on stderr as they happen."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 
 from ..config import Config
 from ..isolation.reaper import reap_forever
+from ..progress_view import Shown
 from . import CommandError
 from .standalone import standalone_model, tidy
 
 
 async def restore_model(config: Config, name: str, detached: bool) -> int:
-    model = standalone_model(config, name, force_checkpoint=False)
+    shown = Shown(sys.stderr)
+    model = standalone_model(config, name, force_checkpoint=False, events=shown)
     if model.state.value != "checkpointed":
         raise CommandError(f"{name}: no usable checkpoint at {model.checkpointer.path}: "
                            f"{model.last_error or model.checkpointer.found().detail}")
@@ -42,3 +45,4 @@ async def restore_model(config: Config, name: str, detached: bool) -> int:
         await model.close()
         tidy(model)
         reaper.cancel()
+        shown.close()

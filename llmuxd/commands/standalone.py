@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint.fsview import container_epoch
 from ..config import Config, Eviction, ProcessEviction, WeightsEviction
+from ..events import Listener
 from ..isolation.cgroups import CgroupLayout, CgroupUnavailable
 from ..isolation.reaper import become_subreaper
 from . import CommandError
@@ -26,10 +27,11 @@ def _daemon_running(config: Config) -> bool:
         return s.connect_ex(("127.0.0.1", config.port)) == 0
 
 
-def standalone_model(config: Config, name: str, *, force_checkpoint: bool = False) -> Model:
+def standalone_model(config: Config, name: str, *, force_checkpoint: bool = False,
+                     events: Listener | None = None) -> Model:
     """Model ``name`` of ``config``, ready to wake, with this process as the subreaper of its
-    trees.  ``force_checkpoint``: its process eviction becomes ``checkpoint`` (weights
-    ``retain`` becomes ``discard``).  CommandError for an unknown model, or when a daemon
+    trees; ``events`` hears its events.  ``force_checkpoint``: its process eviction becomes
+    ``checkpoint`` (weights ``retain`` becomes ``discard``).  CommandError for an unknown model, or when a daemon
     answers on the config's port (it owns the models: use ``llmuxd sleep``/``wake``)."""
     # Imported here: cli.py imports the commands' modules at every start (validate's defaults),
     # and the model (backends, checkpoint) takes half a second to import.
@@ -53,7 +55,7 @@ def standalone_model(config: Config, name: str, *, force_checkpoint: bool = Fals
         cgroup = layout.model(name)
     except (CgroupUnavailable, OSError):
         cgroup = None
-    return Model(name, config, cgroup=cgroup)
+    return Model(name, config, events, cgroup=cgroup)
 
 
 def tidy(model: Model) -> None:
