@@ -7,7 +7,8 @@ Every wait is bounded and every party may misbehave:
 * a client that goes away aborts its upstream request (counted as ``client_closed``); one that
   stops reading for ``client_timeout_secs`` is disconnected (``client_timeout``);
 * the switcher's lease: when it is revoked (the drain deadline of an eviction, shutdown), the
-  relay stops, a stream ends with an SSE error frame, an unanswered request gets a 503.
+  relay stops, a stream ends with an SSE error frame, an unanswered request gets a 503;
+* a streaming request that waits for its model gets SSE comment lines meanwhile (``waiting.py``).
 
 A stream is relayed byte for byte, written out at SSE frame boundaries, so a final error frame
 never lands inside a half-relayed one.
@@ -31,6 +32,7 @@ from .errors import envelope
 from .headers import to_backend, to_client
 from .paths import forward_target
 from .requests import BodyLimits, read_model_request
+from .waiting import SSE_HEADERS, upstream_error, waiting_comment
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,12 @@ class _Exchange:
         self.response: web.StreamResponse | None = None
         self.at_boundary = True  # all that was written ends at an SSE frame boundary
         self.status = "error"  # the llmuxd_requests_total label
+        self.admitted = asyncio.Event()  # the request's model serves it: no more keep-alives
+
+    @property
+    def started(self) -> bool:
+        """The response's status line and headers went out (its stream has begun)."""
+        return self.response is not None and self.response.prepared
 
 
 class Proxy:
@@ -68,6 +76,7 @@ class Proxy:
         self.limits = BodyLimits(cfg.max_request_bytes, cfg.max_json_depth, cfg.client_timeout_secs)
         self.client_timeout = cfg.client_timeout_secs
         self.read_timeout = cfg.policy.upstream_read_timeout_secs
+        self.keepalive = cfg.policy.sse_keepalive_secs
         self.strip_authorization = bool(cfg.api_keys)  # the key is llmuxd's, not the backend's
         self.started = int(time.time())
         self._session: aiohttp.ClientSession | None = None
@@ -106,8 +115,11 @@ class Proxy:
         self.switcher.model(name)  # an unknown model is refused here, not counted: its name is the client's
         headers = to_backend(request.headers, strip_authorization=self.strip_authorization)
         ex = _Exchange(request, name)
+        streaming = self.keepalive > 0 and data.get("stream") is True
+        keepalive = asyncio.create_task(self._keep_alive(ex)) if streaming else None
         try:
             async with self.switcher.serving(name) as lease:
+                await self._admitted(ex, keepalive)
                 route = lease.route
                 if route.served_name != name:  # the backend was started under another name
                     data["model"] = route.served_name
@@ -120,9 +132,36 @@ class Proxy:
             raise
         except LlmuxdError as e:
             ex.status = "evicted" if isinstance(e, Evicted) else str(e.http_status)
-            raise
+            await self._admitted(ex, keepalive)
+            if not ex.started:
+                raise
+            await self._end_stream(ex, e)  # after keep-alives: the status line went out already
+            return ex.response
         finally:
+            await self._admitted(ex, keepalive)
             self.switcher.request_done(name, ex.status)
+
+    async def _keep_alive(self, ex: _Exchange) -> None:
+        """While the request waits for its model: start the response after ``keepalive``
+        seconds, then an SSE comment every ``keepalive`` seconds (see ``waiting.py``)."""
+        started = time.monotonic()
+        try:
+            while not await _wait(ex.admitted, self.keepalive):
+                if ex.response is None:
+                    ex.response = web.StreamResponse(headers=SSE_HEADERS)
+                    await self._write(ex, None)
+                await self._write(ex, waiting_comment(self.switcher.progress, ex.name, time.monotonic() - started))
+        except _ClientGone as gone:  # the handler is cancelled by the connection's end
+            ex.status = gone.label
+            if ex.request.transport is not None:
+                ex.request.transport.abort()
+
+    @staticmethod
+    async def _admitted(ex: _Exchange, keepalive: asyncio.Task | None) -> None:
+        """Stop the keep-alives (never in the middle of a write)."""
+        ex.admitted.set()
+        if keepalive is not None:
+            await asyncio.shield(keepalive)
 
     async def _watched(self, ex: _Exchange, lease: Lease, url, body: bytes, headers) -> web.StreamResponse:
         """Relay while watching the lease: a revoked lease stops the relay."""
@@ -153,13 +192,18 @@ class Proxy:
             raise BackendDied(self._failed(ex, "did not answer", e), model=ex.name) from None
         try:
             out_headers = to_client(upstream.headers)
-            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            content_type = upstream.headers.get("Content-Type", "")
+            event_stream = content_type.startswith("text/event-stream")
+            if event_stream and (not ex.started or upstream.status == 200):
                 return await self._stream(ex, upstream, out_headers)
             try:
                 payload = await upstream.read()
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 raise BackendDied(self._failed(ex, "failed mid-response", e), model=ex.name) from None
             ex.status = str(upstream.status)
+            if ex.started:  # after keep-alives: an answer that is not a stream ends it as an error
+                await self._end_stream(ex, upstream_error(ex.name, upstream.status, content_type, payload))
+                return ex.response
             return web.Response(status=upstream.status, body=payload, headers=out_headers)
         finally:
             upstream.close()  # however this ends (a client gone, a revoked lease): abort upstream
@@ -170,11 +214,13 @@ class Proxy:
         return f"model '{ex.name}' backend {what}: {e}"
 
     async def _stream(self, ex: _Exchange, upstream: aiohttp.ClientResponse, out_headers) -> web.StreamResponse:
-        ex.response = web.StreamResponse(status=upstream.status, headers=out_headers)
+        if ex.response is None:
+            ex.response = web.StreamResponse(status=upstream.status, headers=out_headers)
         ex.status = str(upstream.status)
         pending = b""
         try:
-            await self._write(ex, None)
+            if not ex.started:
+                await self._write(ex, None)
             try:
                 async for chunk in upstream.content.iter_any():
                     pending += chunk
@@ -218,10 +264,11 @@ class Proxy:
         except ConnectionError:
             raise _ClientGone("client_closed") from None
 
-    async def _end_stream(self, ex: _Exchange, err: LlmuxdError) -> None:
-        """End a started stream with an error frame (OpenAI's envelope) and close the connection."""
+    async def _end_stream(self, ex: _Exchange, err: LlmuxdError | dict) -> None:
+        """End a started stream with an error frame (OpenAI's envelope, or the one given) and
+        close the connection."""
         assert ex.response is not None
-        frame = json.dumps(envelope(err.message, err.openai_type, err.code))
+        frame = json.dumps(err if isinstance(err, dict) else envelope(err.message, err.openai_type, err.code))
         data = (b"" if ex.at_boundary else b"\n\n") + f"data: {frame}\n\n".encode()
         ex.response.force_close()
         try:
@@ -232,3 +279,12 @@ class Proxy:
         except _ClientGone:
             if ex.request.transport is not None:
                 ex.request.transport.abort()
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """Whether ``event`` was set within ``timeout`` seconds."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False
