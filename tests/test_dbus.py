@@ -29,7 +29,7 @@ import pytest
 
 from conftest import model_entry
 from llmuxd.isolation import procfs
-from harness import REPO, SIM, free_ports, terminate, wait_until
+from harness import REPO, free_ports, terminate, wait_until
 from llmuxd.api.dbus import (
     BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, DbusStartError, DbusTransport, to_dbus_error,
 )
@@ -39,6 +39,7 @@ from llmuxd.errors import (
     UnknownModel,
 )
 from llmuxd.switcher import Switcher
+from test_progress import Holds
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("dbus-daemon") and shutil.which("busctl") and shutil.which("dbus-send")),
@@ -199,9 +200,11 @@ def buses():
 def daemon(buses, hf_home, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dbus-daemon")
     ports = free_ports(2)
+    holds = Holds(tmp / "holds")  # the simulator, whose start a test can hold (daemon.holds)
     config = {
         "models": {"m1": model_entry("m1", ports[0]), "m2": model_entry("m2", ports[1])},
-        "port": free_ports(1)[0], "host": "127.0.0.1", "vllm_command": SIM, "log_dir": str(tmp / "logs"),
+        "port": free_ports(1)[0], "host": "127.0.0.1", "vllm_command": str(holds.command),
+        "log_dir": str(tmp / "logs"),
         "policy": {"request_timeout_secs": 60, "min_active_secs": 0, "startup_timeout_secs": 30},
     }
     (tmp / "home").mkdir()
@@ -210,6 +213,7 @@ def daemon(buses, hf_home, tmp_path_factory):
                      "LLMUXD_SIM_GPU_DIR": str(tmp / "gpu")}.items():
             mp.setenv(k, v)
         d = Daemon(config)
+        d.holds = holds
         try:
             d.start(list(buses.values()))
             yield d
@@ -358,7 +362,42 @@ def test_introspect(daemon, buses):
     assert rows[".ActiveModel"][:2] == ["property", "s"] and "emits-change" in rows[".ActiveModel"]
     assert rows[".Models"][:2] == ["property", "as"] and "const" in rows[".Models"]
     assert rows[".Switching"][:2] == ["property", "s"] and rows[".QueueDepth"][:2] == ["property", "u"]
+    assert rows[".Progress"][:2] == ["property", "a(ssddsdd)"]
     assert not any("writable" in v for v in rows.values())
+
+
+def test_progress_property_shows_the_transition_in_progress(daemon, buses):
+    bus = buses["strict"]
+    assert get_property(bus, "Progress", nobody=True) == "a(ssddsdd) 0"
+    m2 = daemon.status()["models"]["m2"]
+    if m2["pid"] is not None:  # its next wake must be a cold start, which can be held: end its tree
+        os.kill(m2["pid"], signal.SIGKILL)
+        wait_until(lambda: daemon.status()["models"]["m2"]["state"] == "stopped", 30, what="m2 stopped")
+    daemon.holds.hold("m2")
+    woken: list = []
+    t = threading.Thread(target=lambda: woken.append(call(bus, "Wake", "s", "m2")))
+    t.start()
+    try:
+        def in_load():
+            st = daemon.status()["models"]["m2"]["progress"]
+            return st if st and st["step"] == "load" else None
+
+        wait_until(in_load, 30, what="m2's cold start held in its load step")
+        r = busctl(bus, "get-property", BUS_NAME, OBJECT_PATH, INTERFACE, "Progress", json_out=True, nobody=True)
+        assert r.returncode == 0, r.stderr
+        reply = json.loads(r.stdout)
+        assert reply["type"] == "a(ssddsdd)" and len(reply["data"]) == 1
+        model, phase, elapsed, typical, step, step_elapsed, step_typical = reply["data"][0]
+        assert (model, phase, step) == ("m2", "cold_start", "load") and elapsed >= step_elapsed > 0
+        later = in_load()  # the same figures in /control/status, read later
+        assert elapsed <= later["elapsed_secs"] and step_elapsed <= later["step_elapsed_secs"]
+        for got, want in ((typical, later["typical_secs"]), (step_typical, later["step_typical_secs"])):
+            assert got == (-1 if want is None else pytest.approx(want))
+    finally:
+        daemon.holds.release("m2")
+        t.join(60)
+    assert woken[0].returncode == 0, woken[0].stderr
+    assert get_property(bus, "Progress") == "a(ssddsdd) 0"
 
 
 def test_unknown_model_and_other_errors(daemon, buses):
