@@ -135,10 +135,7 @@ class Model:
         self.set_state(State.STOPPED)
 
     def cuda_suspender(self) -> cudamod.CudaCheckpointer:
-        cuda = self.cuda.get()
-        if cuda is None:
-            raise NotSupported(f"the model holds GPU state but no CUDA suspend is available here: {self.cuda.why}")
-        return cuda
+        return self.cuda.require("the model holds", NotSupported)
 
     # -- transitions ---------------------------------------------------------------------------
     async def adopt(self, pids: list[int]) -> bool:
