@@ -98,6 +98,7 @@ def main() -> int:
     rows: dict[str, list[float]] = {k: [] for k in ("cold", "sleep", "dump", "image", "restore_ftt", "restore",
                                                     "criu_restore", "switch_ftt", "switch_restore",
                                                     "kr_sleep", "kr_wake")}
+    phases: dict[str, list[dict]] = {"dump": [], "restore": []}  # each round's, as the status says them
     try:
         wait_up(url)
         c = httpx.Client(base_url=url, timeout=300)
@@ -111,11 +112,13 @@ def main() -> int:
             rows["sleep"].append(r["duration_secs"])
             rows["dump"].append(st["last_checkpoint"]["seconds"]["criu_dump"])
             rows["image"].append(st["last_checkpoint"]["image_bytes"] / 2**20)
+            phases["dump"].append(st["last_checkpoint"]["seconds"])
             rows["restore_ftt"].append(first_token(url))
             st = c.get("/control/status").json()["models"]["bench"]
             assert st["last_wake_kind"] == "restore", st
             rows["restore"].append(st["last_wake_secs"])
             rows["criu_restore"].append(st["last_restore"]["seconds"]["criu_restore"])
+            phases["restore"].append(st["last_restore"]["seconds"])
             # a switch between two checkpointed models: "other" awake (cold, or restored from the
             # last round), then "bench" asked for: other is released and dumped in the background
             # while bench restores
@@ -168,6 +171,9 @@ def main() -> int:
     print(f"  {'  of which the restore transition':<44} {med['switch_restore']:8.3f} s")
     print(f"  {'sleep level 2 (discard + keep_running)':<44} {med['kr_sleep']:8.3f} s")
     print(f"  {'wake (wake_up, reload_weights, reset cache)':<44} {med['kr_wake']:8.3f} s")
+    for kind, per_round in phases.items():
+        keys = per_round[0].keys() if per_round else ()
+        print(f"  {kind} phases: " + ", ".join(f"{k} {statistics.median(r[k] for r in per_round):.3f}" for k in keys))
     print(f"\n  restore-to-first-token / cold-start-to-first-token: {med['restore_ftt'] / med['cold']:.2f}")
     print(f"  discard wake / cold start:                          {med['kr_wake'] / med['cold']:.3f}")
     print(f"  llmuxd sleep / bare criu dump:                        {med['sleep'] / med['dump']:.2f}")
@@ -178,7 +184,7 @@ def main() -> int:
                   "restore_vs_criu": med["restore"] / med["criu_restore"],
                   "switch_vs_restore": med["switch_ftt"] / med["restore_ftt"]}
         args.json.write_text(json.dumps({"backend": what, "rounds": args.rounds, "median": med, "rows": rows,
-                                         "ratios": ratios}, indent=1))
+                                         "phases": phases, "ratios": ratios}, indent=1))
     return 0
 
 
