@@ -7,14 +7,18 @@ import asyncio
 from dataclasses import dataclass
 
 from .errors import Evicted
+from .upstream import Upstream
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Route:
-    """Where an admitted request goes: the model's server and the name it serves under."""
+    """Where an admitted request goes: the model's server, the name it serves under, and the
+    connections to it (kept alive during this awake period of the model only: the switcher
+    closes them before the model is evicted, and the next admission gets a new pool)."""
 
     url: str
     served_name: str
+    upstream: Upstream
 
 
 class Lease:

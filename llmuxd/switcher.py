@@ -16,6 +16,12 @@ Admission rules (one model awake at a time, all models share one GPU):
 * an eviction drains at most ``drain_timeout_secs``: the requests still in flight then have
   their :class:`Lease` revoked (the proxy ends them: an SSE error frame for a stream), so a
   stalled stream or a client that stopped reading never freezes the switches behind it.
+
+Each lease's :class:`Route` carries the model's :class:`Upstream`, its kept-alive connections
+for the current awake period.  The switcher closes it when it evicts the model (after the
+drain, before ``model.sleep()``: no connection into the model's tree is left to be dumped with
+it), and whenever the model leaves its awake state otherwise (backend died, stopped); the next
+admission gets a new one.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from .lease import Lease, Route
 from .metrics import Metrics
 from .model import Model, TransitionError
 from .status import Status, Switching, Transition
+from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,7 @@ class Switcher(Listener):
         self._switching: tuple[str | None, str] | None = None
         self._evicting: str | None = None
         self._leases: dict[str, set[Lease]] = {name: set() for name in self.models}
+        self._routes: dict[str, Route] = {}  # per model awake now: its route, with an open Upstream
         self._idle = {name: asyncio.Event() for name in self.models}
         for ev in self._idle.values():
             ev.set()
@@ -150,6 +158,8 @@ class Switcher(Listener):
                 job.done.set_exception(ShuttingDown("llmuxd is shutting down"))
         for name, futs in self._waiting.items():
             self._settle(name, ShuttingDown("llmuxd is shutting down"))
+        for name in list(self._routes):
+            self._drop_upstream(name)
         await asyncio.gather(*(m.stop() for m in self.models.values()), return_exceptions=True)
         await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
 
@@ -215,8 +225,12 @@ class Switcher(Listener):
         return sum(len(w) for w in self._waiting.values())
 
     def _take(self, name: str) -> Lease:
-        backend = self.models[name].backend
-        lease = Lease(name, Route(backend.url, backend.served_name))
+        route = self._routes.get(name)
+        if route is None or route.upstream.closed:  # the first admission of this awake period
+            backend = self.models[name].backend
+            upstream = Upstream(backend.url, self.policy.upstream_read_timeout_secs)
+            route = self._routes[name] = Route(backend.url, backend.served_name, upstream)
+        lease = Lease(name, route)
         self._leases[name].add(lease)
         self._idle[name].clear()
         self.metrics.in_flight.labels(name).inc()
@@ -230,6 +244,17 @@ class Switcher(Listener):
         self.metrics.in_flight.labels(lease.model).dec()
         if not leases:
             self._idle[lease.model].set()
+
+    async def _close_upstream(self, name: str) -> None:
+        """Close the model's kept-alive connections (and open no more) before it is evicted."""
+        route = self._routes.pop(name, None)
+        if route is not None:
+            await route.upstream.aclose()
+
+    def _drop_upstream(self, name: str) -> None:
+        route = self._routes.pop(name, None)
+        if route is not None:
+            route.upstream.close_now()
 
     def revoke(self, name: str, reason: Evicted) -> int:
         """Revoke every lease held on ``name``; returns how many."""
@@ -367,6 +392,8 @@ class Switcher(Listener):
                 started = time.monotonic()
                 await self._drain(name)
                 self.metrics.phase_done(name, "drain", time.monotonic() - started)
+            # No kept-alive connection may go into the eviction (a checkpoint would dump it).
+            await self._close_upstream(name)
             return await model.sleep(background=for_switch)  # a switch waits for the GPU, not the dump
         finally:
             self._evicting = None
@@ -395,5 +422,7 @@ class Switcher(Listener):
 
     # -- the models' events ------------------------------------------------------------------
     def state_changed(self, model: str, old: State, new: State) -> None:
+        if new is not State.AWAKE:  # gone or going without an eviction of ours (its backend died...)
+            self._drop_upstream(model)
         if new is State.STOPPED and self.active == model:
             self.active = None

@@ -11,6 +11,10 @@ Every wait is bounded and every party may misbehave:
 
 A stream is relayed byte for byte, written out at SSE frame boundaries, so a final error frame
 never lands inside a half-relayed one.
+
+Upstream connections are kept alive, in the route's :class:`~llmuxd.upstream.Upstream` (one per
+model and awake period, closed by the switcher before the model is evicted); a connection whose
+request did not end cleanly is aborted, never reused.
 """
 
 from __future__ import annotations
@@ -20,13 +24,12 @@ import json
 import logging
 import time
 
-import aiohttp
-import yarl
 from aiohttp import web
 
 from ..errors import BackendDied, Evicted, LlmuxdError
-from ..lease import Lease
+from ..lease import Lease, Route
 from ..switcher import Switcher
+from ..upstream import Response as UpstreamResponse, UpstreamClosed, UpstreamError, UpstreamTimeout
 from .errors import envelope
 from .headers import to_backend, to_client
 from .paths import forward_target
@@ -70,22 +73,9 @@ class Proxy:
         self.read_timeout = cfg.policy.upstream_read_timeout_secs
         self.strip_authorization = bool(cfg.api_keys)  # the key is llmuxd's, not the backend's
         self.started = int(time.time())
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        # No keep-alive into backends: a connection left open into a model's tree would be
-        # dumped with it and be dead after a restore.
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout),
-                auto_decompress=False, skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            )
-        return self._session
 
     async def close(self) -> None:
-        if self._session:
-            await self._session.close()
+        """Nothing to close: the upstream connections are the switcher's (see Route.upstream)."""
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/v1/models", self.list_models), web.get("/v1/models/{model}", self.get_model),
@@ -104,7 +94,7 @@ class Proxy:
         target = forward_target(request.raw_path)
         body, data, name = await read_model_request(request, self.limits)
         self.switcher.model(name)  # an unknown model is refused here, not counted: its name is the client's
-        headers = to_backend(request.headers, strip_authorization=self.strip_authorization)
+        fields = to_backend(request.raw_headers, strip_authorization=self.strip_authorization)
         ex = _Exchange(request, name)
         try:
             async with self.switcher.serving(name) as lease:
@@ -112,8 +102,8 @@ class Proxy:
                 if route.served_name != name:  # the backend was started under another name
                     data["model"] = route.served_name
                     body = json.dumps(data).encode()
-                url = yarl.URL(route.url + target, encoded=True)
-                return await self._watched(ex, lease, url, body, headers)
+                head = b"POST %s HTTP/1.1\r\n%s" % (target.encode("ascii"), fields)
+                return await self._watched(ex, lease, head, body)
         except asyncio.CancelledError:  # the client went away (aiohttp cancels its handler)
             if not ex.status.startswith("client_"):  # (or was dropped for not reading: kept)
                 ex.status = "client_closed"
@@ -124,9 +114,9 @@ class Proxy:
         finally:
             self.switcher.request_done(name, ex.status)
 
-    async def _watched(self, ex: _Exchange, lease: Lease, url, body: bytes, headers) -> web.StreamResponse:
+    async def _watched(self, ex: _Exchange, lease: Lease, head: bytes, body: bytes) -> web.StreamResponse:
         """Relay while watching the lease: a revoked lease stops the relay."""
-        relay = asyncio.ensure_future(self._relay(ex, url, body, headers))
+        relay = asyncio.ensure_future(self._relay(ex, lease.route, head, body))
         revoked = asyncio.ensure_future(lease.revoked.wait())
         try:
             await asyncio.wait((relay, revoked), return_when=asyncio.FIRST_COMPLETED)
@@ -139,57 +129,62 @@ class Proxy:
                 relay.exception()  # retrieved here, raised below (or dropped if we are cancelled)
         if not relay.cancelled():
             return relay.result()
-        reason = Evicted(lease.reason.message if lease.reason else "model evicted", model=ex.name)
+        reason = Evicted(lease.reason.message if lease.reason else f"model '{ex.name}' is being evicted",
+                         model=ex.name)
         if ex.response is None:
             raise reason
         ex.status = "evicted"
         await self._end_stream(ex, reason)
         return ex.response
 
-    async def _relay(self, ex: _Exchange, url, body: bytes, headers) -> web.StreamResponse:
+    async def _relay(self, ex: _Exchange, route: Route, head: bytes, body: bytes) -> web.StreamResponse:
         try:
-            upstream = await self.session().post(url, data=body, headers=headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            upstream = await route.upstream.request(head, body)
+        except UpstreamClosed:  # closed before this request got a connection: being evicted
+            raise Evicted(f"model '{ex.name}' is being evicted", model=ex.name) from None
+        except UpstreamError as e:
             raise BackendDied(self._failed(ex, "did not answer", e), model=ex.name) from None
         try:
             out_headers = to_client(upstream.headers)
-            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if upstream.event_stream:
                 return await self._stream(ex, upstream, out_headers)
             try:
                 payload = await upstream.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except UpstreamError as e:
                 raise BackendDied(self._failed(ex, "failed mid-response", e), model=ex.name) from None
             ex.status = str(upstream.status)
             return web.Response(status=upstream.status, body=payload, headers=out_headers)
         finally:
-            upstream.close()  # however this ends (a client gone, a revoked lease): abort upstream
+            upstream.release()  # however this ends (a client gone, a revoked lease): abort upstream
 
     def _failed(self, ex: _Exchange, what: str, e: BaseException) -> str:
-        if isinstance(e, asyncio.TimeoutError):
+        if isinstance(e, UpstreamTimeout):
             return f"model '{ex.name}' backend stopped answering: nothing for {self.read_timeout:g} s"
         return f"model '{ex.name}' backend {what}: {e}"
 
-    async def _stream(self, ex: _Exchange, upstream: aiohttp.ClientResponse, out_headers) -> web.StreamResponse:
+    async def _stream(self, ex: _Exchange, upstream: UpstreamResponse, out_headers) -> web.StreamResponse:
         ex.response = web.StreamResponse(status=upstream.status, headers=out_headers)
         ex.status = str(upstream.status)
         pending = b""
         try:
             await self._write(ex, None)
             try:
-                async for chunk in upstream.content.iter_any():
+                while chunk := await upstream.read_some():
                     pending += chunk
                     cut = len(pending) if len(pending) >= _FLUSH_BYTES else _frame_end(pending)
                     if cut:
                         out, pending = pending[:cut], pending[cut:]
                         ex.at_boundary = _frame_end(out) == len(out)
                         await self._write(ex, out)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except UpstreamError as e:
                 # Headers are gone already: tell the client in the stream, as OpenAI does.
                 err = BackendDied(self._failed(ex, "failed mid-stream", e), model=ex.name)
                 log.error("%s", err.message, extra={"MODEL": ex.name, "EVENT": "backend_died"})
                 ex.status = "502"
+                upstream.release()
                 await self._end_stream(ex, err)
                 return ex.response
+            upstream.release()  # received whole: the connection goes back to the pool
             if pending:
                 await self._write(ex, pending)
             await self._write(ex, b"", eof=True)
