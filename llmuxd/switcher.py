@@ -77,6 +77,8 @@ class Switcher(Listener):
         self._evicting: str | None = None
         self._leases: dict[str, set[Lease]] = {name: set() for name in self.models}
         self._routes: dict[str, Route] = {}  # per model awake now: its route, with an open Upstream
+        self._in_flight = {name: self.metrics.in_flight.labels(name) for name in self.models}
+        self._outcomes: dict[tuple[str, str], object] = {}  # llmuxd_requests_total's children
         self._idle = {name: asyncio.Event() for name in self.models}
         for ev in self._idle.values():
             ev.set()
@@ -174,12 +176,19 @@ class Switcher(Listener):
     async def serving(self, name: str) -> AsyncIterator[Lease]:
         """Hold the model awake for the duration of one request; the lease says when the
         controller needs it back first."""
-        self.model(name)
-        lease = await self._admit(name)
+        lease = await self.admit(name)
         try:
             yield lease
         finally:
             self._release(lease)
+
+    async def admit(self, name: str) -> Lease:
+        """:meth:`serving` without the context manager: the caller must :meth:`release` the lease."""
+        self.model(name)
+        return await self._admit(name)
+
+    def release(self, lease: Lease) -> None:
+        self._release(lease)
 
     def _admissible(self, name: str) -> bool:
         return self.active == name and self.models[name].state is State.AWAKE and self._evicting != name
@@ -233,7 +242,7 @@ class Switcher(Listener):
         lease = Lease(name, route)
         self._leases[name].add(lease)
         self._idle[name].clear()
-        self.metrics.in_flight.labels(name).inc()
+        self._in_flight[name].inc()
         return lease
 
     def _release(self, lease: Lease) -> None:
@@ -241,7 +250,7 @@ class Switcher(Listener):
         if lease not in leases:
             return
         leases.remove(lease)
-        self.metrics.in_flight.labels(lease.model).dec()
+        self._in_flight[lease.model].dec()
         if not leases:
             self._idle[lease.model].set()
 
@@ -284,7 +293,10 @@ class Switcher(Listener):
     def request_done(self, name: str, outcome: str) -> None:
         """A proxied request for ``name`` ended (``outcome``: the status code, ``evicted``,
         ``client_closed``...): counted in llmuxd_requests_total."""
-        self.metrics.requests.labels(name, outcome).inc()
+        counter = self._outcomes.get((name, outcome))
+        if counter is None:
+            counter = self._outcomes[(name, outcome)] = self.metrics.requests.labels(name, outcome)
+        counter.inc()
 
     async def wake(self, name: str) -> Transition:
         self.model(name)
