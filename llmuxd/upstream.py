@@ -168,14 +168,16 @@ class Upstream:
         server has closed its side too (at most ``grace``, then aborted) — and open no more."""
         self.closed = True
         conns, self._idle = self._idle, []
-        waits = [c.shutdown() for c in conns]
-        waits = [w for w in waits if w is not None]
-        if waits:
-            await asyncio.wait(waits, timeout=grace)
         for c in conns:
             c.idle = False
-            if not c.lost:
-                c.abort()
+        waits = [w for w in (c.shutdown() for c in conns) if w is not None]
+        try:
+            if waits:
+                await asyncio.wait(waits, timeout=grace)
+        finally:
+            for c in conns:
+                if not c.lost:
+                    c.abort()
 
     def close_now(self) -> None:
         """Abort every idle connection at once, and open no more (for when the model is gone

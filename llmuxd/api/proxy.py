@@ -247,14 +247,19 @@ class Proxy:
                 if not chunk:
                     break
                 pending = pending + chunk if pending else chunk
-                cut = len(pending) if len(pending) >= _FLUSH_BYTES else _frame_end(pending)
-                if cut:
-                    if cut == len(pending):
-                        out, pending = pending, b""
-                    else:
-                        out, pending = pending[:cut], pending[cut:]
-                    ex.at_boundary = _frame_end(out) == len(out)
-                    await self._write(ex, out)
+                cut = _frame_end(pending)
+                if len(pending) >= _FLUSH_BYTES:
+                    ex.at_boundary = cut == len(pending)
+                    cut = len(pending)
+                elif cut:
+                    ex.at_boundary = True
+                else:
+                    continue
+                if cut == len(pending):
+                    out, pending = pending, b""
+                else:
+                    out, pending = pending[:cut], pending[cut:]
+                await self._write(ex, out)
             upstream.release()  # received whole: the connection goes back to the pool
             if pending:
                 await self._write(ex, pending)
