@@ -121,6 +121,25 @@ MALFORMED = {
     "chunk end": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxy\r\n0\r\n\r\n",
     "head too large": b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
     "switching protocols": b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    # Shapes of response smuggling and desynchronisation: each one is refused, none is guessed at.
+    "Content-Length and chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  b"1\r\nx\r\n0\r\n\r\n",
+    "chunked and Content-Length": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                                  b"1\r\nx\r\n0\r\n\r\n",
+    "two equal Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    "Content-Length list": b"HTTP/1.1 200 OK\r\nContent-Length: 1, 1\r\n\r\nx",
+    "space before a colon": b"HTTP/1.1 200 OK\r\nContent-Length : 1\r\n\r\nx",
+    "obs-fold": b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+    "control byte": b"HTTP/1.1 200 OK\r\nX: a\x01b\r\nContent-Length: 0\r\n\r\n",
+    "negative chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nx\r\n0\r\n\r\n",
+    "chunk size overflow": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1" + b"0" * 16 +
+                           b"\r\nx\r\n0\r\n\r\n",
+    "space after a chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1 \r\nx\r\n0\r\n\r\n",
+    "chunk size ended by LF": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\nx\r\n0\r\n\r\n",
+    "NUL in trailers": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: a\x00\r\n\r\n",
+    "HTTP/2.0": b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "HTTP/0.9": b"HTTP/0.9 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "status under 100": b"HTTP/1.1 099 OK\r\nContent-Length: 0\r\n\r\n",
 }
 
 
@@ -134,6 +153,54 @@ def test_malformed_answers_are_refused(what):
         assert up.idle == 0
         assert await body_of(up, "/ok") == (200, b"ok", False)
         assert srv.connections == 2  # the bad one was dropped
+
+    run(go())
+
+
+def test_heads_and_framing_are_bounded():
+    """A head, trailers or a chunk-size line without end are refused at 64 KiB, whether they
+    come in one piece or several; the connection is kept open, so the bound refuses, not an EOF."""
+    async def go():
+        srv = Scripted({
+            "/one": [b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\nContent-Length: 0\r\n\r\n"],
+            "/pieces": [b"HTTP/1.1 200 OK\r\nX: " + b"a" * 40000, "pause", b"a" * 40000],
+            "/interim": [b"HTTP/1.1 103 Early Hints\r\nLink: " + b"a" * 1000 + b"\r\n\r\n"] * 70,
+            "/trailers": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n",
+                          *[b"X-T: " + b"t" * 1000 + b"\r\n"] * 70],
+            "/extension": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n1;e=",
+                           *["pause", b"e" * 10000] * 8],  # (counted from the read after the body byte's)
+        })
+        up = Upstream(f"http://127.0.0.1:{await srv.start()}", read_timeout=5)
+        for path, body in [("/one", b""), ("/pieces", b""), ("/interim", b""), ("/trailers", b"x"),
+                           ("/extension", b"x")]:
+            resp = await post(up, path) if body else None
+            try:
+                with pytest.raises(UpstreamError, match="64 KiB"):
+                    if resp is None:
+                        await body_of(up, path)
+                    else:
+                        assert await resp.read_some() == body
+                        await resp.read()
+            finally:
+                if resp is not None:
+                    resp.release()
+        assert up.idle == 0 and srv.connections == 5
+
+    run(go())
+
+
+def test_bytes_after_a_response_are_not_taken_for_the_next():
+    async def go():
+        srv = Scripted({"/extra": [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 200 OK\r\n\r\n"],
+                        "/nobody": [b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\nabc"],
+                        "/ok": [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]})
+        up = Upstream(f"http://127.0.0.1:{await srv.start()}", read_timeout=5)
+        assert await body_of(up, "/extra") == (200, b"a", False)
+        assert up.idle == 0  # delivered, but the connection is not reused
+        assert await body_of(up, "/nobody") == (204, b"", False)  # a 204 has no body, whatever it says
+        assert up.idle == 0
+        assert await body_of(up, "/ok") == (200, b"ok", False)
+        assert up.idle == 1 and srv.connections == 3
 
     run(go())
 
