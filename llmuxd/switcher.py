@@ -16,6 +16,12 @@ Admission rules (one model awake at a time, all models share one GPU):
 * an eviction drains at most ``drain_timeout_secs``: the requests still in flight then have
   their :class:`Lease` revoked (the proxy ends them: an SSE error frame for a stream), so a
   stalled stream or a client that stopped reading never freezes the switches behind it.
+
+Each lease's :class:`Route` carries the model's :class:`Upstream`, its kept-alive connections
+for the current awake period.  The switcher closes it when it evicts the model (after the
+drain, before ``model.sleep()``: no connection into the model's tree is left to be dumped with
+it), and whenever the model leaves its awake state otherwise (backend died, stopped); the next
+admission gets a new one.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from .lease import Lease, Route
 from .metrics import Metrics
 from .model import Model, TransitionError
 from .status import Status, Switching, Transition
+from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,9 @@ class Switcher(Listener):
         self._switching: tuple[str | None, str] | None = None
         self._evicting: str | None = None
         self._leases: dict[str, set[Lease]] = {name: set() for name in self.models}
+        self._routes: dict[str, Route] = {}  # per model awake now: its route, with an open Upstream
+        self._in_flight = {name: self.metrics.in_flight.labels(name) for name in self.models}
+        self._outcomes: dict[tuple[str, str], object] = {}  # llmuxd_requests_total's children
         self._idle = {name: asyncio.Event() for name in self.models}
         for ev in self._idle.values():
             ev.set()
@@ -151,6 +161,8 @@ class Switcher(Listener):
                 job.done.set_exception(ShuttingDown("llmuxd is shutting down"))
         for name, futs in self._waiting.items():
             self._settle(name, ShuttingDown("llmuxd is shutting down"))
+        for name in list(self._routes):
+            self._drop_upstream(name)
         await asyncio.gather(*(m.stop() for m in self.models.values()), return_exceptions=True)
         await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
 
@@ -165,12 +177,19 @@ class Switcher(Listener):
     async def serving(self, name: str) -> AsyncIterator[Lease]:
         """Hold the model awake for the duration of one request; the lease says when the
         controller needs it back first."""
-        self.model(name)
-        lease = await self._admit(name)
+        lease = await self.admit(name)
         try:
             yield lease
         finally:
             self._release(lease)
+
+    async def admit(self, name: str) -> Lease:
+        """:meth:`serving` without the context manager: the caller must :meth:`release` the lease."""
+        self.model(name)
+        return await self._admit(name)
+
+    def release(self, lease: Lease) -> None:
+        self._release(lease)
 
     def _admissible(self, name: str) -> bool:
         return self.active == name and self.models[name].state is State.AWAKE and self._evicting != name
@@ -216,11 +235,15 @@ class Switcher(Listener):
         return sum(len(w) for w in self._waiting.values())
 
     def _take(self, name: str) -> Lease:
-        backend = self.models[name].backend
-        lease = Lease(name, Route(backend.url, backend.served_name))
+        route = self._routes.get(name)
+        if route is None or route.upstream.closed:  # the first admission of this awake period
+            backend = self.models[name].backend
+            upstream = Upstream(backend.url, self.policy.upstream_read_timeout_secs)
+            route = self._routes[name] = Route(backend.url, backend.served_name, upstream)
+        lease = Lease(name, route)
         self._leases[name].add(lease)
         self._idle[name].clear()
-        self.metrics.in_flight.labels(name).inc()
+        self._in_flight[name].inc()
         return lease
 
     def _release(self, lease: Lease) -> None:
@@ -228,9 +251,20 @@ class Switcher(Listener):
         if lease not in leases:
             return
         leases.remove(lease)
-        self.metrics.in_flight.labels(lease.model).dec()
+        self._in_flight[lease.model].dec()
         if not leases:
             self._idle[lease.model].set()
+
+    async def _close_upstream(self, name: str) -> None:
+        """Close the model's kept-alive connections (and open no more) before it is evicted."""
+        route = self._routes.pop(name, None)
+        if route is not None:
+            await route.upstream.aclose()
+
+    def _drop_upstream(self, name: str) -> None:
+        route = self._routes.pop(name, None)
+        if route is not None:
+            route.upstream.close_now()
 
     def revoke(self, name: str, reason: Evicted) -> int:
         """Revoke every lease held on ``name``; returns how many."""
@@ -260,7 +294,10 @@ class Switcher(Listener):
     def request_done(self, name: str, outcome: str) -> None:
         """A proxied request for ``name`` ended (``outcome``: the status code, ``evicted``,
         ``client_closed``...): counted in llmuxd_requests_total."""
-        self.metrics.requests.labels(name, outcome).inc()
+        counter = self._outcomes.get((name, outcome))
+        if counter is None:
+            counter = self._outcomes[(name, outcome)] = self.metrics.requests.labels(name, outcome)
+        counter.inc()
 
     async def wake(self, name: str) -> Transition:
         self.model(name)
@@ -375,6 +412,8 @@ class Switcher(Listener):
                 started = time.monotonic()
                 await self._drain(name)
                 self.metrics.phase_done(name, "drain", time.monotonic() - started)
+            # No kept-alive connection may go into the eviction (a checkpoint would dump it).
+            await self._close_upstream(name)
             # a switch waits for the GPU, not the dump
             return await model.sleep(background=for_switch, start_after=start_after)
         finally:
@@ -404,5 +443,7 @@ class Switcher(Listener):
 
     # -- the models' events ------------------------------------------------------------------
     def state_changed(self, model: str, old: State, new: State) -> None:
+        if new is not State.AWAKE:  # gone or going without an eviction of ours (its backend died...)
+            self._drop_upstream(model)
         if new is State.STOPPED and self.active == model:
             self.active = None
