@@ -124,7 +124,7 @@ class Checkpoint(ProcessEviction):
             m.backend.watch_restored()
             t["cuda_resume"] = await self.checkpointer.resume_cuda(manifest, m.backend.pids())
             started = time.monotonic()
-            await m.backend.wait_ready(m.config.policy.startup_timeout_secs)
+            await m.backend.wait_ready(m.config.startup_timeout_for(m.name))
             t["health"] = time.monotonic() - started
             started = time.monotonic()
             m.sleep_level = manifest.sleep_level

@@ -195,7 +195,7 @@ class Model:
         try:
             await self.checkpoint.new_tree()
             await self.backend.start()
-            await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
+            await self.backend.wait_ready(self.config.startup_timeout_for(self.name))
         except (BackendError, OSError) as e:
             msg = f"cold start failed: {e}"
             self.last_error = msg
