@@ -256,10 +256,10 @@ class Switcher(Listener):
                 fut.set_exception(error)
 
     # -- control verbs ------------------------------------------------------------------------
-    def request_done(self, name: str, outcome: str) -> None:
-        """A proxied request for ``name`` ended (``outcome``: the status code, ``evicted``,
-        ``client_closed``...): counted in llmuxd_requests_total."""
-        self.metrics.requests.labels(name, outcome).inc()
+    def request_done(self, name: str, outcome: str, seconds: float) -> None:
+        """A proxied request for ``name`` ended after ``seconds`` (``outcome``: the status code,
+        ``evicted``, ``client_closed``...): llmuxd_requests_total, llmuxd_request_duration_seconds."""
+        self.metrics.request_done(name, outcome, seconds)
 
     async def wake(self, name: str) -> Transition:
         self.model(name)
@@ -329,6 +329,7 @@ class Switcher(Listener):
                 self.active = name
                 secs = time.monotonic() - started
                 self.metrics.switches.labels(previous or "", name, "ok").inc()
+                self.metrics.switch_seconds.labels(name, model.last_wake_kind or "").observe(secs)
                 log.info(
                     "switched %s -> %s in %.3f s (%s)", previous, name, secs, model.last_wake_kind,
                     extra={"MODEL": name, "EVENT": "switch", "DURATION_S": f"{secs:.3f}"},
@@ -366,7 +367,7 @@ class Switcher(Listener):
             if self.policy.drain_before_switch:
                 started = time.monotonic()
                 await self._drain(name)
-                self.metrics.phase_done(name, "drain", time.monotonic() - started)
+                self.metrics.phase_done(name, "drain", time.monotonic() - started, model.eviction.process.value)
             return await model.sleep(background=for_switch)  # a switch waits for the GPU, not the dump
         finally:
             self._evicting = None
