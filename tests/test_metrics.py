@@ -1,21 +1,26 @@
 """Prometheus metrics as a scraper sees them: a real daemon on the simulator, requests that make
 it cold-start, wake, checkpoint and restore models, /metrics read with a real HTTP client from
-its own metrics_port and parsed with prometheus_client's parser."""
+its own metrics_port and parsed with prometheus_client's parser; and the Grafana dashboard's
+queries checked against what such a scrape exposes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import model_entry
-from harness import free_ports, wait_until
+from harness import REPO, free_ports, wait_until
 from llmuxd.cuda import select_checkpointer
 from llmuxd.events import State
 from llmuxd.model.eviction import CudaSuspend
 from test_cuda_doctor import FakeTool
+
+DASHBOARD = REPO / "examples" / "grafana" / "llmuxd-dashboard.json"
 
 
 class Scrape:
@@ -167,4 +172,50 @@ def test_cuda_suspend_wake_kind_is_resume_when_cuda_state_was_suspended(tmp_path
     assert tool.states() == {101: "running"} and strategy.suspended == []
     assert asyncio.run(strategy.resume()) == "wake"  # nothing suspended this time
     assert model.states == [State.WAKING, State.WAKING] and model.weights_woken == 2
+
+
+def _exprs(node) -> list[str]:
+    """Every ``expr`` (a panel target's PromQL) anywhere under ``node``."""
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "expr" and isinstance(v, str)] + \
+            [e for k, v in node.items() if k != "expr" for e in _exprs(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in _exprs(v)]
+    return []
+
+
+def _queries(board: dict) -> list[str]:
+    """Every PromQL expression of a dashboard: its panels' targets (rows' panels too) and its
+    query variables."""
+    found = _exprs(board["panels"])
+    for var in board["templating"]["list"]:
+        if var.get("type") == "query":
+            q = var["query"]
+            found.append(q if isinstance(q, str) else q["query"])
+    return found
+
+
+def test_grafana_dashboard_queries_only_name_metrics_a_daemon_exposes(make_daemon):
+    d = make_daemon()
+    complete(d, "m1", "a")
+    complete(d, "m2", "b")
+    exposed = scrape(d.url).names()
+    board = json.loads(DASHBOARD.read_text())
+    assert board["title"] and board["panels"]
+    queries = _queries(board)
+    assert len(queries) >= 10
+    used: set[str] = set()
+    for q in queries:
+        names = set(re.findall(r"\bllmuxd_[a-z0-9_]+\b", q))
+        assert names, f"a query that names no llmuxd metric: {q!r}"
+        assert names <= exposed, f"{q!r} names {sorted(names - exposed)}, not in a scrape"
+        used |= names
+    # What the dashboard is for: every one of these is graphed.
+    for want in ("llmuxd_switch_seconds_bucket", "llmuxd_request_duration_seconds_bucket", "llmuxd_requests_total",
+                 "llmuxd_requests_queued", "llmuxd_requests_in_flight", "llmuxd_model_state",
+                 "llmuxd_eviction_escalations_total", "llmuxd_restore_failures_total",
+                 "llmuxd_checkpoint_dumped_bytes_total", "llmuxd_checkpoint_restored_bytes_total"):
+        assert want in used, want
+    # Each panel's datasource is the dashboard's variable, so it imports into any Grafana.
+    assert any(v.get("type") == "datasource" for v in board["templating"]["list"])
 
