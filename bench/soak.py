@@ -634,6 +634,7 @@ def build_config(backend: str, port: int, mports: list[int], timeout: float) -> 
                        "cuda_checkpoint_path": "/usr/local/bin/cuda-checkpoint", "keep_images": False},
         "checkpoint_on_stop": True,
         "port": port,
+        "metrics_port": 0,
         "vllm_command": f"{VLLM_VENV}/bin/vllm" if backend == "vllm" else SIM,
         "host": "127.0.0.1",
         "policy": {"min_active_secs": 0, "startup_timeout_secs": timeout, "request_timeout_secs": timeout},

@@ -109,6 +109,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  {n}: {config.models[n].model_path} on port {config.models[n].port}, eviction {config.eviction_for(n)}")
     for note in config.ignored_settings():
         print(f"  note: {note}")
+    for warning in config.unsupported_settings():
+        print(f"  warning: {warning}")
     return 0
 
 

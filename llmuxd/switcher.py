@@ -79,7 +79,6 @@ class Switcher(Listener):
         self._leases: dict[str, set[Lease]] = {name: set() for name in self.models}
         self._routes: dict[str, Route] = {}  # per model awake now: its route, with an open Upstream
         self._in_flight = {name: self.metrics.in_flight.labels(name) for name in self.models}
-        self._outcomes: dict[tuple[str, str], object] = {}  # llmuxd_requests_total's children
         self._idle = {name: asyncio.Event() for name in self.models}
         for ev in self._idle.values():
             ev.set()
@@ -291,13 +290,10 @@ class Switcher(Listener):
                 fut.set_exception(error)
 
     # -- control verbs ------------------------------------------------------------------------
-    def request_done(self, name: str, outcome: str) -> None:
-        """A proxied request for ``name`` ended (``outcome``: the status code, ``evicted``,
-        ``client_closed``...): counted in llmuxd_requests_total."""
-        counter = self._outcomes.get((name, outcome))
-        if counter is None:
-            counter = self._outcomes[(name, outcome)] = self.metrics.requests.labels(name, outcome)
-        counter.inc()
+    def request_done(self, name: str, outcome: str, seconds: float) -> None:
+        """A proxied request for ``name`` ended after ``seconds`` (``outcome``: the status code,
+        ``evicted``, ``client_closed``...): llmuxd_requests_total, llmuxd_request_duration_seconds."""
+        self.metrics.request_done(name, outcome, seconds)
 
     async def wake(self, name: str) -> Transition:
         self.model(name)
@@ -374,6 +370,7 @@ class Switcher(Listener):
                 self.active = name
                 secs = time.monotonic() - started
                 self.metrics.switches.labels(previous or "", name, "ok").inc()
+                self.metrics.switch_seconds.labels(name, model.last_wake_kind or "").observe(secs)
                 log.info(
                     "switched %s -> %s in %.3f s (%s)", previous, name, secs, model.last_wake_kind,
                     extra={"MODEL": name, "EVENT": "switch", "DURATION_S": f"{secs:.3f}"},
@@ -411,7 +408,7 @@ class Switcher(Listener):
             if self.policy.drain_before_switch:
                 started = time.monotonic()
                 await self._drain(name)
-                self.metrics.phase_done(name, "drain", time.monotonic() - started)
+                self.metrics.phase_done(name, "drain", time.monotonic() - started, model.eviction.process.value)
             # No kept-alive connection may go into the eviction (a checkpoint would dump it).
             await self._close_upstream(name)
             # a switch waits for the GPU, not the dump

@@ -201,7 +201,7 @@ def daemon(buses, hf_home, tmp_path_factory):
     ports = free_ports(2)
     config = {
         "models": {"m1": model_entry("m1", ports[0]), "m2": model_entry("m2", ports[1])},
-        "port": free_ports(1)[0], "host": "127.0.0.1", "vllm_command": SIM, "log_dir": str(tmp / "logs"),
+        "port": free_ports(1)[0], "metrics_port": 0, "host": "127.0.0.1", "vllm_command": SIM, "log_dir": str(tmp / "logs"),
         "policy": {"request_timeout_secs": 60, "min_active_secs": 0, "startup_timeout_secs": 30},
     }
     (tmp / "home").mkdir()

@@ -352,7 +352,7 @@ def config(vllm_command: str, real: bool) -> dict:
             "checkpoint": {"images_dir": CKPT, "keep_images": True},
             "checkpoint_on_stop": True,
             "policy": {"startup_timeout_secs": 600, "request_timeout_secs": 900},
-            "port": port, "host": "127.0.0.1", "vllm_command": vllm_command}
+            "port": port, "metrics_port": 0, "host": "127.0.0.1", "vllm_command": vllm_command}
 
 
 def write_config(base: Path, cfg: dict) -> str:

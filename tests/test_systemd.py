@@ -28,7 +28,7 @@ def service(tmp_path, hf_home, request):
     def make(watchdog_sec: int = 0, extra_args=(), env: dict | None = None, **policy) -> ServiceContainer:
         p = free_ports(3)
         config = {"models": {"m1": model_entry("m1", p[1], extra=extra_args), "m2": model_entry("m2", p[2])},
-                  "port": p[0], "host": "127.0.0.1", "vllm_command": "llmuxd-vllm-sim",
+                  "port": p[0], "metrics_port": 0, "host": "127.0.0.1", "vllm_command": "llmuxd-vllm-sim",
                   "policy": {"min_active_secs": 0, "startup_timeout_secs": 30, **policy}}
         sc = ServiceContainer("svc", tmp_path, config,
                               {"HF_HOME": str(hf_home), "LLMUXD_TEST_HOOKS": "1", **(env or {})},

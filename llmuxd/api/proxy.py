@@ -140,6 +140,7 @@ class Proxy:
         return web.json_response(self._model_card(self.switcher.model(request.match_info["model"]).name))
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
         target = forward_target(request.raw_path)
         body, data, name = await read_model_request(request, self.limits)
         self.switcher.model(name)  # an unknown model is refused here, not counted: its name is the client's
@@ -159,7 +160,7 @@ class Proxy:
             ex.status = "evicted" if isinstance(e, Evicted) else str(e.http_status)
             raise
         finally:
-            self.switcher.request_done(name, ex.status)
+            self.switcher.request_done(name, ex.status, time.monotonic() - started)
 
     def _evicted(self, ex: _Exchange, lease: Lease) -> Evicted:
         return Evicted(lease.reason.message if lease.reason else f"model '{ex.name}' is being evicted", model=ex.name)

@@ -204,7 +204,7 @@ class VllmBackend:
         return self._session
 
     async def _post(self, path: str, json: dict | None = None) -> object:
-        timeout = aiohttp.ClientTimeout(total=self.config.policy.startup_timeout_secs)
+        timeout = aiohttp.ClientTimeout(total=self.config.startup_timeout_for(self.name))
         try:
             async with self._http().post(self.url + path, json=json, timeout=timeout) as r:
                 body = await r.text()
@@ -229,7 +229,7 @@ class VllmBackend:
     async def canary(self) -> str | None:
         """The answer to the fixed greedy canary request; None when the model does not do text
         completions (then there is nothing to compare)."""
-        timeout = aiohttp.ClientTimeout(total=self.config.policy.startup_timeout_secs)
+        timeout = aiohttp.ClientTimeout(total=self.config.startup_timeout_for(self.name))
         try:
             async with self._http().post(self.url + "/v1/completions", timeout=timeout,
                                          json={"model": self.served_name, **CANARY}) as r:

@@ -94,6 +94,7 @@ class Checkpoint(ProcessEviction):
                     m.backend.unexpect_exit()
                 raise
             await m.stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
+        m.events.checkpoint_written(m.name, manifest.image_bytes)
         self.restored_from = None
         self.last_dump = DumpRecord(path=str(self.checkpointer.path), image_bytes=manifest.image_bytes,
                                     saved_files=len(manifest.saved),
@@ -131,7 +132,7 @@ class Checkpoint(ProcessEviction):
             m.backend.watch_restored()
             t["cuda_resume"] = await self.checkpointer.resume_cuda(manifest, m.backend.pids())
             started = time.monotonic()
-            await m.backend.wait_ready(m.config.policy.startup_timeout_secs)
+            await m.backend.wait_ready(m.config.startup_timeout_for(m.name))
             t["health"] = time.monotonic() - started
             started = time.monotonic()
             m.sleep_level = manifest.sleep_level
@@ -151,6 +152,7 @@ class Checkpoint(ProcessEviction):
             raise CheckpointFailed(f"restored tree did not come up: {e}", reason=reason) from None
         self.last_restore = RestoreRecord(from_=str(r.found.path), created=manifest.created, prepared=len(r.prepared),
                                           seconds={k: round(v, 4) for k, v in t.items()})
+        m.events.checkpoint_restored(m.name, manifest.image_bytes)
         log.info("%s: restored from %s (%s)", m.name, r.found.path, ", ".join(f"{k} {v:.3f}s" for k, v in t.items()),
                  extra={"MODEL": m.name, "EVENT": "restore", "DURATION_S": f"{sum(t.values()):.3f}"})
         if self.keep_images:

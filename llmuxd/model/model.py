@@ -19,7 +19,7 @@ from ..checkpoint.criu import Criu
 from ..checkpoint.store import Settings
 from ..config import CheckpointConfig, Config
 from ..errors import NotSupported
-from ..events import Events, Listener, State
+from ..events import ESCALATED, Events, Listener, State
 from ..isolation import procfs
 from ..isolation.cgroups import Cgroup
 from ..status import DumpRecord, EvictionPolicy, ModelStatus, RestoreRecord, ReusedCheckpoint
@@ -95,9 +95,9 @@ class Model:
             log.info("%s: %s -> %s", self.name, old.value, new.value, extra={"MODEL": self.name, "EVENT": "state"})
             self.events.state_changed(self.name, old, new)
 
-    def _phase(self, phase: str, started: float) -> float:
+    def _phase(self, phase: str, started: float, kind: str) -> float:
         secs = time.monotonic() - started
-        self.events.phase_done(self.name, phase, secs)
+        self.events.phase_done(self.name, phase, secs, kind)
         return secs
 
     def _backend_exited(self, code: int) -> None:
@@ -180,7 +180,7 @@ class Model:
             raise TransitionError(msg)
         started = time.monotonic()
         kind = await strategy.resume()
-        self.last_wake_secs = self._phase("wake", started)
+        self.last_wake_secs = self._phase("wake", started, kind)
         self.last_wake_kind = kind
         self.set_state(State.AWAKE)
         return self.last_wake_secs
@@ -192,7 +192,7 @@ class Model:
         try:
             await self.checkpoint.new_tree()
             await self.backend.start()
-            await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
+            await self.backend.wait_ready(self.config.startup_timeout_for(self.name))
         except (BackendError, OSError) as e:
             msg = f"cold start failed: {e}"
             self.last_error = msg
@@ -229,9 +229,10 @@ class Model:
             if not self.backend.running:
                 raise BackendError("backend exited during eviction")
             resting = await self.process.evict(background=background)
+            kind = self.eviction.process.value
         except EVICTION_ERRORS as e:
-            resting = await self._escalate(e)
-        self.last_sleep_secs = self._phase("sleep", started)
+            resting, kind = await self._escalate(e), ESCALATED
+        self.last_sleep_secs = self._phase("sleep", started, kind)
         log.info("%s: evicted (%s) in %.3f s%s", self.name, self.eviction, self.last_sleep_secs,
                  "; the dump goes on in the background" if resting is State.DUMPING else "",
                  extra={"MODEL": self.name, "EVENT": "evict", "DURATION_S": f"{self.last_sleep_secs:.3f}"})
@@ -246,15 +247,16 @@ class Model:
             if start_after is not None:
                 await start_after.wait()
             resting = await self.process.finish()
+            kind = self.eviction.process.value
         except EVICTION_ERRORS as e:
-            resting = await self._escalate(e)
+            resting, kind = await self._escalate(e), ESCALATED
         except BaseException as e:  # noqa: BLE001 - never left dumping: the tree goes, the GPU stays free
             self.note_error(f"background dump interrupted ({type(e).__name__}: {e}); stopping the tree")
             await asyncio.shield(self.stop_backend())
             raise
         finally:
             self._finishing = None
-        secs = self._phase("dump", started)
+        secs = self._phase("dump", started, kind)
         log.info("%s: background dump ended in %.3f s (%s)", self.name, secs, resting.value,
                  extra={"MODEL": self.name, "EVENT": "dump", "DURATION_S": f"{secs:.3f}"})
         self.set_state(resting)
