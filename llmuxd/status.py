@@ -71,11 +71,29 @@ class Switching(_Contract):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class TransitionRecord(_Contract):
+    """One finished transition, kept in the daemon's recent history (newest last).
+
+    ``kind``: ``switch`` (the whole switch to ``model``: eviction of ``from_model``, then the
+    wake), or a model's own step: ``cold_start``, ``wake``, ``cuda_resume``, ``restore``,
+    ``sleep``, ``dump`` (a checkpoint finishing in the background), ``stop``, ``exited`` (the
+    backend ended on its own)."""
+
+    kind: str
+    model: str
+    from_model: str | None = None
+    started_at: float  # Unix time
+    duration_secs: float
+    ok: bool
+    state: str | None = None  # a model's step: the state it ended in
+
+
 class Status(_Contract):
     active_model: str | None
     switching: Switching | None
     queue_depth: int
     models: dict[str, ModelStatus]
+    recent_transitions: list[TransitionRecord] = []
 
 
 class Transition(_Contract):

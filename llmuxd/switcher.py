@@ -33,6 +33,7 @@ from .errors import (
     Evicted, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests, TransitionFailed, UnknownModel,
 )
 from .events import Events, Listener, State
+from .history import TransitionHistory
 from .isolation.cgroups import CgroupLayout
 from .lease import Lease, Route
 from .metrics import Metrics
@@ -58,7 +59,8 @@ class Switcher(Listener):
         self.policy = config.policy
         self.metrics = metrics or Metrics(list(config.models))
         self.cgroups = cgroups
-        self.events = Events([self.metrics, self])  # shared with every Model
+        self.history = TransitionHistory()
+        self.events = Events([self.metrics, self, self.history])  # shared with every Model
         # The CUDA suspend backend: chosen once (on first use) for every model.
         cuda = SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
         self.models = {
@@ -276,7 +278,8 @@ class Switcher(Listener):
                                                       "waiting": len(self._waiting[name])})
                   for name, m in self.models.items()}
         switching = Switching(from_=self.switching[0], to=self.switching[1]) if self.switching else None
-        return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models)
+        return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models,
+                      recent_transitions=self.history.recent())
 
     # -- the worker ------------------------------------------------------------------------------
     def _enqueue(self, job: _Job) -> None:
