@@ -96,6 +96,31 @@ class Status(_Contract):
     recent_transitions: list[TransitionRecord] = []
 
 
+class GpuDevice(_Contract):
+    index: int
+    name: str
+    memory_total: int | None  # bytes
+    memory_used: int | None
+    memory_free: int | None
+
+
+class GpuMemory(_Contract):
+    """GPU memory now: ``source`` is ``nvml``, ``nvidia-smi``, ``simulator`` (the models are
+    llmuxd-vllm-sim, which models a GPU) or None (no GPU here: nothing to show)."""
+
+    source: str | None
+    devices: list[GpuDevice] = []
+    by_model: dict[str, int] = {}  # bytes held by each model's processes, where known
+
+
+class LogTail(_Contract):
+    """The last lines of a model's own output (its ``<log_dir>/<model>.log``), control
+    characters escaped and secrets redacted."""
+
+    model: str
+    lines: list[str]
+
+
 class Transition(_Contract):
     """What a control verb (wake, sleep) did: the model's state afterwards and how long it took
     (0 when there was nothing to do); a sleep also says the model's last error."""
