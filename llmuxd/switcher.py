@@ -39,6 +39,7 @@ from .errors import (
     Evicted, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests, TransitionFailed, UnknownModel,
 )
 from .events import Events, Listener, State
+from .history import TransitionHistory
 from .isolation.cgroups import CgroupLayout
 from .lease import Lease, Route
 from .metrics import Metrics
@@ -65,7 +66,8 @@ class Switcher(Listener):
         self.policy = config.policy
         self.metrics = metrics or Metrics(list(config.models))
         self.cgroups = cgroups
-        self.events = Events([self.metrics, self])  # shared with every Model
+        self.history = TransitionHistory()
+        self.events = Events([self.metrics, self, self.history])  # shared with every Model
         # The CUDA suspend backend: chosen once (on first use) for every model.
         cuda = SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
         link_remaps = asyncio.Lock()  # one dump or restore at a time (model/checkpoint.py says why)
@@ -310,7 +312,8 @@ class Switcher(Listener):
                                                       "waiting": len(self._waiting[name])})
                   for name, m in self.models.items()}
         switching = Switching(from_=self.switching[0], to=self.switching[1]) if self.switching else None
-        return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models)
+        return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models,
+                      recent_transitions=self.history.recent())
 
     # -- the worker ------------------------------------------------------------------------------
     def _enqueue(self, job: _Job) -> None:
