@@ -194,7 +194,7 @@ def checkpointing(d: Demo) -> dict:
         raise SystemExit(f"sleep {m} did not checkpoint: {r}")
     dump = d.status(m)["last_checkpoint"]
     fig.update(dump=r["duration_secs"], criu_dump=dump["seconds"].get("criu_dump", 0.0), images=dump["image_bytes"])
-    row("sleep: weights dropped, whole process tree dumped by CRIU", fig["dump"], f"-> {r['state']}")
+    row("sleep: weights dropped, whole process tree CRIU-dumped", fig["dump"], f"-> {r['state']}")
     say(f"  {'':<4}images {mib(dump['image_bytes'])}, without the weights; {dump['saved_files']} run-time files "
         "saved beside them")
 

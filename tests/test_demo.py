@@ -57,7 +57,7 @@ def test_demo_end_to_end(tmp_path):
         r"request for chat \(cold start\)" + SECS, r"request for code \(switch: chat offloaded, code cold\)" + SECS,
         r"request for chat \(switch back: wake from offload\)" + SECS, r"POST /control/wake code \(wake from discard\)" + SECS + "  -> awake",
         r"request for story \(cold start\)" + SECS,
-        r"sleep: weights dropped, whole process tree dumped by CRIU" + SECS + "  -> checkpointed",
+        r"sleep: weights dropped, whole process tree CRIU-dumped" + SECS + "  -> checkpointed",
         r"images \d+ MiB, without the weights",
         r"request for story \(restore in container A\)" + SECS + "  -> same answer",
         r"sleep again \(the checkpoint is kept and reused\)" + SECS + "  -> checkpointed",
@@ -95,7 +95,7 @@ def test_demo_stopped_half_way_cleans_up(tmp_path):
         assert proc.stdout is not None
         for line in proc.stdout:
             seen.append(line)
-            if "dumped by CRIU" in line:
+            if "CRIU-dumped" in line:
                 assert (tmp_path / "demo" / "checkpoints" / "story" / "images" / "manifest.json").exists()
                 proc.terminate()
                 break
@@ -106,7 +106,7 @@ def test_demo_stopped_half_way_cleans_up(tmp_path):
             proc.kill()
             proc.wait()
     out = "".join(seen) + rest
-    assert "dumped by CRIU" in out, out
+    assert "CRIU-dumped" in out, out
     assert proc.returncode == 130, out
     assert "\ninterrupted\n" in out and "nothing left behind." in out, out
     assert_nothing_left(proc, tmp_path, ports)
