@@ -313,7 +313,7 @@ def test_the_switcher_closes_a_models_connections_before_it_sleeps(tmp_path):
 
         at_sleep = {}
 
-        async def sleep(*, background: bool = False) -> float:
+        async def sleep(*, background: bool = False, start_after=None) -> float:
             at_sleep.update(closed=first.closed, idle=first.idle)
             model.set_state(State.ASLEEP)
             return 0.0
