@@ -45,3 +45,33 @@ def environ(env: Mapping[str, str]) -> dict[str, str]:
 
 def command_line(args: Iterable[str]) -> str:
     return " ".join(argv(args))
+
+
+# In free text (a model's output): ``--api-key VALUE``, ``api_key='VALUE'``, ``"hf_token": ["VALUE"]``,
+# ``HF_TOKEN=VALUE``, ``Bearer VALUE``, and token shapes that announce themselves (``hf_...``).
+# The name must end in the secret word: ``max_tokens=16`` and ``tokenizer: ORG/NAME`` stay.
+_WORDS = r"(?:api[-_]?key|token|secret|password|passwd|credentials?)"
+_TEXT_SECRET = re.compile(
+    r"(?P<keep>(?:--[\w-]*" + _WORDS + r"\s+|(?:--?|\b)[\w-]*" + _WORDS + r"""["']?\s*[:=]\s*)[\[(]?\s*[bru]?["']?)"""
+    r"""(?P<value>[^\s"',\])}]+)"""
+    r"""|(?P<bearer>\b[Bb]earer\s+)[^\s"',]+"""
+    r"""|\b(?:hf|sk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}""",
+    re.I,
+)
+
+
+def text(line: str, secrets: Iterable[str] = ()) -> str:
+    """``line`` with every known secret (at least 6 characters) and every secret-looking value
+    replaced by ``<redacted>``."""
+    for s in secrets:
+        if len(s) >= 6 and s in line:
+            line = line.replace(s, REDACTED)
+
+    def hide(m: re.Match) -> str:
+        if m.group("keep") is not None:
+            return m.group("keep") + REDACTED
+        if m.group("bearer") is not None:
+            return m.group("bearer") + REDACTED
+        return REDACTED
+
+    return _TEXT_SECRET.sub(hide, line)
