@@ -22,6 +22,7 @@ from ..errors import NotSupported
 from ..events import Events, Listener, State
 from ..isolation import procfs
 from ..isolation.cgroups import Cgroup
+from ..logfollow import Source
 from ..status import DumpRecord, EvictionPolicy, ModelStatus, RestoreRecord, ReusedCheckpoint
 from .checkpoint import Checkpoint
 from .eviction import CudaSuspend, KeepRunning, ProcessEviction, Stop, TransitionError
@@ -122,6 +123,10 @@ class Model:
             restore_failures=self.restore_failures, checkpoint_path=str(self.checkpointer.path),
             last_checkpoint=self.last_checkpoint, last_restore=self.last_restore,
         )
+
+    def output_source(self) -> Source:
+        """The tree's output file, for the daemon to forward (see logfollow.py)."""
+        return self.backend.output_source()
 
     def note_error(self, msg: str) -> None:
         self.last_error = msg
