@@ -25,6 +25,43 @@ def complete(d, model, prompt="hello", n=4) -> httpx.Response:
                       timeout=120)
 
 
+# -- a failed start says why ----------------------------------------------------------------------
+
+def test_failed_start_shows_the_models_last_output(make_daemon):
+    """A model whose server exits at start-up: the client's 503, /control/status and llmuxd's
+    log carry the server's own last lines (its error among them), with the secret it was given
+    redacted, and nothing from an earlier run of the tree."""
+    p = free_ports(2)
+    broken = {**model_entry("m1", p[0], extra=["--hf-token", SECRET]), "model_path": "test-org/not-in-the-cache"}
+    d = make_daemon(models={"m1": broken, "m2": model_entry("m2", p[1])})
+    log_file = d.workdir.parent / "logs" / "m1.log"
+    log_file.parent.mkdir(exist_ok=True)
+    log_file.write_text("an earlier run: not the cause\n")
+    r = complete(d, "m1")
+    assert r.status_code == 503, r.text
+    msg = r.json()["error"]["message"]
+    cause = "Cannot find model 'test-org/not-in-the-cache' in the offline HuggingFace cache"
+    assert msg.startswith("model 'm1' could not be started: cold start failed: backend exited with code 1 "
+                          f"during start-up; its last output ({log_file}):\n"), msg
+    assert cause in msg and "Ignoring vLLM arguments" in msg, msg
+    assert "an earlier run" not in msg and "--- llmuxd" not in msg
+    assert "--hf-token <redacted>" in msg and SECRET not in msg
+    st = d.status()["models"]["m1"]
+    assert st["state"] == "stopped" and cause in st["last_error"] and SECRET not in st["last_error"]
+    assert st["last_error"] in msg
+    # llmuxd's log: the failure on one line, the output under it, indented (only a record's own
+    # line starts at column 0); the model's lines themselves, forwarded with its name, too.
+    log = d.log()
+    lines = log.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.endswith(f"m1: cold start failed: backend exited with code 1 "
+                                                                   f"during start-up; its last output ({log_file}):"))
+    block = lines[at + 1:at + 1 + msg.count("\n")]
+    assert any(cause in line for line in block) and all(line.startswith("    ") for line in block), block
+    assert any(line.startswith("[m1] ") and cause in line for line in lines), log[-3000:]
+    assert SECRET not in log
+    assert complete(d, "m2").status_code == 200  # the others are served as before
+
+
 # -- rotation ------------------------------------------------------------------------------------
 
 def _append_fd(path) -> int:
@@ -180,6 +217,7 @@ def test_rotated_log_survives_checkpoint_and_restore(make_daemon, tmp_path, expe
         assert complete(d, "m1", f"again {j}").status_code == 200
     data = path.read_bytes()
     assert b"\0" not in data and len(data) < dumped_size  # appended at the end, not at the restored offset
+    assert b"--- llmuxd: restoring from" in data
     wait_until(lambda: len(re.findall(r"^\[m1\] .*POST /v1/completions", d.log(), re.M)) >= forwarded + 4, 10,
                what="the restored tree's lines forwarded")
     while not (tmp_path / "logs" / "m1.log.2").exists():  # and rotated again, under the restored tree

@@ -189,7 +189,7 @@ class VllmBackend:
         while True:
             if not self.running:
                 code = self.tree.returncode
-                raise BackendError(f"backend exited with code {code} during start-up; see {self.log_path}")
+                raise BackendError(f"backend exited with code {code} during start-up")
             try:
                 async with self._http().get(self.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     if r.status == 200:
@@ -198,7 +198,7 @@ class VllmBackend:
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
             if loop.time() >= deadline:
-                raise BackendError(f"backend did not become healthy within {timeout:g} s; see {self.log_path}")
+                raise BackendError(f"backend did not become healthy within {timeout:g} s")
             await asyncio.sleep(self.HEALTH_POLL_SECS)
 
     def expect_exit(self) -> None:
