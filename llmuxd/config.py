@@ -173,6 +173,16 @@ class IsolationConfig(_Strict):
     own_tmpdir: bool = True
 
 
+class LogsConfig(_Strict):
+    """The models' output files, ``<log_dir>/<model>.log`` (llmuxd's own settings)."""
+
+    # Once a file reaches this size, it is copied to <model>.log.1 (older copies move up to
+    # .2, ...) and emptied in place (the tree keeps writing to it; see modellog.py).
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    # Rotated copies kept (0: a full file is emptied without a copy).
+    keep: int = Field(default=3, ge=0, le=100)
+
+
 class Config(_Strict):
     models: dict[str, ModelConfig] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
@@ -199,6 +209,7 @@ class Config(_Strict):
     # When set, the OpenAI routes (/v1/*) need `Authorization: Bearer <one of these>`.
     api_keys: list[str] = []
     log_dir: str = "/var/log/llmuxd"
+    logs: LogsConfig = LogsConfig()
     max_request_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     max_json_depth: int = Field(default=64, ge=2, le=10000)
     # A client must have sent its whole request within this long.

@@ -16,6 +16,7 @@ from .config import Config, ConfigError
 from .checkpoint.fsview import container_epoch
 from .isolation.cgroups import CgroupLayout, CgroupUnavailable
 from .isolation.reaper import become_subreaper, reap_forever
+from .logfollow import Forwarder
 from .switcher import Switcher
 from .systemd import Notifier
 
@@ -43,6 +44,7 @@ class Daemon:
         self.switcher: Switcher | None = None
         self.notifier = Notifier()
         self.dbus = None
+        self.outputs: Forwarder | None = None  # the models' output, forwarded to llmuxd's log
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
 
@@ -56,6 +58,9 @@ class Daemon:
             log.warning("config: %s", warning)
         self.cgroups = _cgroup_layout(self.config)
         self.switcher = Switcher(self.config, cgroups=self.cgroups)
+        self.outputs = Forwarder([m.output_source() for m in self.switcher.models.values()],
+                                 max_bytes=self.config.logs.max_bytes, keep=self.config.logs.keep)
+        self.outputs.start()
         self.notifier.switcher = self.switcher
         self.switcher.add_listener(self.notifier)
         await self.switcher.adopt_running()
@@ -135,6 +140,8 @@ class Daemon:
             if self.cgroups is not None:
                 self.cgroups.cleanup()
         finally:
+            if self.outputs is not None:  # last: what the trees wrote while they stopped
+                self.outputs.stop()
             keepalive.cancel()
             self.notifier.stop_watchdog()
             if getattr(self, "_reaper", None):

@@ -52,26 +52,31 @@ def command_line(args: Iterable[str]) -> str:
     return " ".join(argv(args))
 
 
-# In free text (a model's own log lines): ``--opt VALUE`` / ``--opt=VALUE`` for a secret option,
-# ``name=VALUE`` / ``name: VALUE`` / ``'name': 'VALUE'`` for a name that ends in a secret word
-# (``api_key``, ``hf_token``, ``password``; not ``tokenizer`` or ``max_tokens``), and ``Bearer VALUE``.
-_TEXT_OPTION = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)(=|\s+)([^\s'\",]+)")
-_TEXT_ASSIGNED = re.compile(
-    r"(?i)(?<![\w.-])([\w.-]*(?:api[-_]?key|token|secret|password|passwd|credentials?))(['\"]?\s*[:=]\s*['\"]?)"
-    r"([^\s'\",;)}\]]+)")
-_TEXT_BEARER = re.compile(r"(?i)\b(bearer\s+)([^\s'\",]+)")
-#: Known secret values shorter than this are not searched for in text (too many false hits).
-MIN_SECRET_CHARS = 8
+# In free text (a model's output): ``--api-key VALUE``, ``api_key='VALUE'``, ``"hf_token": ["VALUE"]``,
+# ``HF_TOKEN=VALUE``, ``Bearer VALUE``, and token shapes that announce themselves (``hf_...``).
+# The name must end in the secret word: ``max_tokens=16`` and ``tokenizer: ORG/NAME`` stay.
+_WORDS = r"(?:api[-_]?key|token|secret|password|passwd|credentials?)"
+_TEXT_SECRET = re.compile(
+    r"(?P<keep>(?:--[\w-]*" + _WORDS + r"\s+|(?:--?|\b)[\w-]*" + _WORDS + r"""["']?\s*[:=]\s*)[\[(]?\s*[bru]?["']?)"""
+    r"""(?P<value>[^\s"',\])}]+)"""
+    r"""|(?P<bearer>\b[Bb]earer\s+)[^\s"',]+"""
+    r"""|\b(?:hf|sk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}""",
+    re.I,
+)
 
 
 def text(line: str, secrets: Iterable[str] = ()) -> str:
-    """``line`` with every value of ``secrets`` (the ones llmuxd knows: API keys, a model's
-    ``--api-key``, secret-named environment variables) and every secret-looking value replaced
-    by ``<redacted>``."""
-    for secret in secrets:
-        if len(secret) >= MIN_SECRET_CHARS:
-            line = line.replace(secret, REDACTED)
-    line = _TEXT_OPTION.sub(lambda m: m.group(1) + m.group(2) + REDACTED if secret_option(m.group(1))
-                            else m.group(0), line)
-    line = _TEXT_ASSIGNED.sub(lambda m: m.group(1) + m.group(2) + REDACTED, line)
-    return _TEXT_BEARER.sub(lambda m: m.group(1) + REDACTED, line)
+    """``line`` with every known secret (at least 6 characters) and every secret-looking value
+    replaced by ``<redacted>``."""
+    for s in secrets:
+        if len(s) >= 6 and s in line:
+            line = line.replace(s, REDACTED)
+
+    def hide(m: re.Match) -> str:
+        if m.group("keep") is not None:
+            return m.group("keep") + REDACTED
+        if m.group("bearer") is not None:
+            return m.group("bearer") + REDACTED
+        return REDACTED
+
+    return _TEXT_SECRET.sub(hide, line)

@@ -21,7 +21,7 @@ class Control:
         self.switcher = switcher
         cfg = switcher.config
         self.limits = BodyLimits(MAX_CONTROL_BODY, cfg.max_json_depth, cfg.client_timeout_secs)
-        self.logs = ModelLogs(cfg)
+        self.logs = ModelLogs(switcher)
         self.gpu = GpuMonitor(switcher)
 
     def routes(self) -> list[web.RouteDef]:

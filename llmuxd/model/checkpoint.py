@@ -124,6 +124,8 @@ class Checkpoint(ProcessEviction):
         """The restore sequence; any failure kills what was restored and raises CheckpointFailed."""
         m = self.model
         m.set_state(State.RESTORING)
+        # Only into an existing file: the restore re-creates a missing one itself.
+        m.backend.mark(f"restoring from {self.checkpointer.path}", create=False)
         async with self.link_remaps:  # the put-back's link remaps are consumed by CRIU's restore
             r = await self.checkpointer.restore(m.backend.tree, m.port, m.backend.served_name)  # verify, prepare, CRIU
         manifest = r.manifest
@@ -166,7 +168,8 @@ class Checkpoint(ProcessEviction):
             what = f"checkpoint unusable, moved to {moved}" if moved else "checkpoint unusable"
         else:
             what = f"checkpoint kept at {self.checkpointer.path}"
-        self.model.restore_failed(f"restore failed ({e.reason}): {e}; {what}; cold-starting instead", e.reason)
+        self.model.restore_failed(f"restore failed ({e.reason}): {e}; {what}; cold-starting instead", e.reason,
+                                  self.model.backend.output_tail() or None)
 
     # -- around a tree that is not from this checkpoint -----------------------------------------
     async def new_tree(self) -> None:

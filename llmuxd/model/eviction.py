@@ -9,7 +9,7 @@ A strategy sees its model only through :class:`ModelOps`."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, Sequence
 
 from .. import cuda as cudamod
 from ..backends.vllm import BackendError, VllmBackend
@@ -38,8 +38,8 @@ class ModelOps(Protocol):
     sleep_level: int | None  # the vLLM sleep level the weights are at
 
     def set_state(self, new: State) -> None: ...
-    def note_error(self, msg: str) -> None: ...
-    def restore_failed(self, msg: str, reason: str) -> None: ...
+    def note_error(self, msg: str, output: Sequence[str] | None = None) -> None: ...
+    def restore_failed(self, msg: str, reason: str, output: Sequence[str] | None = None) -> None: ...
     def cuda_suspender(self) -> cudamod.CudaCheckpointer: ...
     async def cold_start(self) -> None: ...
     async def wake_weights(self) -> None: ...
@@ -114,11 +114,12 @@ class KeepRunning(ProcessEviction):
         m = self.model
         try:
             m.set_state(State.WAKING)
+            m.backend.mark("waking")
             kind = await self.resume_process()
             await m.wake_weights()
             return kind
         except WAKE_ERRORS as e:
-            m.note_error(f"wake failed: {e}; stopping it and cold-starting instead")
+            m.note_error(f"wake failed: {e}; stopping it and cold-starting instead", m.backend.output_tail())
             await m.stop_backend()
             await m.cold_start()
             return "cold_start"

@@ -10,8 +10,10 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 from .. import cuda as cudamod
+from .. import modellog
 from ..backends.vllm import BackendError, VllmBackend
 from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.outcome import CheckpointFailed
@@ -22,6 +24,7 @@ from ..errors import NotSupported
 from ..events import ESCALATED, Events, Listener, State
 from ..isolation import procfs
 from ..isolation.cgroups import Cgroup
+from ..logfollow import Source
 from ..status import DumpRecord, EvictionPolicy, ModelStatus, RestoreRecord, ReusedCheckpoint
 from .checkpoint import Checkpoint
 from .eviction import CudaSuspend, KeepRunning, ProcessEviction, Stop, TransitionError
@@ -101,13 +104,13 @@ class Model:
         return secs
 
     def _backend_exited(self, code: int) -> None:
-        msg = f"backend exited unexpectedly with code {code}; see {self.backend.log_path}"
-        log.error("%s: %s", self.name, msg, extra={"MODEL": self.name, "EVENT": "backend_exit"})
-        self.last_error = msg
+        msg = f"backend exited unexpectedly with code {code}"
         if self.state in (State.AWAKE, State.ASLEEP, State.SUSPENDED):
+            self.note_error(msg, self.backend.output_tail(), event="backend_exit")
             self._tree_gone()
             self.set_state(State.STOPPED)
-        # In STARTING/WAKING/SLEEPING the transition in progress sees the exit and fails.
+        else:  # STARTING, WAKING, SLEEPING, ...: the transition in progress fails and says why
+            self.note_error(msg, event="backend_exit")
 
     def status(self) -> ModelStatus:
         running = self.backend.running
@@ -123,13 +126,23 @@ class Model:
             last_checkpoint=self.last_checkpoint, last_restore=self.last_restore,
         )
 
-    def note_error(self, msg: str) -> None:
-        self.last_error = msg
-        log.error("%s: %s", self.name, msg, extra={"MODEL": self.name, "EVENT": "error"})
+    def output_source(self) -> Source:
+        """The tree's output file, for the daemon to forward (see logfollow.py)."""
+        return self.backend.output_source()
 
-    def restore_failed(self, msg: str, reason: str) -> None:
+    def note_error(self, msg: str, output: Sequence[str] | None = None, *, event: str = "error") -> None:
+        """Record and log a failure.  ``output``: the tree's last lines that explain it
+        (``backend.output_tail()``), shown under it in ``last_error`` and in the log (none: the
+        message says where the tree's output is)."""
+        if output is not None:
+            msg = modellog.described(msg, self.backend.log_path, list(output))
+        self.last_error = msg
+        head, *lines = msg.split("\n")
+        log.error("%s: %s", self.name, head, extra={"MODEL": self.name, "EVENT": event, "output": lines})
+
+    def restore_failed(self, msg: str, reason: str, output: Sequence[str] | None = None) -> None:
         """A restore failed (what was restored is gone); the model is stopped."""
-        self.note_error(msg)
+        self.note_error(msg, output)
         self.restore_failures += 1
         self.events.restore_failed(self.name, reason)
         self.set_state(State.STOPPED)
@@ -194,10 +207,9 @@ class Model:
             await self.backend.start()
             await self.backend.wait_ready(self.config.startup_timeout_for(self.name))
         except (BackendError, OSError) as e:
-            msg = f"cold start failed: {e}"
-            self.last_error = msg
-            await self.stop_backend()
-            raise TransitionError(msg) from None
+            await self.stop_backend()  # first: all it wrote is in its file then
+            self.note_error(f"cold start failed: {e}", self.backend.output_tail())
+            raise TransitionError(self.last_error) from None
 
     async def wake_weights(self) -> None:
         """The weights' wake sequence.  By what was done to the weights (a checkpoint may come
