@@ -298,14 +298,23 @@ class Switcher(Listener):
         self.metrics.request_done(name, outcome, seconds)
 
     async def wake(self, name: str) -> Transition:
-        self.model(name)
-        return await asyncio.shield(self._request_activation(name).done)
+        return await self.queue_wake(name)
 
     async def sleep(self, name: str) -> Transition:
+        return await self.queue_sleep(name)
+
+    def queue_wake(self, name: str) -> Awaitable[Transition]:
+        """Queue the activation of ``name`` now (joining one already queued) and return its
+        outcome to await; UnknownModel or ShuttingDown at once."""
+        self.model(name)
+        return asyncio.shield(self._request_activation(name).done)
+
+    def queue_sleep(self, name: str) -> Awaitable[Transition]:
+        """Queue the eviction of ``name`` now; as :meth:`queue_wake`."""
         self.model(name)
         job = _Job(f"sleep {name}", lambda: self._sleep_job(name))
         self._enqueue(job)
-        return await asyncio.shield(job.done)
+        return asyncio.shield(job.done)
 
     def status(self) -> Status:
         models = {name: m.status().model_copy(update={"in_flight": len(self._leases[name]),
