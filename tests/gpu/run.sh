@@ -16,8 +16,8 @@
 # benchmark).
 # Everything is put outside /tmp (each test container gets a fresh tmpfs there): code in
 # /opt/llmuxd-gpu, CRIU in /opt/llmuxd/criu, HF cache + checkpoints + logs in /var/lib/llmuxd-gpu.
-# Results: $OUT/summary-h200.{json,md}, gpu-h200.{json,md}, proxy-h200.json, bench.log, drive.log,
-# amx.json, setup.log, logs.tar.gz.
+# Results: $OUT/summary-h200.{json,md}, gpu-h200.{json,md}, proxy-h200.json, amx.json, bench.log,
+# logs.tar.gz (what llmuxd, the backends and CRIU wrote), run-logs.tar.gz (drive, setup, amx logs).
 set -u
 OUT=${OUT:-/var/tmp/llmuxd-gpu-out}
 mkdir -p "$OUT"
@@ -59,4 +59,6 @@ timeout 60 python3 "$ROOT/src/gpu/amx_probe.py" --criu "$ROOT/criu" --out "$OUT/
 tar -czf "$OUT/logs.tar.gz" --exclude='*.img' -C "$STATE" logs config.json $(cd "$STATE" && ls llmuxd-*.log 2>/dev/null) \
   $(cd "$STATE" && ls -d ck/ck/images/manifest.json ck/ck/images/dump.log 2>/dev/null) 2>>"$OUT/setup.log"
 tail -c 3000 "$OUT/drive.log"; tail -c 3000 "$OUT/bench.log"
+# the text logs go into the tarball too: fewer files to bring back
+tar -czf "$OUT/run-logs.tar.gz" -C "$OUT" drive.log setup.log amx.log 2>/dev/null && rm -f "$OUT/drive.log" "$OUT/setup.log" "$OUT/amx.log"
 exit $rc
