@@ -5,8 +5,9 @@ A leaf module: models and the switcher emit these events, the transports and met
 them, and neither side needs to import the other for it.
 
 A transition runs as phases, one at a time per model (``phase_started``, then ``phase_done`` or
-``phase_failed``; the ``phase`` label of ``llmuxd_switch_phase_seconds``), each through steps
-(``step``; a step ends where the next begins).  The one vocabulary, with each phase's steps:
+``phase_failed``; the ``phase`` label of ``llmuxd_switch_phase_seconds``), each of a ``kind``
+(see :meth:`Listener.phase_done`), each through steps (``step``; a step ends where the next
+begins).  The one vocabulary, with each phase's steps:
 
 * ``drain``: the requests in flight on the model to be evicted finish;
 * ``sleep``: the eviction, until the GPU is free: ``canary`` (the answer a restore must give),
@@ -14,14 +15,14 @@ A transition runs as phases, one at a time per model (``phase_started``, then ``
   background ``criu_dump``, ``manifest``, ``write``, and ``stop`` (the tree ended);
 * ``dump``: the rest of a checkpoint eviction, in the background: ``criu_dump``, ``manifest``,
   ``write``, ``stop``;
-* ``cold_start``: ``spawn``, ``load`` (until the server answers);
-* ``wake`` (a tree kept running): ``cuda_resume``, ``wake_sequence`` (the weights' wake);
-* ``restore``: ``read_manifest``, ``verify_images``, ``prepare``, ``criu_restore``,
+* ``wake``: of kind ``cold_start``: ``spawn``, ``load`` (until the server answers); ``wake`` or
+  ``resume`` (a tree kept running): ``cuda_resume``, ``wake_sequence`` (the weights' wake);
+  ``restore``: ``read_manifest``, ``verify_images``, ``prepare``, ``criu_restore``,
   ``amx_right``, ``cuda_resume``, ``health``, ``wake_sequence``, ``canary``.
 
-The wake phases are named as ``last_wake_kind``; the steps of a dump and a restore as the keys
-of ``last_checkpoint.seconds`` and ``last_restore.seconds``.  A wake whose first way fails goes
-on as a ``cold_start`` (a failed ``restore`` or ``wake``, then a ``cold_start``)."""
+The steps of a dump and a restore are named as the keys of ``last_checkpoint.seconds`` and
+``last_restore.seconds``.  A wake whose first way fails goes on as a cold start: its phase is
+announced again (``phase_started``) with the kind ``cold_start``."""
 
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ class State(str, Enum):
     RESTORING = "restoring"
 
 
+#: The ``kind`` of an eviction's phases when a step failed and the model was stopped instead.
+ESCALATED = "escalated"
+
+
 class Listener:
     """Receives the controller's events.  Override what you need; callbacks run on the event
     loop and must not block."""
@@ -52,14 +57,19 @@ class Listener:
     def state_changed(self, model: str, old: State, new: State) -> None:
         pass
 
-    def phase_started(self, model: str, phase: str) -> None:
-        """A phase of a transition began (see :func:`phase`)."""
+    def phase_started(self, model: str, phase: str, kind: str) -> None:
+        """A phase of a transition began (see :func:`phase`); ``kind``: what it is expected to
+        be (a wake's may change: it is then announced again)."""
 
     def step(self, model: str, step: str) -> None:
         """The phase in progress of ``model`` reached ``step`` (it ends where the next begins)."""
 
-    def phase_done(self, model: str, phase: str, seconds: float) -> None:
-        pass
+    def phase_done(self, model: str, phase: str, seconds: float, kind: str) -> None:
+        """A phase of a transition ended.  ``wake``: ``kind`` says how the model came to serve
+        (``cold_start``, ``wake``, ``resume`` of suspended CUDA state, ``restore`` from a
+        checkpoint: its ``last_wake_kind``).  ``drain``, ``sleep``, ``dump`` of an eviction:
+        ``kind`` is its process strategy (``keep_running``, ``cuda_suspend``, ``checkpoint``,
+        ``stop``), or :data:`ESCALATED` when a step failed and the model was stopped instead."""
 
     def phase_failed(self, model: str, phase: str, seconds: float) -> None:
         """A phase ended in an error (or was cancelled)."""
@@ -72,6 +82,12 @@ class Listener:
 
     def restore_failed(self, model: str, reason: str) -> None:
         """A restore from a checkpoint failed (the model then cold-starts)."""
+
+    def checkpoint_written(self, model: str, image_bytes: int) -> None:
+        """A dump wrote a new checkpoint holding ``image_bytes`` bytes of CRIU images."""
+
+    def checkpoint_restored(self, model: str, image_bytes: int) -> None:
+        """A restore from a checkpoint holding ``image_bytes`` bytes of CRIU images succeeded."""
 
 
 class Events(Listener):
@@ -88,17 +104,17 @@ class Events(Listener):
         for listener in self.listeners:
             listener.state_changed(model, old, new)
 
-    def phase_started(self, model: str, phase: str) -> None:
+    def phase_started(self, model: str, phase: str, kind: str) -> None:
         for listener in self.listeners:
-            listener.phase_started(model, phase)
+            listener.phase_started(model, phase, kind)
 
     def step(self, model: str, step: str) -> None:
         for listener in self.listeners:
             listener.step(model, step)
 
-    def phase_done(self, model: str, phase: str, seconds: float) -> None:
+    def phase_done(self, model: str, phase: str, seconds: float, kind: str) -> None:
         for listener in self.listeners:
-            listener.phase_done(model, phase, seconds)
+            listener.phase_done(model, phase, seconds, kind)
 
     def phase_failed(self, model: str, phase: str, seconds: float) -> None:
         for listener in self.listeners:
@@ -116,19 +132,29 @@ class Events(Listener):
         for listener in self.listeners:
             listener.restore_failed(model, reason)
 
+    def checkpoint_written(self, model: str, image_bytes: int) -> None:
+        for listener in self.listeners:
+            listener.checkpoint_written(model, image_bytes)
+
+    def checkpoint_restored(self, model: str, image_bytes: int) -> None:
+        for listener in self.listeners:
+            listener.checkpoint_restored(model, image_bytes)
+
 
 class Timed:
-    """How long a :func:`phase` took (set when it ends)."""
+    """How long a :func:`phase` took (set when it ends), and its kind (the body may set it)."""
 
-    secs: float = 0.0
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.secs = 0.0
 
 
 @contextlib.contextmanager
-def phase(listener: Listener, model: str, name: str) -> Iterator[Timed]:
+def phase(listener: Listener, model: str, name: str, kind: str) -> Iterator[Timed]:
     """Run the body as phase ``name`` of ``model``: ``phase_started``, then ``phase_done`` with
-    its duration, or ``phase_failed`` when the body raises (or is cancelled)."""
-    timed = Timed()
-    listener.phase_started(model, name)
+    its duration and kind, or ``phase_failed`` when the body raises (or is cancelled)."""
+    timed = Timed(kind)
+    listener.phase_started(model, name, kind)
     started = time.monotonic()
     try:
         yield timed
@@ -136,4 +162,4 @@ def phase(listener: Listener, model: str, name: str) -> Iterator[Timed]:
         listener.phase_failed(model, name, time.monotonic() - started)
         raise
     timed.secs = time.monotonic() - started
-    listener.phase_done(model, name, timed.secs)
+    listener.phase_done(model, name, timed.secs, timed.kind)

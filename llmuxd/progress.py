@@ -1,6 +1,6 @@
-"""Where each model's transition is: the phase and step in progress, since when, and how long
-that phase (and step) typically takes for that model — the median of its last few that
-completed, kept in memory.  Fed by the models' and the switcher's events (:mod:`.events`),
+"""Where each model's transition is: the phase (and its kind) and step in progress, since when,
+and how long that phase of that kind (and that step) typically takes for that model — the
+median of its last few that completed, kept in memory.  Fed by the models' and the switcher's events (:mod:`.events`),
 read by the status (``ModelStatus.progress``) and watched, event by event, by the control API's
 live stream (``GET /control/events``) and the offline commands' progress display."""
 
@@ -27,6 +27,7 @@ Watcher = Callable[[ProgressEvent], None]
 @dataclass
 class _Open:
     phase: str
+    kind: str
     started: float  # monotonic
     step: str | None = None
     step_started: float = 0.0
@@ -37,12 +38,12 @@ class Tracker(Listener):
         self.clock = clock
         self.seq = 0  # events emitted so far
         self._open: dict[str, _Open] = {}
-        self._done: dict[tuple[str, ...], deque[float]] = {}  # (model, phase[, step]) -> last durations
+        self._done: dict[tuple[str, ...], deque[float]] = {}  # (model, phase, kind[, step]) -> last durations
         self._watchers: list[Watcher] = []
 
     # -- reading ------------------------------------------------------------------------------
-    def typical(self, model: str, phase: str, step: str | None = None) -> float | None:
-        done = self._done.get((model, phase) if step is None else (model, phase, step))
+    def typical(self, model: str, phase: str, kind: str, step: str | None = None) -> float | None:
+        done = self._done.get((model, phase, kind) if step is None else (model, phase, kind, step))
         return round(statistics.median(done), 3) if done else None
 
     def of(self, model: str) -> Progress | None:
@@ -57,9 +58,10 @@ class Tracker(Listener):
     def _progress(self, model: str, o: _Open, elapsed: float, with_step: bool = True) -> Progress:
         step = o.step if with_step else None
         return Progress(
-            phase=o.phase, elapsed_secs=round(elapsed, 3), typical_secs=self.typical(model, o.phase),
+            phase=o.phase, kind=o.kind, elapsed_secs=round(elapsed, 3),
+            typical_secs=self.typical(model, o.phase, o.kind),
             step=step, step_elapsed_secs=round(self.clock() - o.step_started, 3) if step else None,
-            step_typical_secs=self.typical(model, o.phase, step) if step else None,
+            step_typical_secs=self.typical(model, o.phase, o.kind, step) if step else None,
         )
 
     # -- watching -----------------------------------------------------------------------------
@@ -91,11 +93,15 @@ class Tracker(Listener):
 
     def _end_step(self, model: str, o: _Open) -> None:
         if o.step is not None:
-            self._record((model, o.phase, o.step), self.clock() - o.step_started)
+            self._record((model, o.phase, o.kind, o.step), self.clock() - o.step_started)
 
-    def phase_started(self, model: str, phase: str) -> None:
-        o = self._open[model] = _Open(phase, self.clock())
-        self._emit("phase_started", model, self._progress(model, o, 0.0))
+    def phase_started(self, model: str, phase: str, kind: str) -> None:
+        o = self._open.get(model)
+        if o is not None and o.phase == phase:  # announced again: its kind changed (a wake's fallback)
+            o.kind, o.step = kind, None
+        else:
+            o = self._open[model] = _Open(phase, kind, self.clock())
+        self._emit("phase_started", model, self._progress(model, o, self.clock() - o.started))
 
     def step(self, model: str, step: str) -> None:
         o = self._open.get(model)
@@ -105,13 +111,14 @@ class Tracker(Listener):
         o.step, o.step_started = step, self.clock()
         self._emit("step", model, self._progress(model, o, o.step_started - o.started))
 
-    def phase_done(self, model: str, phase: str, seconds: float) -> None:
+    def phase_done(self, model: str, phase: str, seconds: float, kind: str) -> None:
         o = self._open.get(model)
         if o is not None and o.phase == phase:
-            self._end_step(model, o)
+            if o.kind == kind:  # (the steps of a wake that went another way are not that way's)
+                self._end_step(model, o)
             del self._open[model]
-        self._record((model, phase), seconds)
-        self._emit("phase_done", model, self._progress(model, o or _Open(phase, 0.0), seconds, with_step=False))
+        self._record((model, phase, kind), seconds)
+        self._emit("phase_done", model, self._progress(model, _Open(phase, kind, 0.0), seconds, with_step=False))
 
     def phase_failed(self, model: str, phase: str, seconds: float) -> None:
         o = self._open.get(model)

@@ -33,13 +33,13 @@ def _typical(v: float | None) -> str:
 
 def describe(ev: ProgressEvent) -> str:
     """One event in words, e.g. ``m2 cold_start: load (typical 57.9 s)``."""
-    p, head = ev.progress, f"{ev.model} {ev.progress.phase}"
+    p, head = ev.progress, f"{ev.model} {ev.progress.label}"
     if ev.event == "phase_started":
         return f"{head}{_typical(p.typical_secs)}"
     if ev.event == "step":
         return f"{head}: {p.step}{_typical(p.step_typical_secs)}"
     if ev.event == "phase_done":
-        return f"{head} done in {_secs(p.elapsed_secs)}"
+        return f"{head} done in {_secs(p.elapsed_secs)}" + (" (escalated to stop)" if p.kind == "escalated" else "")
     if ev.event == "phase_failed":
         return f"{head} failed after {_secs(p.elapsed_secs)}" + (f" (in {p.step})" if p.step else "")
     return running(ev.model, p)
@@ -47,7 +47,7 @@ def describe(ev: ProgressEvent) -> str:
 
 def running(model: str, p: Progress) -> str:
     """A phase in progress, e.g. ``m2 cold_start: load, 12.3 s so far (typical 58.0 s)``."""
-    return f"{model} {p.phase}{f': {p.step}' if p.step else ''}, {_secs(p.elapsed_secs)} so far{_typical(p.typical_secs)}"
+    return f"{model} {p.label}{f': {p.step}' if p.step else ''}, {_secs(p.elapsed_secs)} so far{_typical(p.typical_secs)}"
 
 
 def plain_line(ev: ProgressEvent) -> str:
@@ -100,7 +100,7 @@ class Display:
         for model, (ev, received) in self._running.items():
             p = ev.progress
             elapsed = p.elapsed_secs + (now - received)
-            parts.append(f"{model} {p.phase}{f': {p.step}' if p.step else ''} {_secs(elapsed)}"
+            parts.append(f"{model} {p.label}{f': {p.step}' if p.step else ''} {_secs(elapsed)}"
                          + (f" / typical {_secs(p.typical_secs)}" if p.typical_secs is not None else ""))
         return " | ".join(parts)
 

@@ -46,16 +46,24 @@ class RestoreRecord(_Contract):
 
 
 class Progress(_Contract):
-    """A model's transition in progress: the phase and its step (the vocabulary of
+    """A model's transition in progress: the phase, its kind and its step (the vocabulary of
     :mod:`llmuxd.events`), how long each has run, and how long each typically takes for this
-    model (the median of its last few that completed; None before the first)."""
+    model (the median of its last few of that phase and kind that completed; None before the
+    first)."""
 
     phase: str
+    kind: str  # as in llmuxd_switch_phase_seconds{kind} (a wake's: the way it is expected to go)
     elapsed_secs: float
     typical_secs: float | None
     step: str | None = None
     step_elapsed_secs: float | None = None
     step_typical_secs: float | None = None
+
+    @property
+    def label(self) -> str:
+        """What a person calls it: a wake by its kind (``cold_start``, ``restore``...), an
+        eviction's phase by its name (``drain``, ``sleep``, ``dump``)."""
+        return self.kind if self.phase == "wake" else self.phase
 
 
 class ProgressEvent(_Contract):
@@ -100,12 +108,55 @@ class Switching(_Contract):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class TransitionRecord(_Contract):
+    """One finished transition, kept in the daemon's recent history (newest last).
+
+    ``kind``: ``switch`` (the whole switch to ``model``: eviction of ``from_model``, then the
+    wake), or a model's own step: ``cold_start``, ``wake``, ``cuda_resume``, ``restore``,
+    ``sleep``, ``dump`` (a checkpoint finishing in the background), ``stop``, ``exited`` (the
+    backend ended on its own)."""
+
+    kind: str
+    model: str
+    from_model: str | None = None
+    started_at: float  # Unix time
+    duration_secs: float
+    ok: bool
+    state: str | None = None  # a model's step: the state it ended in
+
+
 class Status(_Contract):
     active_model: str | None
     switching: Switching | None
     queue_depth: int
     models: dict[str, ModelStatus]
+    recent_transitions: list[TransitionRecord] = []
     event_seq: int = 0  # the seq of the last event of /control/events
+
+
+class GpuDevice(_Contract):
+    index: int
+    name: str
+    memory_total: int | None  # bytes
+    memory_used: int | None
+    memory_free: int | None
+
+
+class GpuMemory(_Contract):
+    """GPU memory now: ``source`` is ``nvml``, ``nvidia-smi``, ``simulator`` (the models are
+    llmuxd-vllm-sim, which models a GPU) or None (no GPU here: nothing to show)."""
+
+    source: str | None
+    devices: list[GpuDevice] = []
+    by_model: dict[str, int] = {}  # bytes held by each model's processes, where known
+
+
+class LogTail(_Contract):
+    """The last lines of a model's own output (its ``<log_dir>/<model>.log``), control
+    characters escaped and secrets redacted."""
+
+    model: str
+    lines: list[str]
 
 
 class Transition(_Contract):

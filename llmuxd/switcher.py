@@ -16,6 +16,12 @@ Admission rules (one model awake at a time, all models share one GPU):
 * an eviction drains at most ``drain_timeout_secs``: the requests still in flight then have
   their :class:`Lease` revoked (the proxy ends them: an SSE error frame for a stream), so a
   stalled stream or a client that stopped reading never freezes the switches behind it.
+
+Each lease's :class:`Route` carries the model's :class:`Upstream`, its kept-alive connections
+for the current awake period.  The switcher closes it when it evicts the model (after the
+drain, before ``model.sleep()``: no connection into the model's tree is left to be dumped with
+it), and whenever the model leaves its awake state otherwise (backend died, stopped); the next
+admission gets a new one.
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ from .errors import (
     Evicted, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests, TransitionFailed, UnknownModel,
 )
 from .events import Events, Listener, State, phase
+from .history import TransitionHistory
 from .isolation.cgroups import CgroupLayout
 from .lease import Lease, Route
 from .metrics import Metrics
 from .model import Model, TransitionError
 from .progress import Tracker
 from .status import Status, Switching, Transition
+from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +67,22 @@ class Switcher(Listener):
         self.policy = config.policy
         self.metrics = metrics or Metrics(list(config.models))
         self.cgroups = cgroups
+        self.history = TransitionHistory()
         self.progress = Tracker()  # where each transition is
-        self.events = Events([self.metrics, self, self.progress])  # shared with every Model
+        self.events = Events([self.metrics, self, self.history, self.progress])  # shared with every Model
         # The CUDA suspend backend: chosen once (on first use) for every model.
         cuda = SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
+        link_remaps = asyncio.Lock()  # one dump or restore at a time (model/checkpoint.py says why)
         self.models = {
-            name: Model(name, config, self.events, cgroups.model(name) if cgroups else None, cuda)
+            name: Model(name, config, self.events, cgroups.model(name) if cgroups else None, cuda, link_remaps)
             for name in config.models
         }
         self._active: str | None = None
         self._switching: tuple[str | None, str] | None = None
         self._evicting: str | None = None
         self._leases: dict[str, set[Lease]] = {name: set() for name in self.models}
+        self._routes: dict[str, Route] = {}  # per model awake now: its route, with an open Upstream
+        self._in_flight = {name: self.metrics.in_flight.labels(name) for name in self.models}
         self._idle = {name: asyncio.Event() for name in self.models}
         for ev in self._idle.values():
             ev.set()
@@ -152,6 +164,8 @@ class Switcher(Listener):
                 job.done.set_exception(ShuttingDown("llmuxd is shutting down"))
         for name, futs in self._waiting.items():
             self._settle(name, ShuttingDown("llmuxd is shutting down"))
+        for name in list(self._routes):
+            self._drop_upstream(name)
         await asyncio.gather(*(m.stop() for m in self.models.values()), return_exceptions=True)
         await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
 
@@ -166,12 +180,19 @@ class Switcher(Listener):
     async def serving(self, name: str) -> AsyncIterator[Lease]:
         """Hold the model awake for the duration of one request; the lease says when the
         controller needs it back first."""
-        self.model(name)
-        lease = await self._admit(name)
+        lease = await self.admit(name)
         try:
             yield lease
         finally:
             self._release(lease)
+
+    async def admit(self, name: str) -> Lease:
+        """:meth:`serving` without the context manager: the caller must :meth:`release` the lease."""
+        self.model(name)
+        return await self._admit(name)
+
+    def release(self, lease: Lease) -> None:
+        self._release(lease)
 
     def _admissible(self, name: str) -> bool:
         return self.active == name and self.models[name].state is State.AWAKE and self._evicting != name
@@ -217,11 +238,15 @@ class Switcher(Listener):
         return sum(len(w) for w in self._waiting.values())
 
     def _take(self, name: str) -> Lease:
-        backend = self.models[name].backend
-        lease = Lease(name, Route(backend.url, backend.served_name))
+        route = self._routes.get(name)
+        if route is None or route.upstream.closed:  # the first admission of this awake period
+            backend = self.models[name].backend
+            upstream = Upstream(backend.url, self.policy.upstream_read_timeout_secs)
+            route = self._routes[name] = Route(backend.url, backend.served_name, upstream)
+        lease = Lease(name, route)
         self._leases[name].add(lease)
         self._idle[name].clear()
-        self.metrics.in_flight.labels(name).inc()
+        self._in_flight[name].inc()
         return lease
 
     def _release(self, lease: Lease) -> None:
@@ -229,9 +254,20 @@ class Switcher(Listener):
         if lease not in leases:
             return
         leases.remove(lease)
-        self.metrics.in_flight.labels(lease.model).dec()
+        self._in_flight[lease.model].dec()
         if not leases:
             self._idle[lease.model].set()
+
+    async def _close_upstream(self, name: str) -> None:
+        """Close the model's kept-alive connections (and open no more) before it is evicted."""
+        route = self._routes.pop(name, None)
+        if route is not None:
+            await route.upstream.aclose()
+
+    def _drop_upstream(self, name: str) -> None:
+        route = self._routes.pop(name, None)
+        if route is not None:
+            route.upstream.close_now()
 
     def revoke(self, name: str, reason: Evicted) -> int:
         """Revoke every lease held on ``name``; returns how many."""
@@ -258,27 +294,36 @@ class Switcher(Listener):
                 fut.set_exception(error)
 
     # -- control verbs ------------------------------------------------------------------------
-    def request_done(self, name: str, outcome: str) -> None:
-        """A proxied request for ``name`` ended (``outcome``: the status code, ``evicted``,
-        ``client_closed``...): counted in llmuxd_requests_total."""
-        self.metrics.requests.labels(name, outcome).inc()
+    def request_done(self, name: str, outcome: str, seconds: float) -> None:
+        """A proxied request for ``name`` ended after ``seconds`` (``outcome``: the status code,
+        ``evicted``, ``client_closed``...): llmuxd_requests_total, llmuxd_request_duration_seconds."""
+        self.metrics.request_done(name, outcome, seconds)
 
     async def wake(self, name: str) -> Transition:
-        self.model(name)
-        return await asyncio.shield(self._request_activation(name).done)
+        return await self.queue_wake(name)
 
     async def sleep(self, name: str) -> Transition:
+        return await self.queue_sleep(name)
+
+    def queue_wake(self, name: str) -> Awaitable[Transition]:
+        """Queue the activation of ``name`` now (joining one already queued) and return its
+        outcome to await; UnknownModel or ShuttingDown at once."""
+        self.model(name)
+        return asyncio.shield(self._request_activation(name).done)
+
+    def queue_sleep(self, name: str) -> Awaitable[Transition]:
+        """Queue the eviction of ``name`` now; as :meth:`queue_wake`."""
         self.model(name)
         job = _Job(f"sleep {name}", lambda: self._sleep_job(name))
         self._enqueue(job)
-        return await asyncio.shield(job.done)
+        return asyncio.shield(job.done)
 
     def status(self) -> Status:
         models = {name: m.status().model_copy(update={"in_flight": len(self._leases[name]), "waiting": len(
             self._waiting[name]), "progress": self.progress.of(name)}) for name, m in self.models.items()}
         switching = Switching(from_=self.switching[0], to=self.switching[1]) if self.switching else None
         return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models,
-                      event_seq=self.progress.seq)
+                      recent_transitions=self.history.recent(), event_seq=self.progress.seq)
 
     # -- the worker ------------------------------------------------------------------------------
     def _enqueue(self, job: _Job) -> None:
@@ -319,18 +364,26 @@ class Switcher(Listener):
                 result = Transition(model=name, state=model.state.value, duration_secs=0.0)
             else:
                 self.switching = (previous, name)
-                if self.active is not None:
-                    await self._evict(self.active, for_switch=True)
-                for other in self.models.values():  # one model on the GPU at a time
-                    if other.name != name and other.state is State.AWAKE:
-                        await self._evict(other.name, for_switch=True)
+                # The evicted models' dumps finish in the background; after this model's wake
+                # when that is a restore, which would otherwise wait for them (link remaps).
+                woken = asyncio.Event()
+                after = woken if model.state in (State.CHECKPOINTED, State.DUMPING) else None
                 try:
-                    await model.wake()
-                except TransitionError as e:
-                    raise SwitchFailed(f"model '{name}' could not be started: {e}", model=name) from None
+                    if self.active is not None:
+                        await self._evict(self.active, for_switch=True, start_after=after)
+                    for other in self.models.values():  # one model on the GPU at a time
+                        if other.name != name and other.state is State.AWAKE:
+                            await self._evict(other.name, for_switch=True, start_after=after)
+                    try:
+                        await model.wake()
+                    except TransitionError as e:
+                        raise SwitchFailed(f"model '{name}' could not be started: {e}", model=name) from None
+                finally:
+                    woken.set()
                 self.active = name
                 secs = time.monotonic() - started
                 self.metrics.switches.labels(previous or "", name, "ok").inc()
+                self.metrics.switch_seconds.labels(name, model.last_wake_kind or "").observe(secs)
                 log.info(
                     "switched %s -> %s in %.3f s (%s)", previous, name, secs, model.last_wake_kind,
                     extra={"MODEL": name, "EVENT": "switch", "DURATION_S": f"{secs:.3f}"},
@@ -353,7 +406,7 @@ class Switcher(Listener):
         m = self.models[name]
         return Transition(model=name, state=m.state.value, duration_secs=secs, last_error=m.last_error)
 
-    async def _evict(self, name: str, *, for_switch: bool) -> float:
+    async def _evict(self, name: str, *, for_switch: bool, start_after: asyncio.Event | None = None) -> float:
         model = self.models[name]
         if model.state is not State.AWAKE:
             if self.active == name:
@@ -366,9 +419,12 @@ class Switcher(Listener):
         self._evicting = name
         try:
             if self.policy.drain_before_switch:
-                with phase(self.events, name, "drain"):
+                with phase(self.events, name, "drain", model.eviction.process.value):
                     await self._drain(name)
-            return await model.sleep(background=for_switch)  # a switch waits for the GPU, not the dump
+            # No kept-alive connection may go into the eviction (a checkpoint would dump it).
+            await self._close_upstream(name)
+            # a switch waits for the GPU, not the dump
+            return await model.sleep(background=for_switch, start_after=start_after)
         finally:
             self._evicting = None
             if self.active == name:
@@ -396,5 +452,7 @@ class Switcher(Listener):
 
     # -- the models' events ------------------------------------------------------------------
     def state_changed(self, model: str, old: State, new: State) -> None:
+        if new is not State.AWAKE:  # gone or going without an eviction of ours (its backend died...)
+            self._drop_upstream(model)
         if new is State.STOPPED and self.active == model:
             self.active = None

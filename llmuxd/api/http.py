@@ -1,5 +1,6 @@
-"""The HTTP applications: the main port (proxy, and the control API unless ``admin_port`` is
-set), the admin port (control API, metrics, health) and ``metrics_port`` (/metrics alone).
+"""The HTTP applications: the main port (proxy, and the control API with its status page
+``/ui`` unless ``admin_port`` is set), the admin port (control API and ``/ui``, metrics,
+health) and ``metrics_port`` (/metrics alone).
 
 Every request's raw target is checked first (``paths.py``); who may call a route is decided
 here, per route (``auth.py``), so no path spelling can reach a handler around its check.
@@ -23,6 +24,7 @@ from .control import Control
 from .errors import error_middleware
 from .paths import canonical
 from .proxy import Proxy
+from .ui import access_routes, page_routes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -103,8 +105,10 @@ def build_admin_app(switcher: Switcher, access: Access) -> web.Application:
 
 
 def _add_control(app: web.Application, switcher: Switcher, access: Access) -> None:
+    """The control API and the status page (``/ui``) that reads it."""
     control = Control(switcher)
-    app.router.add_routes(_guarded(control.routes(), access.check_control))
+    app.router.add_routes(_guarded(control.routes() + access_routes(access), access.check_control))
+    app.router.add_routes(page_routes())
     app.on_shutdown.append(control.events.close)  # open event streams end when llmuxd stops
 
 

@@ -32,10 +32,10 @@ def waiting_comment(tracker: Tracker, model: str, waited: float) -> bytes:
     the phase of the model being evicted for it, or ``queued``."""
     current = tracker.current()
     if (p := current.get(model)) is not None:
-        what = p.phase + (f": {p.step}" if p.step else "")
+        what = p.label + (f": {p.step}" if p.step else "")
     elif current:
         other, p = next(iter(current.items()))
-        what = f"{other} {p.phase}"
+        what = f"{other} {p.label}"
     else:
         what = "queued"
     return f": waiting for {model} ({what}, {waited:.0f} s)\n\n".encode()

@@ -47,6 +47,7 @@ from ..isolation.xstate import XstateError, amx_here, give_back_amx
 from .. import cuda as cudamod
 from . import remaps, safefs
 from .describe import describe_dump
+from .digest import Growing
 from .durable import Writeback, fsync_dir
 from .criu import Criu, CriuError, CriuTimeout, error_lines
 from .images import ImageError
@@ -111,15 +112,16 @@ class Checkpointer:
         return found
 
     # -- dump ----------------------------------------------------------------------------------
+    @staticmethod
+    def _no_cuda(message: str) -> CheckpointFailed:
+        return CheckpointFailed(message, reason="no_cuda")
+
     async def release_gpu(self, tree: ProcessTree) -> GpuReleased:
         """Suspend the CUDA state of the tree's GPU processes (the first step of a dump)."""
         gpu_pids = cudamod.gpu_processes(tree.pids())
         if not gpu_pids:
             return GpuReleased()
-        cuda = self.cuda.get()
-        if cuda is None:
-            raise CheckpointFailed(f"processes {gpu_pids} hold GPU state and no CUDA checkpoint "
-                                   f"(driver API or cuda-checkpoint) is available: {self.cuda.why}", reason="no_cuda")
+        cuda = self.cuda.require(f"processes {gpu_pids} hold", self._no_cuda)
         started = self._step("cuda_suspend")
         inner = [q for p in gpu_pids if (q := inner_pid(p)) is not None]
         needs = cudamod.gpu_bytes_of(gpu_pids)
@@ -165,8 +167,9 @@ class Checkpointer:
                 t["cuda_suspend"] = released.seconds
             await asyncio.to_thread(self._before_dump, tree, facts.port)
             started = self._step("criu_dump")
-            written = asyncio.Event()  # the disk writes the images out while CRIU writes them
-            writeback = asyncio.create_task(Writeback(images).run(written))
+            written = asyncio.Event()  # the disk writes the images out while CRIU writes them,
+            growing = Growing()  # and their memory pages are hashed as they come
+            writeback = asyncio.create_task(Writeback(images, growing).run(written))
             try:
                 await self.criu.dump(target, images, freeze_cgroup=self.cgroup.path if self.cgroup else None,
                                      enter=enter, timeout=self.settings.dump_timeout)
@@ -177,7 +180,9 @@ class Checkpointer:
             started = self._step("manifest")
             if released.suspended:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
-            manifest = await asyncio.to_thread(describe_dump, images, partial, facts, t)
+            log.debug("%s: %d MiB of the images hashed while CRIU wrote them", self.name, growing.hashed >> 20,
+                      extra={"MODEL": self.name, "EVENT": "dump"})
+            manifest = await asyncio.to_thread(describe_dump, images, partial, facts, t, growing)
             t["manifest"] = time.monotonic() - started
             manifest = manifest.model_copy(update={"timings": dict(t)})
             started = self._step("write")
@@ -350,10 +355,7 @@ class Checkpointer:
         inner = set(m.cuda_pids)
         if not inner:
             return 0.0
-        cuda = self.cuda.get()
-        if cuda is None:
-            raise CheckpointFailed(f"the checkpoint holds CUDA state but no CUDA checkpoint is available here: "
-                                   f"{self.cuda.why}", reason="no_cuda")
+        cuda = self.cuda.require("the checkpoint holds", self._no_cuda)
         started = self._step("cuda_resume")
         await cudamod.resume_tree([p for p in pids if inner_pid(p) in inner], cuda)
         return time.monotonic() - started

@@ -35,10 +35,15 @@ class Checkpoint(ProcessEviction):
     kind = Kind.CHECKPOINT
     resting = State.CHECKPOINTED
 
-    def __init__(self, model: ModelOps, checkpointer: Checkpointer, keep_images: bool):
+    def __init__(self, model: ModelOps, checkpointer: Checkpointer, keep_images: bool, link_remaps: asyncio.Lock):
         super().__init__(model)
         self.checkpointer = checkpointer
         self.keep_images = keep_images
+        #: Shared by every model of the daemon: a dump and a restore of two trees never overlap.
+        #: Both use CRIU's link remaps in the shared /dev/shm, ``link_remap.N`` with N counted per
+        #: dump, so alike trees need the same names (checkpoint/remaps.py): a dump whose name a
+        #: restore has just put back fails, and a put-back finds the dump's in its way.
+        self.link_remaps = link_remaps
         self.restored_from: float | None = None  # created_ts of the checkpoint the tree came from
         self.last_dump: DumpRecord | ReusedCheckpoint | None = None
         self.last_restore: RestoreRecord | None = None
@@ -84,14 +89,16 @@ class Checkpoint(ProcessEviction):
         assert self._pending is not None
         (facts, released), self._pending = self._pending, None
         m.backend.expect_exit()  # once dumped, the tree is ended (by us)
-        try:
-            manifest = await self.checkpointer.dump(m.backend.tree, facts, released)
-        except CheckpointFailed:
-            if m.backend.running:  # the dump failed before the end: the tree still serves
-                m.backend.unexpect_exit()
-            raise
-        m.step("stop")
-        await m.stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
+        async with self.link_remaps:  # from CRIU's link remaps to their removal with the tree
+            try:
+                manifest = await self.checkpointer.dump(m.backend.tree, facts, released)
+            except CheckpointFailed:
+                if m.backend.running:  # the dump failed before the end: the tree still serves
+                    m.backend.unexpect_exit()
+                raise
+            m.step("stop")
+            await m.stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
+        m.events.checkpoint_written(m.name, manifest.image_bytes)
         self.restored_from = None
         self.last_dump = DumpRecord(path=str(self.checkpointer.path), image_bytes=manifest.image_bytes,
                                     saved_files=len(manifest.saved),
@@ -101,6 +108,9 @@ class Checkpoint(ProcessEviction):
         return self.resting
 
     # -- resume ----------------------------------------------------------------------------------
+    def expected_kind(self) -> str:
+        return "restore"
+
     async def resume(self) -> str:
         """Restore; when that fails, cold-start (a cold start that fails too leaves the model
         checkpointed while its checkpoint is still usable: it stays the way back)."""
@@ -119,13 +129,12 @@ class Checkpoint(ProcessEviction):
 
     async def restore(self) -> None:
         """The restore sequence; any failure kills what was restored and raises CheckpointFailed."""
-        with self.model.phase("restore"):
-            await self._restore()
-
-    async def _restore(self) -> None:
         m = self.model
         m.set_state(State.RESTORING)
-        r = await self.checkpointer.restore(m.backend.tree, m.port, m.backend.served_name)  # verify, prepare, CRIU
+        # Only into an existing file: the restore re-creates a missing one itself.
+        m.backend.mark(f"restoring from {self.checkpointer.path}", create=False)
+        async with self.link_remaps:  # the put-back's link remaps are consumed by CRIU's restore
+            r = await self.checkpointer.restore(m.backend.tree, m.port, m.backend.served_name)  # verify, prepare, CRIU
         manifest = r.manifest
         t = dict(r.seconds)
         try:
@@ -133,7 +142,7 @@ class Checkpoint(ProcessEviction):
             t["cuda_resume"] = await self.checkpointer.resume_cuda(manifest, m.backend.pids())
             m.step("health")
             started = time.monotonic()
-            await m.backend.wait_ready(m.config.policy.startup_timeout_secs)
+            await m.backend.wait_ready(m.config.startup_timeout_for(m.name))
             t["health"] = time.monotonic() - started
             started = time.monotonic()
             m.sleep_level = manifest.sleep_level
@@ -154,6 +163,7 @@ class Checkpoint(ProcessEviction):
             raise CheckpointFailed(f"restored tree did not come up: {e}", reason=reason) from None
         self.last_restore = RestoreRecord(from_=str(r.found.path), created=manifest.created, prepared=len(r.prepared),
                                           seconds={k: round(v, 4) for k, v in t.items()})
+        m.events.checkpoint_restored(m.name, manifest.image_bytes)
         log.info("%s: restored from %s (%s)", m.name, r.found.path, ", ".join(f"{k} {v:.3f}s" for k, v in t.items()),
                  extra={"MODEL": m.name, "EVENT": "restore", "DURATION_S": f"{sum(t.values()):.3f}"})
         if self.keep_images:
@@ -167,7 +177,8 @@ class Checkpoint(ProcessEviction):
             what = f"checkpoint unusable, moved to {moved}" if moved else "checkpoint unusable"
         else:
             what = f"checkpoint kept at {self.checkpointer.path}"
-        self.model.restore_failed(f"restore failed ({e.reason}): {e}; {what}; cold-starting instead", e.reason)
+        self.model.restore_failed(f"restore failed ({e.reason}): {e}; {what}; cold-starting instead", e.reason,
+                                  self.model.backend.output_tail() or None)
 
     # -- around a tree that is not from this checkpoint -----------------------------------------
     async def new_tree(self) -> None:

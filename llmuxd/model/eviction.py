@@ -10,14 +10,14 @@ A strategy sees its model only through :class:`ModelOps`."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, Sequence
 
 from .. import cuda as cudamod
 from ..backends.vllm import BackendError, VllmBackend
 from ..config import Config, Eviction
 from ..config import ProcessEviction as Kind
 from ..errors import NotSupported
-from ..events import State, Timed
+from ..events import Listener, State, Timed
 
 class TransitionError(Exception):
     """A transition failed; the model is left in a resting state (``STOPPED`` when escalated)."""
@@ -35,13 +35,14 @@ class ModelOps(Protocol):
     config: Config
     eviction: Eviction
     backend: VllmBackend
+    events: Listener
     sleep_level: int | None  # the vLLM sleep level the weights are at
 
     def set_state(self, new: State) -> None: ...
-    def phase(self, name: str) -> AbstractContextManager[Timed]: ...
+    def phase(self, name: str, kind: str) -> AbstractContextManager[Timed]: ...
     def step(self, name: str) -> None: ...
-    def note_error(self, msg: str) -> None: ...
-    def restore_failed(self, msg: str, reason: str) -> None: ...
+    def note_error(self, msg: str, output: Sequence[str] | None = None) -> None: ...
+    def restore_failed(self, msg: str, reason: str, output: Sequence[str] | None = None) -> None: ...
     def cuda_suspender(self) -> cudamod.CudaCheckpointer: ...
     async def cold_start(self) -> None: ...
     async def wake_weights(self) -> None: ...
@@ -77,9 +78,14 @@ class ProcessEviction:
         each prefixed with what cannot be resumed."""
         return []
 
+    def expected_kind(self) -> str:
+        """What :meth:`resume` will return unless it has to fall back to a cold start."""
+        raise NotImplementedError
+
     async def resume(self) -> str:
         """Bring the model from :attr:`resting` to a serving tree; returns how (``wake``,
-        ``restore``, ``cold_start``).  Raises TransitionError when the model cannot serve."""
+        ``resume``, ``restore``, ``cold_start``).  Raises TransitionError when the model cannot
+        serve."""
         raise NotImplementedError
 
     def tree_gone(self) -> None:
@@ -97,6 +103,9 @@ class Stop(ProcessEviction):
         await self.model.stop_tree()
         return State.STOPPED
 
+    def expected_kind(self) -> str:
+        return "cold_start"
+
     async def resume(self) -> str:
         await self.model.cold_start()
         return "cold_start"
@@ -112,22 +121,27 @@ class KeepRunning(ProcessEviction):
     async def evict(self, *, background: bool = False) -> State:
         return self.resting
 
+    def expected_kind(self) -> str:
+        return "wake"
+
     async def resume(self) -> str:
         m = self.model
         try:
-            with m.phase("wake"):
-                m.set_state(State.WAKING)
-                await self.resume_process()
-                await m.wake_weights()
-            return "wake"
+            m.set_state(State.WAKING)
+            m.backend.mark("waking")
+            kind = await self.resume_process()
+            await m.wake_weights()
+            return kind
         except WAKE_ERRORS as e:
-            m.note_error(f"wake failed: {e}; stopping it and cold-starting instead")
+            m.note_error(f"wake failed: {e}; stopping it and cold-starting instead", m.backend.output_tail())
             await m.stop_backend()
             await m.cold_start()
             return "cold_start"
 
-    async def resume_process(self) -> None:
-        """What the process needs before its weights can wake (nothing: it kept running)."""
+    async def resume_process(self) -> str:
+        """What the process needs before its weights can wake (nothing: it kept running);
+        returns the kind of wake."""
+        return "wake"
 
 
 class CudaSuspend(KeepRunning):
@@ -158,11 +172,17 @@ class CudaSuspend(KeepRunning):
         problems = cudamod.check_restorable(recorded, needed, cudamod.gpu_inventory())
         return ["cannot resume CUDA state here: " + "; ".join(problems)] if problems else []
 
-    async def resume_process(self) -> None:
-        if self.suspended:
-            self.model.step("cuda_resume")
-            await cudamod.resume_tree(self.suspended, self.model.cuda_suspender())
-            self.suspended = []
+    def expected_kind(self) -> str:
+        return "resume" if self.suspended else "wake"
+
+    async def resume_process(self) -> str:
+        """``resume`` when CUDA state was suspended; ``wake`` when there was none to suspend."""
+        if not self.suspended:
+            return "wake"
+        self.model.step("cuda_resume")
+        await cudamod.resume_tree(self.suspended, self.model.cuda_suspender())
+        self.suspended = []
+        return "resume"
 
     def tree_gone(self) -> None:
         self.suspended = []

@@ -11,8 +11,10 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 from .. import cuda as cudamod
+from .. import modellog
 from ..backends.vllm import BackendError, VllmBackend
 from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.outcome import CheckpointFailed
@@ -20,9 +22,10 @@ from ..checkpoint.criu import Criu
 from ..checkpoint.store import Settings
 from ..config import CheckpointConfig, Config
 from ..errors import NotSupported
-from ..events import Events, Listener, State, Timed, phase
+from ..events import ESCALATED, Events, Listener, State, Timed, phase
 from ..isolation import procfs
 from ..isolation.cgroups import Cgroup
+from ..logfollow import Source
 from ..status import DumpRecord, EvictionPolicy, ModelStatus, RestoreRecord, ReusedCheckpoint
 from .checkpoint import Checkpoint
 from .eviction import CudaSuspend, KeepRunning, ProcessEviction, Stop, TransitionError
@@ -37,7 +40,7 @@ EVICTION_ERRORS = (BackendError, NotSupported, CheckpointFailed, cudamod.CudaErr
 
 class Model:
     def __init__(self, name: str, config: Config, events: Listener | None = None, cgroup: Cgroup | None = None,
-                 cuda: cudamod.SuspendChoice | None = None):
+                 cuda: cudamod.SuspendChoice | None = None, link_remaps: asyncio.Lock | None = None):
         self.name = name
         self.config = config
         self.port = config.models[name].port
@@ -52,7 +55,7 @@ class Model:
         self.checkpointer = Checkpointer(name, config.checkpoint_dir_for(name), Criu(ck.criu_path), cgroup,
                                          Path(config.log_dir) / "criu" / name, cuda=self.cuda,
                                          settings=Settings.of(config), on_step=self.step)
-        self.checkpoint = Checkpoint(self, self.checkpointer, ck.keep_images)
+        self.checkpoint = Checkpoint(self, self.checkpointer, ck.keep_images, link_remaps or asyncio.Lock())
         strategies: list[ProcessEviction] = [KeepRunning(self), Stop(self), CudaSuspend(self), self.checkpoint]
         #: The eviction the config asks for, and the strategy that resumes from each resting state.
         self.process = next(s for s in strategies if s.kind is self.eviction.process)
@@ -65,6 +68,7 @@ class Model:
         self.last_wake_kind: str | None = None
         self.last_sleep_secs: float | None = None
         self.awake_since: float | None = None  # monotonic
+        self._waking: Timed | None = None  # the wake in progress (its kind changes if it falls back)
         self._finishing: asyncio.Task | None = None  # an eviction finishing in the background
         self._discover()
 
@@ -96,22 +100,22 @@ class Model:
             log.info("%s: %s -> %s", self.name, old.value, new.value, extra={"MODEL": self.name, "EVENT": "state"})
             self.events.state_changed(self.name, old, new)
 
-    def phase(self, name: str) -> contextlib.AbstractContextManager[Timed]:
+    def phase(self, name: str, kind: str) -> contextlib.AbstractContextManager[Timed]:
         """Run the body as phase ``name`` of a transition (see :mod:`llmuxd.events`)."""
-        return phase(self.events, self.name, name)
+        return phase(self.events, self.name, name, kind)
 
     def step(self, name: str) -> None:
         """The phase in progress reached step ``name``."""
         self.events.step(self.name, name)
 
     def _backend_exited(self, code: int) -> None:
-        msg = f"backend exited unexpectedly with code {code}; see {self.backend.log_path}"
-        log.error("%s: %s", self.name, msg, extra={"MODEL": self.name, "EVENT": "backend_exit"})
-        self.last_error = msg
+        msg = f"backend exited unexpectedly with code {code}"
         if self.state in (State.AWAKE, State.ASLEEP, State.SUSPENDED):
+            self.note_error(msg, self.backend.output_tail(), event="backend_exit")
             self._tree_gone()
             self.set_state(State.STOPPED)
-        # In STARTING/WAKING/SLEEPING the transition in progress sees the exit and fails.
+        else:  # STARTING, WAKING, SLEEPING, ...: the transition in progress fails and says why
+            self.note_error(msg, event="backend_exit")
 
     def status(self) -> ModelStatus:
         running = self.backend.running
@@ -127,22 +131,29 @@ class Model:
             last_checkpoint=self.last_checkpoint, last_restore=self.last_restore,
         )
 
-    def note_error(self, msg: str) -> None:
-        self.last_error = msg
-        log.error("%s: %s", self.name, msg, extra={"MODEL": self.name, "EVENT": "error"})
+    def output_source(self) -> Source:
+        """The tree's output file, for the daemon to forward (see logfollow.py)."""
+        return self.backend.output_source()
 
-    def restore_failed(self, msg: str, reason: str) -> None:
+    def note_error(self, msg: str, output: Sequence[str] | None = None, *, event: str = "error") -> None:
+        """Record and log a failure.  ``output``: the tree's last lines that explain it
+        (``backend.output_tail()``), shown under it in ``last_error`` and in the log (none: the
+        message says where the tree's output is)."""
+        if output is not None:
+            msg = modellog.described(msg, self.backend.log_path, list(output))
+        self.last_error = msg
+        head, *lines = msg.split("\n")
+        log.error("%s: %s", self.name, head, extra={"MODEL": self.name, "EVENT": event, "output": lines})
+
+    def restore_failed(self, msg: str, reason: str, output: Sequence[str] | None = None) -> None:
         """A restore failed (what was restored is gone); the model is stopped."""
-        self.note_error(msg)
+        self.note_error(msg, output)
         self.restore_failures += 1
         self.events.restore_failed(self.name, reason)
         self.set_state(State.STOPPED)
 
     def cuda_suspender(self) -> cudamod.CudaCheckpointer:
-        cuda = self.cuda.get()
-        if cuda is None:
-            raise NotSupported(f"the model holds GPU state but no CUDA suspend is available here: {self.cuda.why}")
-        return cuda
+        return self.cuda.require("the model holds", NotSupported)
 
     # -- transitions ---------------------------------------------------------------------------
     async def adopt(self, pids: list[int]) -> bool:
@@ -185,10 +196,12 @@ class Model:
             msg = "; ".join(problems)
             self.last_error = msg
             raise TransitionError(msg)
-        started = time.monotonic()
-        kind = await strategy.resume()
-        self.last_wake_secs = time.monotonic() - started
-        self.last_wake_kind = kind
+        try:
+            with self.phase("wake", strategy.expected_kind()) as self._waking:
+                self._waking.kind = await strategy.resume()
+            self.last_wake_secs, self.last_wake_kind = self._waking.secs, self._waking.kind
+        finally:
+            self._waking = None
         self.set_state(State.AWAKE)
         return self.last_wake_secs
 
@@ -196,18 +209,19 @@ class Model:
         """Start a new tree and wait until it serves; raises TransitionError (stopped) if not."""
         self.set_state(State.STARTING)
         self.sleep_level = None
-        with self.phase("cold_start"):
-            try:
-                self.step("spawn")
-                await self.checkpoint.new_tree()
-                await self.backend.start()
-                self.step("load")
-                await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
-            except (BackendError, OSError) as e:
-                msg = f"cold start failed: {e}"
-                self.last_error = msg
-                await self.stop_backend()
-                raise TransitionError(msg) from None
+        if self._waking is not None and self._waking.kind != "cold_start":  # another way failed
+            self._waking.kind = "cold_start"
+            self.events.phase_started(self.name, "wake", "cold_start")
+        try:
+            self.step("spawn")
+            await self.checkpoint.new_tree()
+            await self.backend.start()
+            self.step("load")
+            await self.backend.wait_ready(self.config.startup_timeout_for(self.name))
+        except (BackendError, OSError) as e:
+            await self.stop_backend()  # first: all it wrote is in its file then
+            self.note_error(f"cold start failed: {e}", self.backend.output_tail())
+            raise TransitionError(self.last_error) from None
 
     async def wake_weights(self) -> None:
         """The weights' wake sequence.  By what was done to the weights (a checkpoint may come
@@ -221,15 +235,16 @@ class Model:
                 await self.backend.reset_prefix_cache()
             self.sleep_level = None
 
-    async def sleep(self, *, background: bool = False) -> float:
+    async def sleep(self, *, background: bool = False, start_after: asyncio.Event | None = None) -> float:
         """Evict per the model's policy: the weights step, then the process strategy's; any
         failing step escalates to stop.  Returns the duration (0 if there was nothing to do).
         ``background``: return once the GPU is free and let the rest (a checkpoint's dump)
-        finish on its own (state ``dumping`` until then)."""
+        finish on its own (state ``dumping`` until then), once ``start_after`` is set if given
+        (a switch lets the next model's restore go first)."""
         if self.state is not State.AWAKE:
             return 0.0
         self.set_state(State.SLEEPING)
-        with self.phase("sleep") as timed:
+        with self.phase("sleep", self.eviction.process.value) as timed:
             try:
                 await self.process.before_weights()
                 level = self.eviction.weights.sleep_level
@@ -241,23 +256,25 @@ class Model:
                     raise BackendError("backend exited during eviction")
                 resting = await self.process.evict(background=background)
             except EVICTION_ERRORS as e:
-                resting = await self._escalate(e)
+                resting, timed.kind = await self._escalate(e), ESCALATED
         self.last_sleep_secs = timed.secs
         log.info("%s: evicted (%s) in %.3f s%s", self.name, self.eviction, self.last_sleep_secs,
                  "; the dump goes on in the background" if resting is State.DUMPING else "",
                  extra={"MODEL": self.name, "EVENT": "evict", "DURATION_S": f"{self.last_sleep_secs:.3f}"})
         self.set_state(resting)
         if resting is State.DUMPING:
-            self._finishing = asyncio.create_task(self._finish_eviction(), name=f"dump {self.name}")
+            self._finishing = asyncio.create_task(self._finish_eviction(start_after), name=f"dump {self.name}")
         return self.last_sleep_secs
 
-    async def _finish_eviction(self) -> None:
+    async def _finish_eviction(self, start_after: asyncio.Event | None) -> None:
         try:
-            with self.phase("dump") as timed:
+            if start_after is not None:
+                await start_after.wait()
+            with self.phase("dump", self.eviction.process.value) as timed:
                 try:
                     resting = await self.process.finish()
                 except EVICTION_ERRORS as e:
-                    resting = await self._escalate(e)
+                    resting, timed.kind = await self._escalate(e), ESCALATED
         except BaseException as e:  # noqa: BLE001 - never left dumping: the tree goes, the GPU stays free
             self.note_error(f"background dump interrupted ({type(e).__name__}: {e}); stopping the tree")
             await asyncio.shield(self.stop_backend())
