@@ -13,8 +13,8 @@ begins).  The one vocabulary, with each phase's steps:
 * ``sleep``: the eviction, until the GPU is free: ``canary`` (the answer a restore must give),
   ``weights`` (vLLM's sleep level), ``cuda_suspend``, then for a dump that is not left to the
   background ``criu_dump``, ``manifest``, ``write``, and ``stop`` (the tree ended);
-* ``dump``: the rest of a checkpoint eviction, in the background: ``criu_dump``, ``manifest``,
-  ``write``, ``stop``;
+* ``dump``: the rest of a checkpoint eviction, in the background: ``wait`` (while the next
+  model's restore goes first), ``criu_dump``, ``manifest``, ``write``, ``stop``;
 * ``wake``: of kind ``cold_start``: ``spawn``, ``load`` (until the server answers); ``wake`` or
   ``resume`` (a tree kept running): ``cuda_resume``, ``wake_sequence`` (the weights' wake);
   ``restore``: ``read_manifest``, ``verify_images``, ``prepare``, ``criu_restore``,

@@ -268,10 +268,11 @@ class Model:
 
     async def _finish_eviction(self, start_after: asyncio.Event | None) -> None:
         try:
-            if start_after is not None:
-                await start_after.wait()
             with self.phase("dump", self.eviction.process.value) as timed:
                 try:
+                    if start_after is not None and not start_after.is_set():
+                        self.step("wait")  # until the next model's restore has gone first
+                        await start_after.wait()
                     resting = await self.process.finish()
                 except EVICTION_ERRORS as e:
                     resting, timed.kind = await self._escalate(e), ESCALATED
