@@ -141,7 +141,9 @@ class Checkpoint(ProcessEviction):
             await m.wake_weights()
             t["wake_sequence"] = time.monotonic() - started
             if manifest.canary is not None:
+                started = time.monotonic()
                 answer = await m.backend.canary()
+                t["canary"] = time.monotonic() - started
                 if answer != manifest.canary:
                     raise CheckpointFailed(f"canary answer after restore {answer!r} differs from the one "
                                            f"recorded before the dump {manifest.canary!r}", reason="canary")
