@@ -148,6 +148,11 @@ class _StubModel:
         self.checkpointer = checkpointer
         self.states: list[State] = []
         self.weights_woken = 0
+        self.marks: list[str] = []
+        self.backend = self  # the marker lines in the model's output
+
+    def mark(self, what: str, *, create: bool = True) -> None:
+        self.marks.append(what)
 
     def set_state(self, new: State) -> None:
         self.states.append(new)
@@ -172,6 +177,7 @@ def test_cuda_suspend_wake_kind_is_resume_when_cuda_state_was_suspended(tmp_path
     assert tool.states() == {101: "running"} and strategy.suspended == []
     assert asyncio.run(strategy.resume()) == "wake"  # nothing suspended this time
     assert model.states == [State.WAKING, State.WAKING] and model.weights_woken == 2
+    assert model.marks == ["waking", "waking"]
 
 
 def _exprs(node) -> list[str]:
