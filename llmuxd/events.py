@@ -42,6 +42,19 @@ class Listener:
     def restore_failed(self, model: str, reason: str) -> None:
         """A restore from a checkpoint failed (the model then cold-starts)."""
 
+    def reload_started(self) -> None:
+        """A reload of the configuration began."""
+
+    def reload_done(self, result: str) -> None:
+        """A reload ended: ``ok`` (applied), ``refused`` (an invalid file: the running
+        configuration stays), ``error`` (it failed while applied)."""
+
+    def model_added(self, model: str, state: State) -> None:
+        """A reload added ``model`` (in ``state``: stopped or checkpointed)."""
+
+    def model_removed(self, model: str) -> None:
+        """A reload removed ``model`` (its tree is stopped)."""
+
 
 class Events(Listener):
     """Fans one event out to a list of listeners (shared by the switcher and every model, so a
@@ -72,3 +85,19 @@ class Events(Listener):
     def restore_failed(self, model: str, reason: str) -> None:
         for listener in self.listeners:
             listener.restore_failed(model, reason)
+
+    def reload_started(self) -> None:
+        for listener in self.listeners:
+            listener.reload_started()
+
+    def reload_done(self, result: str) -> None:
+        for listener in self.listeners:
+            listener.reload_done(result)
+
+    def model_added(self, model: str, state: State) -> None:
+        for listener in self.listeners:
+            listener.model_added(model, state)
+
+    def model_removed(self, model: str) -> None:
+        for listener in self.listeners:
+            listener.model_removed(model)
