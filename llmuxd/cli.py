@@ -84,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api.dbus import DbusStartError
     from .daemon import serve
     from .log import setup_logging
+    from .reload import ConfigSource
 
     if (config := _load(args)) is None:
         return 2
@@ -92,7 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update=updates)
     setup_logging(args.log_level)
     try:
-        asyncio.run(serve(config, dbus=args.dbus, checkpoint_on_stop=args.checkpoint_on_stop))
+        asyncio.run(serve(config, dbus=args.dbus, checkpoint_on_stop=args.checkpoint_on_stop,
+                          source=ConfigSource(args.config, updates)))
     except (OSError, DbusStartError) as e:
         print(f"llmuxd: cannot serve: {e}", file=sys.stderr)
         return 1
@@ -195,6 +197,18 @@ def cmd_transition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    from .status import ReloadResult
+
+    result = _call(args, "POST", "/control/reload")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        r = ReloadResult.model_validate(result)
+        print(f"reloaded {r.config_path} in {r.duration_secs:.3f} s: {r.summary()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmuxd", description="Multiplex vLLM model servers on one GPU behind one port.")
     common = argparse.ArgumentParser(add_help=False)
@@ -256,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     client("status", "show the running daemon's models", cmd_status)
     client("sleep", "evict a model per its policy; returns when done", cmd_transition, model=True)
     client("wake", "make a model the awake one; returns when done", cmd_transition, model=True)
+    client("reload", "have the daemon re-read its config file and apply it", cmd_reload)
     return p
 
 

@@ -1,4 +1,4 @@
-"""Control API: /control/sleep, /control/wake, /control/status — thin over the Switcher.
+"""Control API: /control/sleep, /control/wake, /control/reload, /control/status — thin over the Switcher.
 Who may call it is decided where the routes are mounted (``http.py``, ``auth.py``)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ class Control:
         return [
             web.post("/control/sleep", self.sleep),
             web.post("/control/wake", self.wake),
+            web.post("/control/reload", self.reload),
             web.get("/control/status", self.status),
         ]
 
@@ -31,6 +32,9 @@ class Control:
     async def wake(self, request: web.Request) -> web.Response:
         _, _, model = await read_model_request(request, self.limits)
         return web.json_response((await self.switcher.wake(model)).json_dict())
+
+    async def reload(self, request: web.Request) -> web.Response:
+        return web.json_response((await self.switcher.reload()).json_dict())
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.switcher.status().json_dict())

@@ -12,6 +12,11 @@ Methods
       ``POST /control/{wake,sleep}``).  ``state`` is the model's state afterwards (``awake``;
       ``asleep`` or ``stopped`` per its eviction policy, ``stopped`` also when an eviction
       escalated); ``duration_secs`` 0 when there was nothing to do.
+  ``Reload() -> (as added, as removed, as changed, as unchanged, as needs_restart)``
+      Re-read the config file and apply it, like ``POST /control/reload`` (which answers with
+      the whole result): the models added, removed, changed (restarted with their new settings
+      when next needed), unchanged, and the global settings whose new value needs a restart.
+      An invalid file is refused with ``ConfigRefused``, every reason in the message.
   ``Inspect() -> (s active_model, a(ssaussddss) models)``
       ``active_model`` is "" when none.  One struct per model, in config order::
 
@@ -26,23 +31,24 @@ Methods
 
 Signals
   ``ModelStateChanged(s model, s old_state, s new_state)`` on every model state change.
-  ``org.freedesktop.DBus.Properties.PropertiesChanged`` for ``ActiveModel`` and ``Switching``.
+  ``org.freedesktop.DBus.Properties.PropertiesChanged`` for ``ActiveModel``, ``Switching`` and
+  ``Models`` (a reload).
 
 Properties (read-only)
   ``ActiveModel`` s  the awake model serving requests, "" when none.
   ``Switching``   s  the switch in progress as ``"FROM->TO"`` (``"->TO"`` from no model), "".
-  ``Models``      as the configured model names (constant).
+  ``Models``      as the configured model names (changed by a reload).
   ``QueueDepth``  u  requests waiting for their model.  Not signalled (annotated
                      ``EmitsChangedSignal=false``): read it when you need it.
 
 Errors (``io.llmux.Llmuxd1.Error.*``)
   ``UnknownModel``, ``SwitchFailed``, ``QueueTimeout``, ``ShuttingDown``, ``NotSupported``,
-  ``TransitionFailed``, ``BadRequest`` for the domain errors of the same names, ``Failed`` for
+  ``TransitionFailed``, ``BadRequest``, ``ModelRemoved``, ``ConfigRefused`` for the domain errors of the same names, ``Failed`` for
   anything else.  The message is the one the HTTP API puts in ``error.message``.
 
 Who may call what
   Everyone may introspect, call ``Inspect`` and read the properties.  The methods that change
-  state (``Wake``, ``Sleep``) are checked twice.  The bus refuses them first: the system bus's
+  state (``Wake``, ``Sleep``, ``Reload``) are checked twice.  The bus refuses them first: the system bus's
   policy ``dbus/io.llmux.Llmuxd1.conf`` lets only root own the name and call them.  Then llmuxd
   checks again, in code, because a session bus or a bus at a custom address may have no such
   policy: it asks the bus daemon who sent the call (``GetConnectionUnixUser`` of the message's
