@@ -125,11 +125,13 @@ class Plan:
     applied: list[str]  # global settings that change now
 
 
-def plan(running: Config, new: Config) -> Plan:
+def plan(running: Config, new: Config, built: dict[str, Config] | None = None) -> Plan:
+    """``built``: per model, the config it runs with, when not ``running`` (a model still awake
+    with the settings an earlier reload changed): a model is changed or not next to those."""
     changed: dict[str, list[str]] = {}
     unchanged = []
     for name in (n for n in new.models if n in running.models):
-        was, now = model_view(running, name), model_view(new, name)
+        was, now = model_view((built or {}).get(name, running), name), model_view(new, name)
         if diff := [k for k in was if was[k] != now.get(k)]:
             changed[name] = diff
         else:
@@ -153,7 +155,7 @@ async def apply(switcher: Switcher, source: ConfigSource) -> ReloadResult:
             log.error("reload refused, the running configuration stays in force: %s: %s", e.path,
                       "; ".join(e.problems), extra={"EVENT": "reload"})
             raise ConfigRefused(e.render()) from None
-        p = plan(switcher.config, new.config)
+        p = plan(switcher.config, new.config, {n: m.config for n, m in switcher.models.items()})
         switcher.config, switcher.policy = new.config, new.config.policy
         for name in p.removed:
             await switcher.remove_model(name)

@@ -353,6 +353,13 @@ def test_changed_models_restart_when_next_needed(make_daemon, expected):
     assert st["m1"]["pid"] == m1_pid and st["m1"]["state"] == "awake" and st["m1"]["restart_pending"]
     assert complete(d, "m1", "a").json()["choices"][0]["text"] == expected("m1", "a", 4)
     assert d.status()["models"]["m1"]["pid"] == m1_pid  # the old process still serves
+    # Changed back before it was applied: nothing is pending any more; changed again: it is.
+    rewrite(d, lambda c: c["models"]["m1"].update(extra_args=[]))
+    r = reload_http(d).json()
+    assert r["unchanged"] == ["m1", "m2"] and r["restart_pending"] == [] and r["changed"] == {}
+    assert not d.status()["models"]["m1"]["restart_pending"]
+    rewrite(d, lambda c: c["models"]["m1"]["extra_args"].extend(flag))
+    assert reload_http(d).json()["restart_pending"] == ["m1"]
     # m2 is needed: m1's eviction stops it (not asleep), m2 starts with the new setting.
     assert complete(d, "m2", "b").json()["choices"][0]["text"] == expected("m2", "b", 4)
     st = d.status()["models"]

@@ -317,7 +317,9 @@ class Model:
         return self._next_config is not None
 
     def use_config(self, config: Config) -> None:
-        """A reload left this model's settings as they were: the same ones, read from ``config``."""
+        """A reload left this model's settings as they run: the same ones, read from ``config``
+        (a change an earlier reload left pending is dropped)."""
+        self._next_config = None
         self.config = self.backend.config = config
         self.backend.cfg = config.models[self.name]
 
