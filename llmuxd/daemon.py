@@ -13,6 +13,7 @@ from .api.auth import Access
 from .api.http import ServerLog, build_admin_app, build_app, build_metrics_app
 from .config import Config, ConfigError, ProcessEviction
 from .checkpoint.fsview import container_epoch
+from .errors import ConfigRefused, LlmuxdError
 from .events import State
 from .isolation.cgroups import CgroupLayout, CgroupUnavailable
 from .isolation.reaper import become_subreaper, reap_forever
@@ -156,7 +157,11 @@ class Daemon:
     async def _reload(self) -> None:
         try:
             await self.switcher.reload()
-        except Exception:  # noqa: BLE001 - logged where it arose
+        except ConfigRefused:
+            pass  # the reload said why
+        except LlmuxdError as e:
+            log.warning("SIGHUP: no reload: %s", e.message, extra={"EVENT": "reload"})
+        except Exception:  # noqa: BLE001 - logged by the switcher's worker
             pass
 
     async def stop(self) -> None:
