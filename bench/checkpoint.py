@@ -2,8 +2,10 @@
 
 Prints, as medians over N rounds measured in one run: cold start to first token, sleep with
 discard + checkpoint (and the bare `criu dump` inside it), image size, restore to first token
-(and the bare `criu restore` inside it), sleep/wake with discard + keep_running, and the ratios —
-restore vs cold start, llmuxd's overhead over bare CRIU.
+(and the bare `criu restore` inside it), a switch between two checkpointed models to the new
+one's first token (the old one's dump finishes in the background), sleep/wake with discard +
+keep_running, and the ratios — restore vs cold start, llmuxd's overhead over bare CRIU, the switch
+vs a restore alone.  ``--json PATH`` also writes the figures (what ``bench/run.py`` reads).
 
   .venv/bin/python bench/checkpoint.py [--rounds N]              # the simulator
   .venv/bin/python bench/checkpoint.py --vllm [--rounds N]       # real vLLM (CPU build;
@@ -61,6 +63,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--vllm", action="store_true", help="real vLLM (CPU build) instead of the simulator")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmuxd-bench-"))
     env = dict(os.environ, HF_HOME=str(work / "hf"), HOME=str(work / "home"), LLMUXD_SIM_GPU_DIR=str(work / "gpu"))
@@ -76,8 +79,10 @@ def main() -> int:
         subprocess.run([BIN / "llmuxd-vllm-sim", "make-model", "bench/model", "--seed", "5"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
         command, path, extra = str(BIN / "llmuxd-vllm-sim"), "bench/model", {}
-    port, mport, kport = free_port(), free_port(), free_port()
+    port, mport, kport, oport = free_port(), free_port(), free_port(), free_port()
     config = {"models": {"bench": {"model_path": path, "port": mport, **extra,
+                                   "eviction": {"weights": "discard", "process": "checkpoint"}},
+                         "other": {"model_path": path, "port": oport, **extra,
                                    "eviction": {"weights": "discard", "process": "checkpoint"}},
                          "kr": {"model_path": path, "port": kport, **extra,
                                 "eviction": {"weights": "discard", "process": "keep_running"}}},
@@ -91,23 +96,37 @@ def main() -> int:
                               stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     rows: dict[str, list[float]] = {k: [] for k in ("cold", "sleep", "dump", "image", "restore_ftt", "restore",
-                                                    "criu_restore", "kr_sleep", "kr_wake")}
+                                                    "criu_restore", "switch_ftt", "switch_restore",
+                                                    "kr_sleep", "kr_wake")}
+    phases: dict[str, list[dict]] = {"dump": [], "restore": []}  # each round's, as the status says them
     try:
         wait_up(url)
         c = httpx.Client(base_url=url, timeout=300)
         for _ in range(args.rounds):
-            rows["cold"].append(first_token(url))  # keep_images false: every round starts cold
+            rows["cold"].append(first_token(url))
+            st = c.get("/control/status").json()["models"]["bench"]
+            assert st["last_wake_kind"] == "cold_start", st
             r = c.post("/control/sleep", json={"model": "bench"}).json()
             assert r["state"] == "checkpointed", r
             st = c.get("/control/status").json()["models"]["bench"]
             rows["sleep"].append(r["duration_secs"])
             rows["dump"].append(st["last_checkpoint"]["seconds"]["criu_dump"])
             rows["image"].append(st["last_checkpoint"]["image_bytes"] / 2**20)
+            phases["dump"].append(st["last_checkpoint"]["seconds"])
             rows["restore_ftt"].append(first_token(url))
             st = c.get("/control/status").json()["models"]["bench"]
             assert st["last_wake_kind"] == "restore", st
             rows["restore"].append(st["last_wake_secs"])
             rows["criu_restore"].append(st["last_restore"]["seconds"]["criu_restore"])
+            phases["restore"].append(st["last_restore"]["seconds"])
+            # a switch between two checkpointed models: "other" awake (cold, or restored from the
+            # last round), then "bench" asked for: other is released and dumped in the background
+            # while bench restores
+            first_token(url, "other")
+            rows["switch_ftt"].append(first_token(url))
+            st = c.get("/control/status").json()["models"]["bench"]
+            assert st["last_wake_kind"] == "restore", st
+            rows["switch_restore"].append(st["last_wake_secs"])
             # discard + keep_running: vLLM's own sleep level 2 and the wake sequence
             first_token(url, "kr")
             rows["kr_sleep"].append(c.post("/control/sleep", json={"model": "kr"}).json()["duration_secs"])
@@ -118,9 +137,11 @@ def main() -> int:
             if silent:  # a benchmark of a fallback would be meaningless: fail, loudly
                 raise SystemExit(f"escalations / failed restores during the benchmark: {silent}; "
                                  f"see {work / 'llmuxd.log'}")
-            # keep_images is false: the restore consumed the checkpoint.  A fresh daemon cold-starts.
+            # The next round starts cold: a fresh daemon, and no checkpoint (the evictions above
+            # dumped bench and other again).
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(60)
+            shutil.rmtree(work / "ck")
             daemon = subprocess.Popen([BIN / "llmuxd", "serve", "--config", work / "config.json"], env=env,
                                       stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             wait_up(url)
@@ -146,12 +167,24 @@ def main() -> int:
     print(f"  {'restore -> first token':<44} {med['restore_ftt']:8.3f} s")
     print(f"  {'  restore transition (to serving)':<44} {med['restore']:8.3f} s")
     print(f"  {'  of which bare criu restore':<44} {med['criu_restore']:8.3f} s")
+    print(f"  {'switch checkpointed -> checkpointed -> first token':<44} {med['switch_ftt']:8.3f} s")
+    print(f"  {'  of which the restore transition':<44} {med['switch_restore']:8.3f} s")
     print(f"  {'sleep level 2 (discard + keep_running)':<44} {med['kr_sleep']:8.3f} s")
     print(f"  {'wake (wake_up, reload_weights, reset cache)':<44} {med['kr_wake']:8.3f} s")
+    for kind, per_round in phases.items():
+        keys = per_round[0].keys() if per_round else ()
+        print(f"  {kind} phases: " + ", ".join(f"{k} {statistics.median(r[k] for r in per_round):.3f}" for k in keys))
     print(f"\n  restore-to-first-token / cold-start-to-first-token: {med['restore_ftt'] / med['cold']:.2f}")
     print(f"  discard wake / cold start:                          {med['kr_wake'] / med['cold']:.3f}")
     print(f"  llmuxd sleep / bare criu dump:                        {med['sleep'] / med['dump']:.2f}")
     print(f"  llmuxd restore / bare criu restore:                   {med['restore'] / med['criu_restore']:.2f}")
+    print(f"  switch to first token / restore to first token:       {med['switch_ftt'] / med['restore_ftt']:.2f}")
+    if args.json:
+        ratios = {"restore_vs_cold": med["restore_ftt"] / med["cold"], "dump_vs_criu": med["sleep"] / med["dump"],
+                  "restore_vs_criu": med["restore"] / med["criu_restore"],
+                  "switch_vs_restore": med["switch_ftt"] / med["restore_ftt"]}
+        args.json.write_text(json.dumps({"backend": what, "rounds": args.rounds, "median": med, "rows": rows,
+                                         "phases": phases, "ratios": ratios}, indent=1))
     return 0
 
 

@@ -65,6 +65,7 @@ class Switcher(Listener):
         self.events = Events([self.metrics, self])  # shared with every Model
         # The CUDA suspend backend: chosen once (on first use) for every model.
         self.cuda = SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
+        self.link_remaps = asyncio.Lock()  # one dump or restore at a time (model/checkpoint.py says why)
         self.models: dict[str, Model] = {}
         self._removed: dict[str, Model] = {}  # models a reload removed, until their tree is stopped
         self._reload: _Job | None = None  # a reload waiting for its turn
@@ -303,15 +304,22 @@ class Switcher(Listener):
                 result = Transition(model=name, state=model.state.value, duration_secs=0.0)
             else:
                 self.switching = (previous, name)
-                if self.active is not None:
-                    await self._evict(self.active, for_switch=True)
-                for other in self.models.values():  # one model on the GPU at a time
-                    if other.name != name and other.state is State.AWAKE:
-                        await self._evict(other.name, for_switch=True)
+                # The evicted models' dumps finish in the background; after this model's wake
+                # when that is a restore, which would otherwise wait for them (link remaps).
+                woken = asyncio.Event()
+                after = woken if model.state in (State.CHECKPOINTED, State.DUMPING) else None
                 try:
-                    await model.wake()
-                except TransitionError as e:
-                    raise SwitchFailed(f"model '{name}' could not be started: {e}", model=name) from None
+                    if self.active is not None:
+                        await self._evict(self.active, for_switch=True, start_after=after)
+                    for other in self.models.values():  # one model on the GPU at a time
+                        if other.name != name and other.state is State.AWAKE:
+                            await self._evict(other.name, for_switch=True, start_after=after)
+                    try:
+                        await model.wake()
+                    except TransitionError as e:
+                        raise SwitchFailed(f"model '{name}' could not be started: {e}", model=name) from None
+                finally:
+                    woken.set()
                 self.active = name
                 secs = time.monotonic() - started
                 self.metrics.switches.labels(previous or "", name, "ok").inc()
@@ -337,7 +345,7 @@ class Switcher(Listener):
         m = self.models[name]
         return Transition(model=name, state=m.state.value, duration_secs=secs, last_error=m.last_error)
 
-    async def _evict(self, name: str, *, for_switch: bool) -> float:
+    async def _evict(self, name: str, *, for_switch: bool, start_after: asyncio.Event | None = None) -> float:
         model = self.model(name)
         if model.state is not State.AWAKE:
             if self.active == name:
@@ -353,7 +361,8 @@ class Switcher(Listener):
                 started = time.monotonic()
                 await self._drain(name)
                 self.metrics.phase_done(name, "drain", time.monotonic() - started)
-            return await model.sleep(background=for_switch)  # a switch waits for the GPU, not the dump
+            # a switch waits for the GPU, not the dump
+            return await model.sleep(background=for_switch, start_after=start_after)
         finally:
             self._evicting = None
             if self.active == name:
@@ -387,7 +396,7 @@ class Switcher(Listener):
     def add_model(self, name: str, first_pid: int | None = None) -> Model:
         """Make model ``name`` of ``self.config`` available (at start, or added by a reload)."""
         self.models[name] = Model(name, self.config, self.events, self.cgroups.model(name) if self.cgroups else None,
-                                  self.cuda, first_pid)
+                                  self.cuda, self.link_remaps, first_pid)
         if name not in self._leases:
             self._leases[name], self._idle[name], self._waiting[name] = set(), asyncio.Event(), []
             self._idle[name].set()

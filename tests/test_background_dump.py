@@ -7,13 +7,15 @@ so each window is reached for certain, not by timing."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 
-from harness import wait_until
+from conftest import model_entry
+from harness import free_ports, wait_until
 from llmuxd.isolation import procfs
-from test_checkpoint_faults import ck, ckdir, complete, wrapper  # noqa: F401 - ck is a fixture
+from test_checkpoint_faults import CRIU, ck, ckdir, complete, wrapper  # noqa: F401 - ck is a fixture
 from test_switching import metric
 
 pytestmark = [pytest.mark.criu]
@@ -101,3 +103,28 @@ def test_stopping_llmuxd_during_a_background_dump_keeps_the_checkpoint(ck, tmp_p
     assert state(d)["state"] == "checkpointed"
     assert complete(d, "m1", "q").json()["choices"][0]["text"] == expected("m1", "q", 4)
     assert state(d)["last_wake_kind"] == "restore"
+
+
+def test_switches_between_two_checkpoint_models_dump_and_restore_side_by_side(make_daemon, tmp_path, expected):
+    """Two checkpointed trees alike (the same program): CRIU names its link remaps in the shared
+    /dev/shm ``link_remap.N`` with N counted per dump, so the dump of one and the restore of the
+    other need the same names.  The switch's restore goes first and the dump follows it; not one
+    eviction escalates, every wake after the first of each is a restore."""
+    p = free_ports(2)
+    d = make_daemon(models={m: model_entry(m, port, "discard", "checkpoint") for m, port in zip(("m1", "m2"), p)},
+                    checkpoint={"criu_path": CRIU, "images_dir": str(tmp_path / "ck")})
+    remaps = set()
+    for i, model in enumerate(["m1", "m2", "m1", "m2", "m1", "m2"]):
+        r = complete(d, model, f"p{i}")
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected(model, f"p{i}", 4), r.text
+        st = d.status()["models"]
+        assert st[model]["last_wake_kind"] == ("cold_start" if i < 2 else "restore"), st[model]
+        other = "m2" if model == "m1" else "m1"
+        if i:  # the model left behind is dumped once this one woke
+            wait_until(lambda: state(d, other)["state"] != "dumping", 60, what=f"{other}'s dump")
+            assert state(d, other)["state"] == "checkpointed", state(d, other)
+            manifest = json.loads((tmp_path / "ck" / other / "images" / "manifest.json").read_text())
+            remaps |= {f["path"] for f in manifest["link_remaps"]}
+        for m, s in d.status()["models"].items():
+            assert s["escalations"] == 0 and s["restore_failures"] == 0, (m, s)
+    assert remaps, "the trees had no link remaps: this test would not see the race it is about"

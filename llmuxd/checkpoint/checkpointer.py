@@ -104,15 +104,16 @@ class Checkpointer:
         return found
 
     # -- dump ----------------------------------------------------------------------------------
+    @staticmethod
+    def _no_cuda(message: str) -> CheckpointFailed:
+        return CheckpointFailed(message, reason="no_cuda")
+
     async def release_gpu(self, tree: ProcessTree) -> GpuReleased:
         """Suspend the CUDA state of the tree's GPU processes (the first step of a dump)."""
         gpu_pids = cudamod.gpu_processes(tree.pids())
         if not gpu_pids:
             return GpuReleased()
-        cuda = self.cuda.get()
-        if cuda is None:
-            raise CheckpointFailed(f"processes {gpu_pids} hold GPU state and no CUDA checkpoint "
-                                   f"(driver API or cuda-checkpoint) is available: {self.cuda.why}", reason="no_cuda")
+        cuda = self.cuda.require(f"processes {gpu_pids} hold", self._no_cuda)
         started = time.monotonic()
         inner = [q for p in gpu_pids if (q := inner_pid(p)) is not None]
         needs = cudamod.gpu_bytes_of(gpu_pids)
@@ -343,10 +344,7 @@ class Checkpointer:
         inner = set(m.cuda_pids)
         if not inner:
             return 0.0
-        cuda = self.cuda.get()
-        if cuda is None:
-            raise CheckpointFailed(f"the checkpoint holds CUDA state but no CUDA checkpoint is available here: "
-                                   f"{self.cuda.why}", reason="no_cuda")
+        cuda = self.cuda.require("the checkpoint holds", self._no_cuda)
         started = time.monotonic()
         await cudamod.resume_tree([p for p in pids if inner_pid(p) in inner], cuda)
         return time.monotonic() - started

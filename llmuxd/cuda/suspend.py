@@ -158,6 +158,15 @@ class SuspendChoice:
         assert self._chosen is not None
         return self._chosen[1]
 
+    def require(self, holder: str, error: Callable[[str], Exception]) -> CudaCheckpointer:
+        """The backend, for ``holder`` (what holds GPU state); else ``error(message)`` is raised,
+        the message saying why there is none."""
+        cuda = self.get()
+        if cuda is None:
+            raise error(f"{holder} GPU state but no CUDA suspend (driver API or cuda-checkpoint) "
+                        f"is available here: {self.why}")
+        return cuda
+
 
 # ---------------------------------------------------------------------------------------------
 # Whole trees

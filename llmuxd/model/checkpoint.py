@@ -37,10 +37,15 @@ class Checkpoint(ProcessEviction):
     kind = Kind.CHECKPOINT
     resting = State.CHECKPOINTED
 
-    def __init__(self, model: ModelOps, checkpointer: Checkpointer, keep_images: bool):
+    def __init__(self, model: ModelOps, checkpointer: Checkpointer, keep_images: bool, link_remaps: asyncio.Lock):
         super().__init__(model)
         self.checkpointer = checkpointer
         self.keep_images = keep_images
+        #: Shared by every model of the daemon: a dump and a restore of two trees never overlap.
+        #: Both use CRIU's link remaps in the shared /dev/shm, ``link_remap.N`` with N counted per
+        #: dump, so alike trees need the same names (checkpoint/remaps.py): a dump whose name a
+        #: restore has just put back fails, and a put-back finds the dump's in its way.
+        self.link_remaps = link_remaps
         self.restored_from: float | None = None  # created_ts of the checkpoint the tree came from
         self.last_dump: DumpRecord | ReusedCheckpoint | None = None
         self.last_restore: RestoreRecord | None = None
@@ -83,13 +88,14 @@ class Checkpoint(ProcessEviction):
         assert self._pending is not None
         (facts, released), self._pending = self._pending, None
         m.backend.expect_exit()  # once dumped, the tree is ended (by us)
-        try:
-            manifest = await self.checkpointer.dump(m.backend.tree, facts, released)
-        except CheckpointFailed:
-            if m.backend.running:  # the dump failed before the end: the tree still serves
-                m.backend.unexpect_exit()
-            raise
-        await m.stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
+        async with self.link_remaps:  # from CRIU's link remaps to their removal with the tree
+            try:
+                manifest = await self.checkpointer.dump(m.backend.tree, facts, released)
+            except CheckpointFailed:
+                if m.backend.running:  # the dump failed before the end: the tree still serves
+                    m.backend.unexpect_exit()
+                raise
+            await m.stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
         self.restored_from = None
         self.last_dump = DumpRecord(path=str(self.checkpointer.path), image_bytes=manifest.image_bytes,
                                     saved_files=len(manifest.saved),
@@ -119,7 +125,8 @@ class Checkpoint(ProcessEviction):
         """The restore sequence; any failure kills what was restored and raises CheckpointFailed."""
         m = self.model
         m.set_state(State.RESTORING)
-        r = await self.checkpointer.restore(m.backend.tree, m.port, m.backend.served_name)  # verify, prepare, CRIU
+        async with self.link_remaps:  # the put-back's link remaps are consumed by CRIU's restore
+            r = await self.checkpointer.restore(m.backend.tree, m.port, m.backend.served_name)  # verify, prepare, CRIU
         manifest = r.manifest
         t = dict(r.seconds)
         try:

@@ -37,12 +37,14 @@ EVICTION_ERRORS = (BackendError, NotSupported, CheckpointFailed, cudamod.CudaErr
 
 class Model:
     def __init__(self, name: str, config: Config, events: Listener | None = None, cgroup: Cgroup | None = None,
-                 cuda: cudamod.SuspendChoice | None = None, first_pid: int | None = None):
+                 cuda: cudamod.SuspendChoice | None = None, link_remaps: asyncio.Lock | None = None,
+                 first_pid: int | None = None):
         self.name = name
         self.events = events if events is not None else Events()
         self.state = State.STOPPED
         self.cgroup = cgroup
         self.cuda = cuda or cudamod.SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
+        self.link_remaps = link_remaps or asyncio.Lock()  # shared by the daemon's models (checkpoint.py)
         self.sleep_level: int | None = None  # the vLLM sleep level the weights are at
         self.last_error: str | None = None
         self.escalations = 0  # evictions that failed and fell back to stop
@@ -66,7 +68,7 @@ class Model:
         self.checkpointer = Checkpointer(self.name, config.checkpoint_dir_for(self.name), Criu(ck.criu_path),
                                          self.cgroup, Path(config.log_dir) / "criu" / self.name, cuda=self.cuda,
                                          settings=Settings.of(config))
-        self.checkpoint = Checkpoint(self, self.checkpointer, ck.keep_images)
+        self.checkpoint = Checkpoint(self, self.checkpointer, ck.keep_images, self.link_remaps)
         strategies: list[ProcessEviction] = [KeepRunning(self), Stop(self), CudaSuspend(self), self.checkpoint]
         #: The eviction the config asks for, and the strategy that resumes from each resting state.
         self.process = next(s for s in strategies if s.kind is self.eviction.process)
@@ -148,10 +150,7 @@ class Model:
         self.set_state(State.STOPPED)
 
     def cuda_suspender(self) -> cudamod.CudaCheckpointer:
-        cuda = self.cuda.get()
-        if cuda is None:
-            raise NotSupported(f"the model holds GPU state but no CUDA suspend is available here: {self.cuda.why}")
-        return cuda
+        return self.cuda.require("the model holds", NotSupported)
 
     # -- transitions ---------------------------------------------------------------------------
     async def adopt(self, pids: list[int]) -> bool:
@@ -228,11 +227,12 @@ class Model:
                 await self.backend.reset_prefix_cache()
             self.sleep_level = None
 
-    async def sleep(self, *, background: bool = False) -> float:
+    async def sleep(self, *, background: bool = False, start_after: asyncio.Event | None = None) -> float:
         """Evict per the model's policy: the weights step, then the process strategy's; any
         failing step escalates to stop.  Returns the duration (0 if there was nothing to do).
         ``background``: return once the GPU is free and let the rest (a checkpoint's dump)
-        finish on its own (state ``dumping`` until then)."""
+        finish on its own (state ``dumping`` until then), once ``start_after`` is set if given
+        (a switch lets the next model's restore go first)."""
         if self.state is not State.AWAKE:
             return 0.0
         started = time.monotonic()
@@ -260,12 +260,14 @@ class Model:
                  extra={"MODEL": self.name, "EVENT": "evict", "DURATION_S": f"{self.last_sleep_secs:.3f}"})
         self.set_state(resting)
         if resting is State.DUMPING:
-            self._finishing = asyncio.create_task(self._finish_eviction(), name=f"dump {self.name}")
+            self._finishing = asyncio.create_task(self._finish_eviction(start_after), name=f"dump {self.name}")
         return self.last_sleep_secs
 
-    async def _finish_eviction(self) -> None:
+    async def _finish_eviction(self, start_after: asyncio.Event | None) -> None:
         started = time.monotonic()
         try:
+            if start_after is not None:
+                await start_after.wait()
             resting = await self.process.finish()
         except EVICTION_ERRORS as e:
             resting = await self._escalate(e)
