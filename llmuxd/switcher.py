@@ -1,9 +1,9 @@
 """The controller: admits requests, queues switches, runs one transition at a time.
 
-Every verb a transport offers (proxying a request, sleep, wake, status) is a method here; the
-HTTP API and D-Bus only translate.  All transitions run in one worker task, in arrival order,
-so control calls and request-driven switches never interleave, and a switch continues when the
-client that caused it goes away.
+Every verb a transport offers (proxying a request, sleep, wake, reload, status) is a method
+here; the HTTP API and D-Bus only translate.  All transitions run in one worker task, in arrival
+order (:mod:`.jobs`), so control calls, request-driven switches and reloads (:mod:`.reload`)
+never interleave, and a switch continues when the client that caused it goes away.
 
 Admission rules (one model awake at a time, all models share one GPU):
 * a request for the awake model is served at once, unless that model is being evicted;
@@ -24,18 +24,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator
 
 from . import reload
 from .config import CheckpointConfig, Config
 from .cuda import SuspendChoice
 from .errors import (
-    Evicted, LlmuxdError, ModelRemoved, NotSupported, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests,
+    Evicted, ModelRemoved, NotSupported, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests,
     UnknownModel,
 )
 from .events import Events, Listener, State
 from .isolation.cgroups import CgroupLayout
+from .jobs import Job, Jobs
 from .lease import Lease, Route
 from .metrics import Metrics
 from .model import Model, TransitionError
@@ -45,13 +45,6 @@ log = logging.getLogger(__name__)
 
 #: After the drain deadline, how long revoked requests get to end before the eviction goes on.
 REVOKE_GRACE_SECS = 5.0
-
-
-@dataclass
-class _Job:
-    what: str  # "activate <model>" / "sleep <model>"
-    run: Callable[[], Awaitable[Transition]]
-    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class Switcher(Listener):
@@ -68,7 +61,7 @@ class Switcher(Listener):
         self.link_remaps = asyncio.Lock()  # one dump or restore at a time (model/checkpoint.py says why)
         self.models: dict[str, Model] = {}
         self._removed: dict[str, Model] = {}  # models a reload removed, until their tree is stopped
-        self._reload: _Job | None = None  # a reload waiting for its turn
+        self._reload: Job | None = None  # a reload waiting for its turn
         self._active: str | None = None
         self._switching: tuple[str | None, str] | None = None
         self._evicting: str | None = None
@@ -77,10 +70,8 @@ class Switcher(Listener):
         self._waiting: dict[str, list[asyncio.Future]] = {}
         for name in config.models:
             self.add_model(name)
-        self._activation: dict[str, _Job] = {}
-        self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
-        self._worker: asyncio.Task | None = None
-        self._closing = False
+        self._activation: dict[str, Job] = {}
+        self.jobs = Jobs()  # the transitions, one at a time
 
     def add_listener(self, listener: Listener) -> None:
         self.events.add(listener)
@@ -110,18 +101,11 @@ class Switcher(Listener):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._worker = asyncio.create_task(self._work(), name="switcher")
+        self.jobs.start()
 
     async def close(self) -> None:
         """Stop taking work, fail what waits, stop every model tree."""
-        self._closing = True
-        if self._worker:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-        while not self._jobs.empty():
-            job = self._jobs.get_nowait()
-            if not job.done.done():
-                job.done.set_exception(ShuttingDown("llmuxd is shutting down"))
+        await self.jobs.close()
         for name, futs in self._waiting.items():
             self._settle(name, ShuttingDown("llmuxd is shutting down"))
         models = [*self.models.values(), *self._removed.values()]
@@ -150,7 +134,7 @@ class Switcher(Listener):
         return self.active == name and self.models[name].state is State.AWAKE and self._evicting != name
 
     async def _admit(self, name: str) -> Lease:
-        if self._closing:
+        if self.jobs.closing:
             raise ShuttingDown("llmuxd is shutting down")
         if self._admissible(name):
             return self._take(name)
@@ -242,9 +226,7 @@ class Switcher(Listener):
 
     async def sleep(self, name: str) -> Transition:
         self.model(name)
-        job = _Job(f"sleep {name}", lambda: self._sleep_job(name))
-        self._enqueue(job)
-        return await asyncio.shield(job.done)
+        return await asyncio.shield(self.jobs.put(f"sleep {name}", lambda: self._sleep_job(name)).done)
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file and apply it (``reload.py``), in turn with the transitions.  A
@@ -252,8 +234,7 @@ class Switcher(Listener):
         if self.source is None:
             raise NotSupported("llmuxd was not started from a config file: there is nothing to reload")
         if self._reload is None:
-            self._enqueue(job := _Job("reload", self._reload_job))
-            self._reload = job
+            self._reload = self.jobs.put("reload", self._reload_job)
             log.info("reload of %s asked for; it runs in turn with the transitions", self.source.path,
                      extra={"EVENT": "reload"})
         return await asyncio.shield(self._reload.done)
@@ -265,35 +246,12 @@ class Switcher(Listener):
         switching = Switching(from_=self.switching[0], to=self.switching[1]) if self.switching else None
         return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models)
 
-    # -- the worker ------------------------------------------------------------------------------
-    def _enqueue(self, job: _Job) -> None:
-        if self._closing:
-            raise ShuttingDown("llmuxd is shutting down")
-        self._jobs.put_nowait(job)
-
-    def _request_activation(self, name: str) -> _Job:
+    # -- the jobs ----------------------------------------------------------------------------------
+    def _request_activation(self, name: str) -> Job:
         job = self._activation.get(name)
         if job is None:
-            job = self._activation[name] = _Job(f"activate {name}", lambda: self._activate_job(name))
-            self._enqueue(job)
+            job = self._activation[name] = self.jobs.put(f"activate {name}", lambda: self._activate_job(name))
         return job
-
-    async def _work(self) -> None:
-        while True:
-            job = await self._jobs.get()
-            try:
-                result = await job.run()
-            except asyncio.CancelledError:
-                job.done.cancel()
-                raise
-            except Exception as e:  # noqa: BLE001 - every failure goes to the job's waiters
-                if not isinstance(e, LlmuxdError):  # (a domain error is logged where it arises)
-                    log.exception("%s failed", job.what)
-                job.done.set_exception(e)
-            else:
-                job.done.set_result(result)
-            # Nobody may be left waiting on a consumed future without a reference.
-            job.done.exception() if job.done.done() and not job.done.cancelled() else None
 
     async def _activate_job(self, name: str) -> Transition:
         model = self.model(name)  # (a reload may have removed it since)
