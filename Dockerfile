@@ -56,15 +56,14 @@ COPY systemd /tmp/llmuxd-src/systemd
 COPY dbus /tmp/llmuxd-src/dbus
 # Run-time packages (systemd, D-Bus, ... where the base lacks them), the units, the D-Bus policy,
 # /usr/local/bin/llmuxd and llmuxd-vllm-sim (the same install script the tests' containers run);
-# then the container's own units: the journal and the models' output on `docker logs`, and the
+# then the container's own: the journal (the models' output in it) on `docker logs`, and the
 # container's environment for the llmuxd units; units that would act on the host are masked.
 RUN bash /tmp/llmuxd-src/packaging/install.sh --stages system,files,enable --venv /opt/llmuxd/venv \
     && d=/tmp/llmuxd-src/packaging/docker \
-    && install -m 0644 "$d/llmuxd-console.service" "$d/llmuxd-logs.service" /etc/systemd/system/ \
-    && install -d /etc/systemd/system/sysinit.target.wants /etc/systemd/system/llmuxd.service.wants \
+    && install -m 0644 "$d/llmuxd-console.service" /etc/systemd/system/ \
+    && install -d /etc/systemd/system/sysinit.target.wants \
        /etc/systemd/system/llmuxd.service.d /etc/systemd/system/llmuxd-restore.service.d \
     && ln -sf /etc/systemd/system/llmuxd-console.service /etc/systemd/system/sysinit.target.wants/ \
-    && ln -sf /etc/systemd/system/llmuxd-logs.service /etc/systemd/system/llmuxd.service.wants/ \
     && install -m 0644 "$d/container-env.conf" /etc/systemd/system/llmuxd.service.d/ \
     && install -m 0644 "$d/container-env.conf" /etc/systemd/system/llmuxd-restore.service.d/ \
     && install -m 0755 "$d/healthcheck.sh" /usr/local/bin/llmuxd-healthcheck \

@@ -88,7 +88,7 @@ def main() -> int:
                                 "eviction": {"weights": "discard", "process": "keep_running"}}},
               "checkpoint": {"criu_path": shutil.which("criu") or "/usr/local/bin/criu",
                              "images_dir": str(work / "ck"), "keep_images": False},
-              "port": port, "host": "127.0.0.1", "vllm_command": command,
+              "port": port, "metrics_port": 0, "host": "127.0.0.1", "vllm_command": command,
               "log_dir": str(work / "logs"), "policy": {"min_active_secs": 0, "startup_timeout_secs": 900}}
     (work / "config.json").write_text(json.dumps(config))
     log = open(work / "llmuxd.log", "wb")

@@ -358,9 +358,9 @@ def check(soak: Soak, c: EntrypointContainer, st: dict, label: str) -> None:
     for p in set(tree_pids) | set(in_container):
         if (st := procfs.stat(p)) is not None and st.zombie:
             soak.find("processes", where, f"zombie {p} (parent {st.ppid}): {cmdline(p)}")
-    extra = [p for p in in_container if p != c.pid and "llmuxd.logfollow" not in cmdline(p)]
+    extra = [p for p in in_container if p != c.pid]
     if extra:
-        soak.find("processes", where, "in the container besides llmuxd and its log follower: "
+        soak.find("processes", where, "in the container besides llmuxd: "
                   + "; ".join(f"{p} {cmdline(p)}" for p in extra))
 
     # namespaces and mounts
@@ -602,7 +602,7 @@ def end_of_lifetime(soak: Soak, c: EntrypointContainer, label: str) -> dict:
     if not (soak.ckpt / "m1" / "images" / "manifest.json").is_file():
         soak.find("checkpoint", where, "no m1/images/manifest.json after the stop")
     check_ckpt(soak, "checkpointed", where)
-    deadline = time.monotonic() + 10  # the log follower ends within its poll interval
+    deadline = time.monotonic() + 10
     while (left := [p for p in container_processes(c)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     if left:
@@ -634,6 +634,7 @@ def build_config(backend: str, port: int, mports: list[int], timeout: float) -> 
                        "cuda_checkpoint_path": "/usr/local/bin/cuda-checkpoint", "keep_images": False},
         "checkpoint_on_stop": True,
         "port": port,
+        "metrics_port": 0,
         "vllm_command": f"{VLLM_VENV}/bin/vllm" if backend == "vllm" else SIM,
         "host": "127.0.0.1",
         "policy": {"min_active_secs": 0, "startup_timeout_secs": timeout, "request_timeout_secs": timeout},

@@ -1,8 +1,10 @@
 """llmuxd configuration: llmux's ``config.json``, read unchanged, validated with pydantic.
 
-Every key llmux documents is accepted.  Keys llmuxd does not act on (llmux's alternative
-scheduling policies, its admin port, warm-up) are accepted and reported once at start-up, so a
-config written for llmux starts llmuxd without edits.  A key neither project knows is an error.
+Every key of llmux 0.4 to 0.9 is accepted.  Keys llmuxd does not act on (llmux's alternative
+scheduling policies, warm-up) are accepted and reported once at start-up, so a config written
+for llmux starts llmuxd without edits; a key for something llmuxd cannot do yet
+(``checkpoint.object_store``) is accepted and warned about, never silently dropped.  A key
+neither project knows is an error.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_CONFIG_PATH = Path("/etc/llmux/config.json")
+DEFAULT_STARTUP_TIMEOUT_SECS = 1800.0
+DEFAULT_METRICS_PORT = 9090  # llmux's
+DEFAULT_PORT = 3000
 
 # A model name becomes a folder name (logs, cgroups, checkpoints) and a URL/D-Bus string:
 # letters, digits, dot, dash, underscore; no leading dot, so no "..", no "/", no hidden files.
@@ -97,7 +102,9 @@ class ModelConfig(_Strict):
     eviction: Eviction | None = None  # None: policy.eviction applies
     extra_args: list[str] = []
     checkpoint_path: str | None = None
-    sleep_level: int | None = Field(default=None, ge=1, le=5)  # llmux < 0.9
+    sleep_level: int | None = Field(default=None, ge=1, le=5)  # llmux 0.4-0.5
+    # llmuxd: how long this model's start (or restore) may take; default: the top-level key.
+    startup_timeout_secs: float | None = Field(default=None, gt=0)
     # llmuxd: add --enable-sleep-mode?  None = when the weights axis needs it.  vLLM's CPU
     # build refuses the flag yet serves the sleep endpoints in dev mode: set false there.
     enable_sleep_mode: bool | None = None
@@ -108,7 +115,8 @@ class PolicyConfig(_Strict):
     request_timeout_secs: float = Field(default=300, gt=0)
     drain_before_switch: bool = True
     min_active_secs: float = Field(default=5, ge=0)
-    startup_timeout_secs: float = Field(default=1800, gt=0)
+    # Where llmuxd read it before llmux 0.9 put it at the top level; either place works.
+    startup_timeout_secs: float | None = Field(default=None, gt=0)
     # llmuxd: how long an eviction waits for in-flight requests; streams still open then end
     # with an SSE error frame and the switch goes on.
     drain_timeout_secs: float = Field(default=30, gt=0)
@@ -127,6 +135,17 @@ class PolicyConfig(_Strict):
     min_quantum_ms: int | None = None
 
 
+class ObjectStoreConfig(_Strict):
+    """llmux 0.6+'s S3-compatible store for checkpoints.  Accepted and validated as llmux does;
+    llmuxd does not upload or download checkpoints yet (they stay local), and says so."""
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+
 class CheckpointConfig(_Strict):
     criu_path: str = "criu"
     cuda_plugin_dir: str = "/usr/lib/criu/"
@@ -140,6 +159,7 @@ class CheckpointConfig(_Strict):
     # llmuxd: CRIU dump and restore are killed after this long.
     dump_timeout_secs: float = Field(default=600, gt=0)
     restore_timeout_secs: float = Field(default=300, gt=0)
+    object_store: ObjectStoreConfig | None = None  # not supported yet: see unsupported_settings()
 
 
 class IsolationConfig(_Strict):
@@ -153,14 +173,28 @@ class IsolationConfig(_Strict):
     own_tmpdir: bool = True
 
 
+class LogsConfig(_Strict):
+    """The models' output files, ``<log_dir>/<model>.log`` (llmuxd's own settings)."""
+
+    # Once a file reaches this size, it is copied to <model>.log.1 (older copies move up to
+    # .2, ...) and emptied in place (the tree keeps writing to it; see modellog.py).
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    # Rotated copies kept (0: a full file is emptied without a copy).
+    keep: int = Field(default=3, ge=0, le=100)
+
+
 class Config(_Strict):
     models: dict[str, ModelConfig] = Field(min_length=1)
     policy: PolicyConfig = PolicyConfig()
     checkpoint: CheckpointConfig | None = None
-    port: int = Field(default=3000, ge=1, le=65535)
-    metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: /metrics on `port` only
+    port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
+    # /metrics alone on its own listener (on `host`), as llmux serves it; 0: no such listener
+    # (/metrics is still served on `port` and `admin_port`).
+    metrics_port: int = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
     vllm_command: str = Field(default="vllm", min_length=1)
     admin_port: int | None = Field(default=None, ge=1, le=65535)  # llmux's: /control on its own listener
+    # llmux 0.9: how long a model's start may take (health included), unless the model sets its own.
+    startup_timeout_secs: float | None = Field(default=None, gt=0)
     warmup: bool = False
     # llmuxd's own settings.
     host: str = "0.0.0.0"
@@ -175,6 +209,7 @@ class Config(_Strict):
     # When set, the OpenAI routes (/v1/*) need `Authorization: Bearer <one of these>`.
     api_keys: list[str] = []
     log_dir: str = "/var/log/llmuxd"
+    logs: LogsConfig = LogsConfig()
     max_request_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     max_json_depth: int = Field(default=64, ge=2, le=10000)
     # A client must have sent its whole request within this long.
@@ -195,6 +230,15 @@ class Config(_Strict):
             return _LEGACY_SLEEP_LEVELS[self.policy.sleep_level]
         return self.policy.eviction
 
+    def startup_timeout_for(self, name: str) -> float:
+        """How long model ``name``'s start or restore may take: its own setting, else the
+        top-level one (llmux 0.9), else ``policy.startup_timeout_secs``, else 30 minutes."""
+        for value in (self.models[name].startup_timeout_secs, self.startup_timeout_secs,
+                      self.policy.startup_timeout_secs):
+            if value is not None:
+                return value
+        return DEFAULT_STARTUP_TIMEOUT_SECS
+
     def checkpoint_dir_for(self, name: str) -> Path:
         m = self.models[name]
         if m.checkpoint_path:
@@ -214,18 +258,45 @@ class Config(_Strict):
             notes.append("warmup: not implemented; models start on first use")
         return notes
 
+    def unsupported_settings(self) -> list[str]:
+        """llmux features the file asks for that llmuxd does not provide yet: said as a warning
+        by ``check-config`` and in the log at start, never dropped silently."""
+        warnings = []
+        store = self.checkpoint.object_store if self.checkpoint else None
+        if store is not None:  # no credentials in the message: it goes to the log
+            warnings.append(f"checkpoint.object_store (bucket {store.bucket!r}): not supported yet; checkpoints are "
+                            "not uploaded or downloaded, they stay local (checkpoint.images_dir, checkpoint_path)")
+        return warnings
+
+
+#: Keys of other llmux versions that llmuxd does not read, and what to do instead.
+_OTHER_LLMUX_KEYS = {
+    "gpu_memory_utilization": "llmux 0.1-0.2's; give vLLM the flag in extra_args: --gpu-memory-utilization",
+    "tensor_parallel_size": "llmux 0.1-0.2's; give vLLM the flag in extra_args: --tensor-parallel-size",
+    "dtype": "llmux 0.1-0.2's; give vLLM the flag in extra_args: --dtype",
+    "vllm_logging": "llmux 0.1-0.2's; llmuxd always writes each backend's output to log_dir/MODEL.log",
+    "wake": "llmux 2's hook scripts are not supported: llmuxd runs vLLM itself (model_path, eviction)",
+    "sleep": "llmux 2's hook scripts are not supported: llmuxd runs vLLM itself (model_path, eviction)",
+    "alive": "llmux 2's hook scripts are not supported: llmuxd runs vLLM itself (model_path, eviction)",
+}
+#: Keys whose value is a secret: a problem with one never repeats the value.
+_SECRET_KEYS = {"control_token", "api_keys", "access_key", "secret_key"}
+
 
 def _problem_lines(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        secret = any(p in _SECRET_KEYS for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            hint = _OTHER_LLMUX_KEYS.get(str(e["loc"][-1]))
+            msg = f"unknown key ({hint})" if hint else "unknown key"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         got = e.get("input")
-        if e["type"] not in ("extra_forbidden", "missing") and not isinstance(got, (dict, list)) and repr(got) not in msg:
+        if (e["type"] not in ("extra_forbidden", "missing") and not secret and not isinstance(got, (dict, list))
+                and repr(got) not in msg):
             msg += f" (got {got!r})"
         lines.append(f"{loc}: {msg}")
     return lines
@@ -236,12 +307,18 @@ def _relation_problems(data: Any) -> list[str]:
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         return []
     problems: list[str] = []
-    own = {data.get("port", 3000): "llmuxd's own port"}
-    for key in ("metrics_port", "admin_port"):
-        if data.get(key):
-            if data[key] in own:
-                problems.append(f"{key}: {data[key]} is {own[data[key]]}")
-            own[data[key]] = f"llmuxd's {key}"
+    own = {data.get("port", DEFAULT_PORT): "llmuxd's own port"}
+    listeners = {"metrics_port": data.get("metrics_port", DEFAULT_METRICS_PORT), "admin_port": data.get("admin_port")}
+    for key, port in listeners.items():
+        if port:
+            if port in own:
+                problems.append(f"{key}: {port} is {own[port]}" + (" (the default; set metrics_port to another port, "
+                                "or 0 for /metrics on port only)" if "metrics_port" not in data else ""))
+            own[port] = f"llmuxd's {key}" + (" (the default)" if key not in data else "")
+    policy = data.get("policy")
+    if "startup_timeout_secs" in data and isinstance(policy, dict) and "startup_timeout_secs" in policy:
+        problems.append("startup_timeout_secs: also set as policy.startup_timeout_secs; keep one (the top-level "
+                        "key is llmux 0.9's)")
     seen: dict[Any, str] = {}
     for name, m in data["models"].items():
         if not isinstance(name, str) or not _MODEL_NAME.match(name):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -14,9 +15,10 @@ from .api.http import ServerLog, build_admin_app, build_app, build_metrics_app
 from .config import Config, ConfigError, ProcessEviction
 from .checkpoint.fsview import container_epoch
 from .errors import ConfigRefused, LlmuxdError
-from .events import State
+from .events import Listener, State
 from .isolation.cgroups import CgroupLayout, CgroupUnavailable
 from .isolation.reaper import become_subreaper, reap_forever
+from .logfollow import Forwarder
 from .reload import ConfigSource
 from .switcher import Switcher
 from .systemd import Notifier
@@ -67,7 +69,7 @@ async def checkpoint_all(switcher: Switcher) -> None:
                 log.error("checkpoint of %s at stop failed: %s", name, e)
 
 
-class Daemon:
+class Daemon(Listener):
     def __init__(self, config: Config, dbus: str = "auto", checkpoint_on_stop: bool = False,
                  source: ConfigSource | None = None):
         self.config = config
@@ -79,6 +81,7 @@ class Daemon:
         self.switcher: Switcher | None = None
         self.notifier = Notifier()
         self.dbus = None
+        self.outputs: Forwarder | None = None  # the models' output, forwarded to llmuxd's log
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
         self._reloads: set[asyncio.Task] = set()
@@ -89,20 +92,28 @@ class Daemon:
         container_epoch()  # mark when this container started, before any model runs
         for note in self.config.ignored_settings():
             log.warning("config: %s (accepted for llmux compatibility, not acted on)", note)
+        for warning in self.config.unsupported_settings():
+            log.warning("config: %s", warning)
         self.cgroups = _cgroup_layout(self.config)
         self.switcher = Switcher(self.config, cgroups=self.cgroups, source=self.source)
+        self.outputs = Forwarder([m.output_source() for m in self.switcher.models.values()],
+                                 max_bytes=self.config.logs.max_bytes, keep=self.config.logs.keep)
+        self.outputs.start()
         self.notifier.switcher = self.switcher
         self.switcher.add_listener(self.notifier)
+        self.switcher.add_listener(self)  # (reload_done)
         await adopt_running(self.switcher)
         self.switcher.start()
         admin = self.config.admin_port
         await self._serve(build_app(self.switcher, self.access, with_control=not admin), self.config.host,
-                          self.config.port)
+                          self.config.port, "port")
         if admin:
-            await self._serve(build_admin_app(self.switcher, self.access), self.config.admin_host, admin)
+            await self._serve(build_admin_app(self.switcher, self.access), self.config.admin_host, admin, "admin_port")
             log.info("control API on http://%s:%d (not on the main port)", self.config.admin_host, admin)
-        if self.config.metrics_port:
-            await self._serve(build_metrics_app(self.switcher), self.config.host, self.config.metrics_port)
+        if self.config.metrics_port:  # llmux's default 9090; 0: /metrics on the ports above only
+            await self._serve(build_metrics_app(self.switcher), self.config.host, self.config.metrics_port,
+                              "metrics_port")
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.config.metrics_port)
         await self._start_dbus()
         log.info(
             "llmuxd serving %d model(s) on http://%s:%d: %s", len(self.config.models), self.config.host,
@@ -123,7 +134,7 @@ class Daemon:
         self.dbus = DbusTransport(self.switcher, bus=bus)
         await self.dbus.start()
 
-    async def _serve(self, app: web.Application, host: str, port: int) -> None:
+    async def _serve(self, app: web.Application, host: str, port: int, key: str) -> None:
         # keepalive_timeout: aiohttp closes a connection that has not sent a complete request
         # head this long after connecting (or after its last response): a client trickling its
         # headers is dropped.  handler_cancellation: a client that goes away cancels its handler,
@@ -133,7 +144,10 @@ class Daemon:
                                shutdown_timeout=15)
         await runner.setup()
         self._runners.append(runner)
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as e:  # which setting names the port that cannot be had
+            raise OSError(e.errno, f"{key} {port} on {host}: {os.strerror(e.errno) if e.errno else e}") from None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -153,6 +167,11 @@ class Daemon:
         task = asyncio.create_task(self._reload(), name="reload")
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
+
+    def reload_done(self, result: str) -> None:
+        """The models' output is forwarded for the models a reload leaves (their secrets too)."""
+        if self.outputs is not None and self.switcher is not None:
+            self.outputs.follower.follow([m.output_source() for m in self.switcher.models.values()])
 
     async def _reload(self) -> None:
         try:
@@ -186,6 +205,8 @@ class Daemon:
             if self.cgroups is not None:
                 self.cgroups.cleanup()
         finally:
+            if self.outputs is not None:  # last: what the trees wrote while they stopped
+                self.outputs.stop()
             keepalive.cancel()
             self.notifier.stop_watchdog()
             if getattr(self, "_reaper", None):

@@ -23,6 +23,10 @@ class State(str, Enum):
     RESTORING = "restoring"
 
 
+#: The ``kind`` of an eviction's phases when a step failed and the model was stopped instead.
+ESCALATED = "escalated"
+
+
 class Listener:
     """Receives the controller's events.  Override what you need; callbacks run on the event
     loop and must not block."""
@@ -30,8 +34,12 @@ class Listener:
     def state_changed(self, model: str, old: State, new: State) -> None:
         pass
 
-    def phase_done(self, model: str, phase: str, seconds: float) -> None:
-        pass
+    def phase_done(self, model: str, phase: str, seconds: float, kind: str) -> None:
+        """A phase of a transition ended.  ``wake``: ``kind`` says how the model came to serve
+        (``cold_start``, ``wake``, ``resume`` of suspended CUDA state, ``restore`` from a
+        checkpoint: its ``last_wake_kind``).  ``drain``, ``sleep``, ``dump`` of an eviction:
+        ``kind`` is its process strategy (``keep_running``, ``cuda_suspend``, ``checkpoint``,
+        ``stop``), or :data:`ESCALATED` when a step failed and the model was stopped instead."""
 
     def escalated(self, model: str, reason: str) -> None:
         """An eviction failed and fell back to stopping the model."""
@@ -41,6 +49,12 @@ class Listener:
 
     def restore_failed(self, model: str, reason: str) -> None:
         """A restore from a checkpoint failed (the model then cold-starts)."""
+
+    def checkpoint_written(self, model: str, image_bytes: int) -> None:
+        """A dump wrote a new checkpoint holding ``image_bytes`` bytes of CRIU images."""
+
+    def checkpoint_restored(self, model: str, image_bytes: int) -> None:
+        """A restore from a checkpoint holding ``image_bytes`` bytes of CRIU images succeeded."""
 
     def reload_started(self) -> None:
         """A reload of the configuration began."""
@@ -70,9 +84,9 @@ class Events(Listener):
         for listener in self.listeners:
             listener.state_changed(model, old, new)
 
-    def phase_done(self, model: str, phase: str, seconds: float) -> None:
+    def phase_done(self, model: str, phase: str, seconds: float, kind: str) -> None:
         for listener in self.listeners:
-            listener.phase_done(model, phase, seconds)
+            listener.phase_done(model, phase, seconds, kind)
 
     def escalated(self, model: str, reason: str) -> None:
         for listener in self.listeners:
@@ -85,6 +99,14 @@ class Events(Listener):
     def restore_failed(self, model: str, reason: str) -> None:
         for listener in self.listeners:
             listener.restore_failed(model, reason)
+
+    def checkpoint_written(self, model: str, image_bytes: int) -> None:
+        for listener in self.listeners:
+            listener.checkpoint_written(model, image_bytes)
+
+    def checkpoint_restored(self, model: str, image_bytes: int) -> None:
+        for listener in self.listeners:
+            listener.checkpoint_restored(model, image_bytes)
 
     def reload_started(self) -> None:
         for listener in self.listeners:

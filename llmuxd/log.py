@@ -6,7 +6,8 @@ line is made safe before it is written: control characters (CR, LF, ESC, ...), U
 separators and bidirectional overrides become visible escapes (``\\r``, ``\\n``, ``\\x1b``,
 ``\\u2028``), so nobody can forge a log line or drive a terminal through llmuxd's log.  A
 traceback keeps its own line breaks, but each of its lines is indented: a real record always
-starts at the beginning of a line, with its timestamp.
+starts at the beginning of a line, with its timestamp.  So are the lines of a model's output
+that explain a failure (``extra={"output": [lines]}``), under the record's own line.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def _indented(text: str) -> str:
     return "\n".join("    " + line for line in escape(text, keep_newlines=True).rstrip("\n").split("\n"))
 
 
+def _output(record: logging.LogRecord) -> str:
+    """The record's ``output`` lines (a model's, under the message), indented; "" if none."""
+    lines = getattr(record, "output", None)
+    return "\n" + "\n".join("    " + escape(str(line)) for line in lines) if lines else ""
+
+
 class SafeFormatter(logging.Formatter):
     """A formatter whose output is one line per record (the message escaped), followed by the
     indented lines of a traceback or stack when there is one."""
@@ -45,7 +52,7 @@ class SafeFormatter(logging.Formatter):
         record.message = escape(record.getMessage())
         if self.usesTime():
             record.asctime = self.formatTime(record, self.datefmt)
-        s = self.formatMessage(record)
+        s = self.formatMessage(record) + _output(record)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -59,7 +66,8 @@ class JournalHandler(logging.Handler):
     """Sends records to journald with the UPPER_CASE ``extra`` fields as journal fields
     (MODEL=, EVENT=, DURATION_S=, ...), so ``journalctl MODEL=m1`` finds a model's events.
     MESSAGE and every field are escaped like the stderr lines; a traceback goes into its own
-    field, EXCEPTION_TEXT, with its line breaks."""
+    field, EXCEPTION_TEXT, with its line breaks.  A record's ``output`` lines follow its message in
+    MESSAGE, each on its own indented line."""
 
     _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -71,7 +79,8 @@ class JournalHandler(logging.Handler):
             fields["EXCEPTION_TEXT"] = escape(logging.Formatter().formatException(record.exc_info),
                                               keep_newlines=True)
         fields.update(
-            MESSAGE=escape(record.getMessage()), PRIORITY=str(self._PRIORITY.get(record.levelno, 6)),
+            MESSAGE=escape(record.getMessage()) + _output(record),
+            PRIORITY=str(self._PRIORITY.get(record.levelno, 6)),
             LOGGER=escape(record.name), SYSLOG_IDENTIFIER="llmuxd", CODE_FILE=record.pathname,
             CODE_LINE=record.lineno, CODE_FUNC=record.funcName,
         )

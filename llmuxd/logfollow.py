@@ -1,178 +1,221 @@
-"""The models' own output, forwarded line by line with the model's name on each line.
+"""The models' own output in llmuxd's log, line by line with the model's name, and the output
+files kept from growing without end.
 
-Each model tree writes its stdout and stderr to ``<log_dir>/<model>.log`` (a file, so that CRIU
-can checkpoint and restore the tree with it).  In a container, those lines belong in the
-container's log too (``docker logs``).  This follower tails the files and writes each new line:
+Each model tree writes to its file, ``<log_dir>/<model>.log`` (see :mod:`.modellog`: a file, so
+that CRIU can dump and restore the tree with it).  The daemon follows those files in a thread of
+its own (:class:`Forwarder`) and writes each new line:
 
-* to stdout as ``[<model>] <line>`` (the image's entrypoint shape: next to llmuxd's own stderr);
-* or, with ``--journal``, to the journal with ``SYSLOG_IDENTIFIER=<model>`` and ``MODEL=<model>``
-  (the systemd shape: ``journalctl -t <model>``; the journal reaches ``docker logs`` through
-  llmuxd-console.service).
+* to the journal, when llmuxd's stderr goes there (systemd), with ``SYSLOG_IDENTIFIER=<model>``,
+  ``MODEL=<model>`` and the line's own level as ``PRIORITY`` (``journalctl MODEL=<model>``,
+  ``journalctl -t <model>``; in the image, the journal is also what ``docker logs`` shows);
+* otherwise to stdout as ``[<model>] <line>``, next to llmuxd's own log on stderr (a terminal,
+  the image's entrypoint shape: ``docker logs``).
 
-A file present when the follower starts is followed from its end (a restarted follower does not
-repeat old lines); a file that appears later, is truncated or replaced (prepare-restore re-creates
-logs) is followed from its start.  Polling (0.5 s): no inotify dependency, and it sees files on any
-file system.  ``--exit-with-parent`` ends it when its parent (llmuxd, which the entrypoint execs
-into) exits.
-
-    python -m llmuxd.logfollow [--config /etc/llmux/config.json] [--log-dir DIR] [--journal]
+Each line has its control characters escaped and secrets redacted before it leaves.  A file is
+followed from its end when the daemon starts (a restart repeats nothing), and from its start when
+it appears later, is replaced (prepare-restore re-creates it) or shrinks.  Once a file has grown
+past ``logs.max_bytes``, it is rotated (copy-truncate, :func:`modellog.rotate`) right after its
+lines were forwarded.  Polling (0.5 s): no inotify, any file system.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import logging
 import os
-import signal
+import stat
 import sys
-import time
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-DEFAULT_LOG_DIR = "/var/log/llmuxd"
-MAX_LINE = 64 * 1024  # a longer line without a newline is written in pieces
-_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "WARN": 4, "ERROR": 3, "CRITICAL": 2}
+from . import modellog, redact
+from .log import escape
 
+log = logging.getLogger(__name__)
 
-def _settings(config_path: str | None) -> tuple[str, set[str] | None]:
-    """(log_dir, model names) from the config; the models are None when it cannot be read
-    (then every ``*.log`` in the folder is followed)."""
-    try:
-        with open(config_path or "/etc/llmux/config.json") as f:
-            cfg = json.load(f)
-        return str(cfg.get("log_dir") or DEFAULT_LOG_DIR), set(cfg.get("models") or {}) or None
-    except (OSError, ValueError, AttributeError):
-        return DEFAULT_LOG_DIR, None
+MAX_LINE = 64 * 1024  # a longer line without a newline is forwarded in pieces
+READ_CHUNK = 8 << 20  # at most this much of a file per poll
+
+Emit = Callable[[str, str], None]
 
 
+@dataclass(frozen=True)
+class Source:
+    """A model's output file and the secrets that must not leave it (its argv's and
+    environment's secret values, which :func:`redact.text` replaces)."""
+
+    name: str
+    path: Path
+    secrets: tuple[str, ...] = ()
+
+
+@dataclass
 class _File:
-    __slots__ = ("path", "ino", "offset", "partial")
-
-    def __init__(self, path: Path, ino: int, offset: int):
-        self.path, self.ino, self.offset, self.partial = path, ino, offset, b""
+    ino: int
+    offset: int
+    partial: bytes = field(default=b"")
+    cannot_rotate: bool = False  # said once, until a rotation works again
 
 
 class Follower:
-    """Follows ``<log_dir>/<name>.log`` for the given names (all ``*.log`` when None) and hands
-    each complete line to ``emit(name, line)``."""
+    """Follows the sources' files and hands each complete, non-blank line to ``emit(name,
+    line)``; rotates a file once it reaches ``max_bytes`` (0: never), keeping ``keep`` copies."""
 
-    def __init__(self, log_dir: str | os.PathLike, names: set[str] | None, emit: Callable[[str, str], None]):
-        self.dir = Path(log_dir)
-        self.names = names
+    def __init__(self, sources: Sequence[Source], emit: Emit, *, max_bytes: int = 0, keep: int = 0):
+        self.sources = list(sources)
         self.emit = emit
+        self.max_bytes = max_bytes
+        self.keep = keep
         self.files: dict[str, _File] = {}
         self._first = True
 
-    def _candidates(self) -> dict[str, Path]:
-        if self.names is not None:
-            return {n: self.dir / f"{n}.log" for n in self.names}
-        try:
-            return {p.stem: p for p in self.dir.glob("*.log") if p.is_file()}
-        except OSError:
-            return {}
+    def follow(self, sources: Sequence[Source]) -> None:
+        """Follow ``sources`` from now on (a reload changed the models); a file not followed
+        before is followed from its end, as at the start."""
+        known = {src.name for src in self.sources}
+        for src in sources:
+            if src.name not in known:
+                try:
+                    st = os.lstat(src.path)
+                except OSError:
+                    continue  # made later: followed from its start
+                self.files[src.name] = _File(st.st_ino, st.st_size)
+        self.sources = list(sources)  # (one reference swapped: the polling thread sees one list or the other)
 
     def poll(self) -> int:
-        """Read what is new in every file; returns the number of lines emitted."""
+        """Forward what is new in every file (rotating those grown too big); returns the number
+        of lines forwarded."""
         n = 0
-        for name, path in self._candidates().items():
+        for src in self.sources:
             try:
-                st = path.stat()
+                st = os.lstat(src.path)
             except OSError:
                 continue
-            f = self.files.get(name)
+            if not stat.S_ISREG(st.st_mode):  # never follow a link planted where a log belongs
+                continue
+            f = self.files.get(src.name)
             if f is None or f.ino != st.st_ino or st.st_size < f.offset:
-                start = st.st_size if (f is None and self._first) else 0
-                f = self.files[name] = _File(path, st.st_ino, start)
+                f = self.files[src.name] = _File(st.st_ino, st.st_size if (f is None and self._first) else 0)
             if st.st_size > f.offset:
-                n += self._read(name, f)
+                n += self._read(src, f)
+            if self.max_bytes and max(st.st_size, f.offset) >= self.max_bytes:
+                n += self._rotate(src, f)
         self._first = False
         return n
 
-    def _read(self, name: str, f: _File) -> int:
+    def _read(self, src: Source, f: _File) -> int:
         try:
-            with open(f.path, "rb") as fh:
-                fh.seek(f.offset)
-                data = fh.read(8 << 20)
+            fd = os.open(src.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return 0
+        try:
+            data = os.pread(fd, READ_CHUNK, f.offset)
+        finally:
+            os.close(fd)
         f.offset += len(data)
-        buf = f.partial + data
-        *lines, f.partial = buf.split(b"\n")
+        return self._lines(src, f, data)
+
+    def _rotate(self, src: Source, f: _File) -> int:
+        try:
+            rest = modellog.rotate(src.path, self.keep, f.offset)
+        except OSError as e:
+            if not f.cannot_rotate:
+                log.warning("%s: cannot rotate %s: %s", src.name, src.path, e.strerror or e,
+                            extra={"MODEL": src.name, "EVENT": "log_rotate"})
+            f.cannot_rotate = True
+            return 0
+        f.offset, f.cannot_rotate = 0, False
+        return self._lines(src, f, rest)
+
+    def _lines(self, src: Source, f: _File, data: bytes) -> int:
+        *lines, f.partial = (f.partial + data).split(b"\n")
         while len(f.partial) > MAX_LINE:
             lines.append(f.partial[:MAX_LINE])
             f.partial = f.partial[MAX_LINE:]
         n = 0
         for raw in lines:
-            line = raw.decode("utf-8", "replace").rstrip("\r")
-            if line.strip():  # blank lines (separators in the log) are left out
-                self.emit(name, line)
+            if self._emit(src, raw):
                 n += 1
         return n
 
+    def _emit(self, src: Source, raw: bytes) -> bool:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        if not line.strip():  # blank lines (separators in the file) are left out
+            return False
+        self.emit(src.name, redact.text(escape(line), src.secrets))
+        return True
+
     def flush(self) -> None:
-        """Emit what is left without a newline (at exit)."""
-        for name, f in self.files.items():
-            if f.partial:
-                self.emit(name, f.partial.decode("utf-8", "replace"))
+        """Forward what is left without a newline (at the end)."""
+        for src in self.sources:
+            f = self.files.get(src.name)
+            if f is not None and f.partial:
+                self._emit(src, f.partial)
                 f.partial = b""
 
 
-def stdout_emitter(stream=None) -> Callable[[str, str], None]:
-    out = stream or sys.stdout
-
+def stdout_emitter(stream=None) -> Emit:
     def emit(name: str, line: str) -> None:
+        out = stream or sys.stdout
         out.write(f"[{name}] {line}\n")
         out.flush()
 
     return emit
 
 
-def journal_emitter() -> Callable[[str, str], None]:
+def journal_emitter() -> Emit:
     from systemd import journal  # systemd-python, a dependency of llmuxd
 
     def emit(name: str, line: str) -> None:
-        level = line.split(" ", 1)[0].rstrip(":").upper()
-        journal.send(line, SYSLOG_IDENTIFIER=name, MODEL=name, PRIORITY=str(_PRIORITY.get(level, 6)),
+        journal.send(line, SYSLOG_IDENTIFIER=name, MODEL=name, PRIORITY=str(modellog.priority(line)),
                      LLMUXD_MODEL_OUTPUT="1")
 
     return emit
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llmuxd.logfollow", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="/etc/llmux/config.json", help="llmuxd's config (log_dir, model names)")
-    ap.add_argument("--log-dir", help="the folder of <model>.log files (default: the config's log_dir)")
-    ap.add_argument("--journal", action="store_true", help="write to the journal instead of stdout")
-    ap.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process exits")
-    ap.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
-    args = ap.parse_args(argv)
-    log_dir, names = _settings(args.config)
-    follower = Follower(args.log_dir or log_dir, names, journal_emitter() if args.journal else stdout_emitter())
-    parent = os.getppid()
-    stop = False
+def default_emitter() -> Emit:
+    """The journal when llmuxd's stderr goes there, else stdout (like llmuxd's own log)."""
+    from .systemd import stderr_is_journal
 
-    def on_signal(*_):
-        nonlocal stop
-        stop = True
+    return journal_emitter() if stderr_is_journal() else stdout_emitter()
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    try:
-        while not stop:
-            follower.poll()
-            if args.exit_with_parent and os.getppid() != parent:
-                follower.poll()
+
+class Forwarder:
+    """A :class:`Follower` polled by a thread of its own until :meth:`stop`."""
+
+    def __init__(self, sources: Sequence[Source], *, max_bytes: int, keep: int, emit: Emit | None = None,
+                 interval: float = 0.5):
+        self.follower = Follower(sources, emit or default_emitter(), max_bytes=max_bytes, keep=keep)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="model-output", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._poll()
+            if self._stop.wait(self.interval):
                 break
-            time.sleep(args.interval)
-    except BrokenPipeError:
-        return 0
-    finally:
+        self._poll()  # what the trees wrote while they were being stopped
         try:
-            follower.flush()
-        except (BrokenPipeError, OSError):
+            self.follower.flush()
+        except OSError:
             pass
-    return 0
 
+    def _poll(self) -> None:
+        try:
+            self.follower.poll()
+        except BrokenPipeError:  # nobody reads stdout any more: nothing to forward to
+            self._stop.set()
+        except Exception:  # noqa: BLE001 - forwarding must never end for good on one bad moment
+            log.exception("forwarding the models' output failed; retrying")
 
-if __name__ == "__main__":
-    sys.exit(main())
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None

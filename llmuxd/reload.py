@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 #: the models through their process (see "changed" above); the policy's settings are read at
 #: each use.  Any other setting needs a restart.
 LIVE = frozenset({
-    "vllm_command", "backend_host", "warmup",
+    "vllm_command", "backend_host", "warmup", "startup_timeout_secs",
     "policy.request_timeout_secs", "policy.drain_before_switch", "policy.min_active_secs",
     "policy.startup_timeout_secs", "policy.drain_timeout_secs", "policy.max_queued_requests",
     "policy.eviction", "policy.sleep_level",

@@ -74,11 +74,54 @@ class Switching(_Contract):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class TransitionRecord(_Contract):
+    """One finished transition, kept in the daemon's recent history (newest last).
+
+    ``kind``: ``switch`` (the whole switch to ``model``: eviction of ``from_model``, then the
+    wake), or a model's own step: ``cold_start``, ``wake``, ``cuda_resume``, ``restore``,
+    ``sleep``, ``dump`` (a checkpoint finishing in the background), ``stop``, ``exited`` (the
+    backend ended on its own)."""
+
+    kind: str
+    model: str
+    from_model: str | None = None
+    started_at: float  # Unix time
+    duration_secs: float
+    ok: bool
+    state: str | None = None  # a model's step: the state it ended in
+
+
 class Status(_Contract):
     active_model: str | None
     switching: Switching | None
     queue_depth: int
     models: dict[str, ModelStatus]
+    recent_transitions: list[TransitionRecord] = []
+
+
+class GpuDevice(_Contract):
+    index: int
+    name: str
+    memory_total: int | None  # bytes
+    memory_used: int | None
+    memory_free: int | None
+
+
+class GpuMemory(_Contract):
+    """GPU memory now: ``source`` is ``nvml``, ``nvidia-smi``, ``simulator`` (the models are
+    llmuxd-vllm-sim, which models a GPU) or None (no GPU here: nothing to show)."""
+
+    source: str | None
+    devices: list[GpuDevice] = []
+    by_model: dict[str, int] = {}  # bytes held by each model's processes, where known
+
+
+class LogTail(_Contract):
+    """The last lines of a model's own output (its ``<log_dir>/<model>.log``), control
+    characters escaped and secrets redacted."""
+
+    model: str
+    lines: list[str]
 
 
 class Transition(_Contract):

@@ -16,6 +16,12 @@ Admission rules (one model awake at a time, all models share one GPU):
 * an eviction drains at most ``drain_timeout_secs``: the requests still in flight then have
   their :class:`Lease` revoked (the proxy ends them: an SSE error frame for a stream), so a
   stalled stream or a client that stopped reading never freezes the switches behind it.
+
+Each lease's :class:`Route` carries the model's :class:`Upstream`, its kept-alive connections
+for the current awake period.  The switcher closes it when it evicts the model (after the
+drain, before ``model.sleep()``: no connection into the model's tree is left to be dumped with
+it), and whenever the model leaves its awake state otherwise (backend died, stopped); the next
+admission gets a new one.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ from .errors import (
     UnknownModel,
 )
 from .events import Events, Listener, State
+from .history import TransitionHistory
 from .isolation.cgroups import CgroupLayout
 from .jobs import Job, Jobs
 from .lease import Lease, Route
 from .metrics import Metrics
 from .model import Model, TransitionError
 from .status import ReloadResult, Status, Switching, Transition
+from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,8 @@ class Switcher(Listener):
         self.policy = config.policy
         self.metrics = metrics or Metrics(list(config.models))
         self.cgroups = cgroups
-        self.events = Events([self.metrics, self])  # shared with every Model
+        self.history = TransitionHistory()
+        self.events = Events([self.metrics, self, self.history])  # shared with every Model
         # The CUDA suspend backend: chosen once (on first use) for every model.
         self.cuda = SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
         self.link_remaps = asyncio.Lock()  # one dump or restore at a time (model/checkpoint.py says why)
@@ -66,6 +75,8 @@ class Switcher(Listener):
         self._switching: tuple[str | None, str] | None = None
         self._evicting: str | None = None
         self._leases: dict[str, set[Lease]] = {}  # per model, ever (a removed one's may outlive it)
+        self._routes: dict[str, Route] = {}  # per model awake now: its route, with an open Upstream
+        self._in_flight: dict = {}  # per model: its llmuxd_requests_in_flight child
         self._idle: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, list[asyncio.Future]] = {}
         for name in config.models:
@@ -108,6 +119,8 @@ class Switcher(Listener):
         await self.jobs.close()
         for name, futs in self._waiting.items():
             self._settle(name, ShuttingDown("llmuxd is shutting down"))
+        for name in list(self._routes):
+            self._drop_upstream(name)
         models = [*self.models.values(), *self._removed.values()]
         await asyncio.gather(*(m.stop() for m in models), return_exceptions=True)
         await asyncio.gather(*(m.close() for m in models), return_exceptions=True)
@@ -123,12 +136,19 @@ class Switcher(Listener):
     async def serving(self, name: str) -> AsyncIterator[Lease]:
         """Hold the model awake for the duration of one request; the lease says when the
         controller needs it back first."""
-        self.model(name)
-        lease = await self._admit(name)
+        lease = await self.admit(name)
         try:
             yield lease
         finally:
             self._release(lease)
+
+    async def admit(self, name: str) -> Lease:
+        """:meth:`serving` without the context manager: the caller must :meth:`release` the lease."""
+        self.model(name)
+        return await self._admit(name)
+
+    def release(self, lease: Lease) -> None:
+        self._release(lease)
 
     def _admissible(self, name: str) -> bool:
         return self.active == name and self.models[name].state is State.AWAKE and self._evicting != name
@@ -174,11 +194,15 @@ class Switcher(Listener):
         return sum(len(w) for w in self._waiting.values())
 
     def _take(self, name: str) -> Lease:
-        backend = self.models[name].backend
-        lease = Lease(name, Route(backend.url, backend.served_name))
+        route = self._routes.get(name)
+        if route is None or route.upstream.closed:  # the first admission of this awake period
+            backend = self.models[name].backend
+            upstream = Upstream(backend.url, self.policy.upstream_read_timeout_secs)
+            route = self._routes[name] = Route(backend.url, backend.served_name, upstream)
+        lease = Lease(name, route)
         self._leases[name].add(lease)
         self._idle[name].clear()
-        self.metrics.in_flight.labels(name).inc()
+        self._in_flight[name].inc()
         return lease
 
     def _release(self, lease: Lease) -> None:
@@ -186,9 +210,20 @@ class Switcher(Listener):
         if lease not in leases:
             return
         leases.remove(lease)
-        self.metrics.in_flight.labels(lease.model).dec()
+        self._in_flight[lease.model].dec()
         if not leases:
             self._idle[lease.model].set()
+
+    async def _close_upstream(self, name: str) -> None:
+        """Close the model's kept-alive connections (and open no more) before it is evicted."""
+        route = self._routes.pop(name, None)
+        if route is not None:
+            await route.upstream.aclose()
+
+    def _drop_upstream(self, name: str) -> None:
+        route = self._routes.pop(name, None)
+        if route is not None:
+            route.upstream.close_now()
 
     def revoke(self, name: str, reason: Evicted) -> int:
         """Revoke every lease held on ``name``; returns how many."""
@@ -215,18 +250,27 @@ class Switcher(Listener):
                 fut.set_exception(error)
 
     # -- control verbs ------------------------------------------------------------------------
-    def request_done(self, name: str, outcome: str) -> None:
-        """A proxied request for ``name`` ended (``outcome``: the status code, ``evicted``,
-        ``client_closed``...): counted in llmuxd_requests_total."""
-        self.metrics.requests.labels(name, outcome).inc()
+    def request_done(self, name: str, outcome: str, seconds: float) -> None:
+        """A proxied request for ``name`` ended after ``seconds`` (``outcome``: the status code,
+        ``evicted``, ``client_closed``...): llmuxd_requests_total, llmuxd_request_duration_seconds."""
+        self.metrics.request_done(name, outcome, seconds)
 
     async def wake(self, name: str) -> Transition:
-        self.model(name)
-        return await asyncio.shield(self._request_activation(name).done)
+        return await self.queue_wake(name)
 
     async def sleep(self, name: str) -> Transition:
+        return await self.queue_sleep(name)
+
+    def queue_wake(self, name: str) -> Awaitable[Transition]:
+        """Queue the activation of ``name`` now (joining one already queued) and return its
+        outcome to await; UnknownModel or ShuttingDown at once."""
         self.model(name)
-        return await asyncio.shield(self.jobs.put(f"sleep {name}", lambda: self._sleep_job(name)).done)
+        return asyncio.shield(self._request_activation(name).done)
+
+    def queue_sleep(self, name: str) -> Awaitable[Transition]:
+        """Queue the eviction of ``name`` now; as :meth:`queue_wake`."""
+        self.model(name)
+        return asyncio.shield(self.jobs.put(f"sleep {name}", lambda: self._sleep_job(name)).done)
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file and apply it (``reload.py``), in turn with the transitions.  A
@@ -244,7 +288,8 @@ class Switcher(Listener):
                                                       "waiting": len(self._waiting[name])})
                   for name, m in self.models.items()}
         switching = Switching(from_=self.switching[0], to=self.switching[1]) if self.switching else None
-        return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models)
+        return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models,
+                      recent_transitions=self.history.recent())
 
     # -- the jobs ----------------------------------------------------------------------------------
     def _request_activation(self, name: str) -> Job:
@@ -281,6 +326,7 @@ class Switcher(Listener):
                 self.active = name
                 secs = time.monotonic() - started
                 self.metrics.switches.labels(previous or "", name, "ok").inc()
+                self.metrics.switch_seconds.labels(name, model.last_wake_kind or "").observe(secs)
                 log.info(
                     "switched %s -> %s in %.3f s (%s)", previous, name, secs, model.last_wake_kind,
                     extra={"MODEL": name, "EVENT": "switch", "DURATION_S": f"{secs:.3f}"},
@@ -318,7 +364,9 @@ class Switcher(Listener):
             if self.policy.drain_before_switch:
                 started = time.monotonic()
                 await self._drain(name)
-                self.metrics.phase_done(name, "drain", time.monotonic() - started)
+                self.metrics.phase_done(name, "drain", time.monotonic() - started, model.eviction.process.value)
+            # No kept-alive connection may go into the eviction (a checkpoint would dump it).
+            await self._close_upstream(name)
             # a switch waits for the GPU, not the dump
             return await model.sleep(background=for_switch, start_after=start_after)
         finally:
@@ -358,6 +406,7 @@ class Switcher(Listener):
         if name not in self._leases:
             self._leases[name], self._idle[name], self._waiting[name] = set(), asyncio.Event(), []
             self._idle[name].set()
+        self._in_flight[name] = self.metrics.in_flight.labels(name)
         return self.models[name]
 
     async def remove_model(self, name: str) -> None:
@@ -368,6 +417,7 @@ class Switcher(Listener):
         self._activation.pop(name, None)  # (its job, already queued, finds the model gone)
         self._settle(name, ModelRemoved(name))
         await self._drain(name)
+        await self._close_upstream(name)
         await model.stop()
         await model.close()
         del self._removed[name]
@@ -377,5 +427,7 @@ class Switcher(Listener):
 
     # -- the models' events ------------------------------------------------------------------
     def state_changed(self, model: str, old: State, new: State) -> None:
+        if new is not State.AWAKE:  # gone or going without an eviction of ours (its backend died...)
+            self._drop_upstream(model)
         if new is State.STOPPED and self.active == model:
             self.active = None

@@ -5,10 +5,11 @@
 # llmuxd directly: `IMAGE` -> `llmuxd serve`, `IMAGE status` -> `llmuxd status`, ...
 #
 # `docker logs` shows, in both shapes, llmuxd's own log and each model's output with the model's
-# name on every line (llmuxd/logfollow.py).  Under systemd that takes two things from here: the
-# container's environment (`docker run -e`, the image's ENV) saved for the llmuxd units, which
-# systemd would not give them, and a pump that keeps the container's stdout, which systemd replaces
-# with /dev/null, for llmuxd-console.service to write the journal into.
+# name on every line (llmuxd forwards it: llmuxd/logfollow.py; to the journal under systemd, to its
+# stdout otherwise).  Under systemd that takes two things from here: the container's environment
+# (`docker run -e`, the image's ENV) saved for the llmuxd units, which systemd would not give them,
+# and a pump that keeps the container's stdout, which systemd replaces with /dev/null, for
+# llmuxd-console.service to write the journal into.
 set -e
 RUN_DIR=${LLMUXD_RUN_DIR:-/run/llmuxd}
 VENV=${LLMUXD_VENV:-/opt/llmuxd/venv}
@@ -49,10 +50,6 @@ if [ "$1" = serve ]; then
   # What the restore unit does under systemd, then the daemon.
   /usr/local/bin/llmuxd prepare-restore --config "$CONFIG" || true
   shift
-  # The models' output next to llmuxd's own (stderr); the follower ends when llmuxd does.
-  if [ -x "$VENV/bin/python3" ]; then
-    "$VENV/bin/python3" -m llmuxd.logfollow --config "$CONFIG" --exit-with-parent &
-  fi
   exec /usr/local/bin/llmuxd serve --config "$CONFIG" "$@"
 fi
 exec /usr/local/bin/llmuxd "$@"

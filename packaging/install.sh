@@ -55,10 +55,11 @@ fi
 
 if has files; then
   VENV=${VENV:-/opt/llmuxd/venv}
-  log "files: units, D-Bus policy, /usr/local/bin/llmuxd -> $VENV/bin/llmuxd"
-  install -d /etc/systemd/system /usr/share/dbus-1/system.d /etc/llmux /var/log/llmuxd
+  log "files: units, D-Bus policy and interface, /usr/local/bin/llmuxd -> $VENV/bin/llmuxd"
+  install -d /etc/systemd/system /usr/share/dbus-1/system.d /usr/share/dbus-1/interfaces /etc/llmux /var/log/llmuxd
   install -m 0644 "$SRC/systemd/llmuxd.service" "$SRC/systemd/llmuxd-restore.service" /etc/systemd/system/
   install -m 0644 "$SRC/dbus/io.llmux.Llmuxd1.conf" /usr/share/dbus-1/system.d/
+  install -m 0644 "$SRC/dbus/io.llmux.Llmuxd1.xml" /usr/share/dbus-1/interfaces/
   ln -sf "$VENV/bin/llmuxd" /usr/local/bin/llmuxd
   ln -sf "$VENV/bin/llmuxd-vllm-sim" /usr/local/bin/llmuxd-vllm-sim
   if [[ -d /run/systemd/system ]]; then  # a running systemd (not an image build): pick them up

@@ -36,6 +36,9 @@ if [[ "${1:-}" == "--tests" ]]; then
   # The real vLLM CPU build and its tiny models (cached; tests/test_vllm.py fails with the
   # reason if this did not work).
   bash "$ROOT/scripts/setup-vllm.sh" >&2 || log "vLLM set-up failed: the real-vLLM tests will fail with the reason"
+  # A headless browser for the status page's tests (tests/test_ui.py drives it over the
+  # DevTools protocol).
+  apt_install_missing chromium || log "installing chromium failed: the status page tests will fail with the reason"
   # The Docker engine and mmdebstrap for tests/test_docker.py (which starts the engine when none
   # runs, builds its base image and the project's image, and stops the engine again).
   docker_pkgs=()

@@ -39,7 +39,7 @@ def golden(tmp_path_factory, hf_home):
            "LLMUXD_SIM_GPU_DIR": str(root / "gpu")}
     m1_port, port = free_ports(2)
     config = {"models": {"m1": model_entry("m1", m1_port, "discard", "checkpoint", ["--hf-token", SECRET_ARG])},
-              "port": port, "host": "127.0.0.1", "vllm_command": SIM, "log_dir": str(root / "logs"),
+              "port": port, "metrics_port": 0, "host": "127.0.0.1", "vllm_command": SIM, "log_dir": str(root / "logs"),
               "policy": {"request_timeout_secs": 60, "min_active_secs": 0, "startup_timeout_secs": 30},
               "checkpoint": {"criu_path": CRIU, "images_dir": str(root / "ck")}}
     (root / "config.json").write_text(json.dumps(config))

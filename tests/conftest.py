@@ -76,7 +76,7 @@ def make_daemon(tmp_path, sim_env):
         if models is None:
             models = {"m1": model_entry("m1", ports[1]), "m2": model_entry("m2", ports[2])}
         config = {
-            "models": models, "port": ports[0], "host": "127.0.0.1", "vllm_command": SIM,
+            "models": models, "port": ports[0], "metrics_port": 0, "host": "127.0.0.1", "vllm_command": SIM,
             "log_dir": str(tmp_path / "logs"),
             "policy": {"request_timeout_secs": 60, "min_active_secs": 0, "startup_timeout_secs": 30},
         }

@@ -11,7 +11,9 @@ import pytest
 
 from conftest import model_entry
 from harness import LLMUXD, free_ports
+from llmuxd.commands.inspect_checkpoint import CheckpointReport
 from llmuxd.isolation.procfs import alive
+from llmuxd.status import ModelStatus
 
 pytestmark = [pytest.mark.criu]
 
@@ -31,12 +33,18 @@ def test_checkpoint_inspect_restore_detached_then_adopted(make_daemon, tmp_path,
     assert r.returncode == 0, r.stdout + r.stderr
     assert "own PID namespace: True" in r.stdout and "saved (put back byte-exact)" in r.stdout
     assert "/dev/shm/psm_" in r.stdout and "restorable here" in r.stdout
+    r = subprocess.run([LLMUXD, "inspect-checkpoint", str(path), "--json"], capture_output=True, text=True, env=d.env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = CheckpointReport.model_validate_json(r.stdout)
+    assert report.restorable and report.problems == [] and report.manifest.own_pidns and report.manifest.model == "m1"
+    assert any(f.path.startswith("/dev/shm/psm_") for f in report.manifest.saved)
     r = run("prepare-restore")
     assert r.returncode == 0 and "is ready to restore" in r.stderr, r.stderr
-    r = run("restore", "m1", "--detached")
+    r = run("restore", "m1", "--detached", "--json")
     assert r.returncode == 0, r.stderr
-    assert "m1: restored in" in r.stdout
-    root = int(r.stdout.split("root pid ")[1].split()[0])
+    restored = ModelStatus.model_validate_json(r.stdout)
+    assert restored.state == "awake" and restored.last_wake_kind == "restore" and restored.last_restore is not None
+    root = restored.pid
     assert alive(root)
     port = d.config["models"]["m1"]["port"]
     direct = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m1", "prompt": "d", "max_tokens": 3})
@@ -64,7 +72,7 @@ def test_validate_prints_a_table_over_policies(make_daemon, tmp_path):
     lines = r.stdout.splitlines()
     assert lines[1].split()[:3] == ["POLICY", "CYCLE", "SLEEP"]
     rows = {ln.split()[0]: ln.split() for ln in lines[2:-1]}
-    assert rows["discard+checkpoint"][3] == "checkpointed" and rows["discard+checkpoint"][5] == "restore"
+    assert rows["discard+checkpoint"][3] == "checkpointed" and rows["discard+checkpoint"][5] == "restore", r.stdout
     assert rows["retain+stop"][5] == "cold_start" and rows["offload+keep_running"][5] == "wake"
     assert all(row[-1] == "yes" for row in rows.values()) and lines[-1] == "all responses matched"
     assert "0M" in rows["discard+checkpoint"][6].split("/")[1]  # nothing resident while checkpointed

@@ -326,3 +326,46 @@ def test_writeback_runs_pass_after_pass_until_told_to_stop(tmp_path):
 
     asyncio.run(dump())
     assert set(w.kicked) >= {"pages-0.img", "pages-1.img"}
+
+
+def test_images_hashed_while_they_grow_give_the_digest_of_the_whole_file(tmp_path):
+    """A dump hashes CRIU's pages images as CRIU appends to them (durable.Writeback's passes):
+    whatever the passes saw, the digest recorded is BLAKE3 of the final file, as if hashed whole;
+    a file replaced meanwhile is hashed again from its start; a file the passes never saw or
+    that shrank below what they hashed is hashed whole."""
+    images = tmp_path / "images"
+    images.mkdir()
+    grown, replaced, shrunk, unseen = (images / n for n in ("pages-1.img", "pages-2.img", "pages-3.img",
+                                                             "pages-4.img"))
+    growing = digest.Growing()
+    data = {p: b"" for p in (grown, replaced, shrunk)}
+
+    def write(p, more):  # CRIU appends; a pass follows now and then
+        with open(p, "ab") as f:
+            f.write(more)
+        data[p] = data.get(p, b"") + more
+
+    def one_pass():
+        for p in (grown, replaced, shrunk):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                growing.advance(fd, p.name, os.fstat(fd))
+            finally:
+                os.close(fd)
+
+    for i in range(5):
+        for p in (grown, replaced, shrunk):
+            write(p, os.urandom(3 * digest.CHUNK // 2 + i))
+        one_pass()
+    replaced.unlink()  # a new file under the same name: what was hashed of the old one is void
+    data[replaced] = b""
+    write(replaced, os.urandom(1000))
+    os.truncate(shrunk, 10)
+    data[shrunk] = data[shrunk][:10]
+    write(grown, b"tail")
+    unseen.write_bytes(b"x" * 5000)
+    data[unseen] = b"x" * 5000
+    assert growing.hashed >= 5 * 3 * digest.CHUNK
+    records = digest_images(images, digest.Digester(), growing)
+    for p, content in data.items():
+        assert records[p.name] == {"size": len(content), "blake3": blake3.blake3(content).hexdigest()}, p.name

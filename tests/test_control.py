@@ -14,6 +14,7 @@ import pytest
 
 from conftest import model_entry
 from harness import LLMUXD, free_ports, wait_until
+from llmuxd import modellog
 from llmuxd.isolation.procfs import alive
 from test_switching import GpuWatch, metric, two_models
 
@@ -141,6 +142,9 @@ def test_backend_that_never_becomes_healthy(make_daemon):
     assert err["code"] == "model_unavailable" and "did not become healthy within 5 s" in err["message"]
     st = d.status()["models"]["m1"]
     assert st["state"] == "stopped" and st["pids"] == [] and "did not become healthy" in st["last_error"]
+    # what the server wrote meanwhile comes with it (it was stopped before: nothing is added later)
+    output = modellog.tail(d.workdir.parent / "logs" / "m1.log", 20, this_run=True)
+    assert err["message"].endswith(":\n" + "\n".join(output) if output else "m1.log"), err["message"]
     assert complete(d, "m2").status_code == 200  # the daemon keeps serving the others
 
 
@@ -156,7 +160,9 @@ def test_backend_crash_mid_stream_and_recovery(make_daemon, expected):
         body = "".join(r.iter_text())
     assert "backend_died" in body and "[DONE]" not in body
     wait_until(lambda: d.status()["models"]["m1"]["state"] == "stopped", 5, what="crash noticed")
-    assert "exited unexpectedly" in d.status()["models"]["m1"]["last_error"]
+    last_error = d.status()["models"]["m1"]["last_error"]
+    assert "exited unexpectedly" in last_error
+    assert "Simulated engine crash after 5 tokens" in last_error, last_error  # with its own last lines
     assert d.status()["active_model"] is None
     # Next request cold-starts a fresh backend.
     assert complete(d, "m1", "c", 2).json()["choices"][0]["text"] == expected("m1", "c", 2)

@@ -47,6 +47,7 @@ def cross_container_config(port: int, model_port: int) -> dict:
                        "images_dir": "/tmp/llmux-checkpoints", "cuda_checkpoint_path": "/usr/local/bin/cuda-checkpoint",
                        "keep_images": True},
         "port": port,
+        "metrics_port": 0,
         "vllm_command": f"{VENV}/bin/llmuxd-vllm-sim",
         "host": "127.0.0.1",
     }

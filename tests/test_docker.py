@@ -352,7 +352,7 @@ def config(vllm_command: str, real: bool) -> dict:
             "checkpoint": {"images_dir": CKPT, "keep_images": True},
             "checkpoint_on_stop": True,
             "policy": {"startup_timeout_secs": 600, "request_timeout_secs": 900},
-            "port": port, "host": "127.0.0.1", "vllm_command": vllm_command}
+            "port": port, "metrics_port": 0, "host": "127.0.0.1", "vllm_command": vllm_command}
 
 
 def write_config(base: Path, cfg: dict) -> str:
@@ -374,15 +374,17 @@ def test_image_is_built_as_specified(engine, image):
                       "/opt/llmuxd/venv/bin/python3 -c 'import pycriu.images, llmuxd.logfollow; print(\"pycriu ok\")'; "
                       "ls /usr/local/bin/cuda-checkpoint 2>&1; "
                       "ls /etc/systemd/system/multi-user.target.wants/ /etc/systemd/system/sysinit.target.wants/ "
-                      "/etc/systemd/system/llmuxd.service.wants/ /etc/systemd/system/llmuxd.service.d/")
+                      "/etc/systemd/system/llmuxd.service.d/; "
+                      "test -e /etc/systemd/system/llmuxd-logs.service || echo no follower unit")
     out = r.stdout + r.stderr
     assert not re.search(r"^/\S*/(gcc|cc|c\+\+|clang|tcc)$", out, re.M), out
     for path in ("/tmp/build-extra", "/etc/pip.conf", "/root/.config/pip", "/usr/local/bin/cuda-checkpoint"):
         assert f"cannot access '{path}'" in out, (path, out)
     assert "/usr/local/bin/llmuxd-vllm-sim" in out and "Version: 4.2" in out and "pycriu ok" in out, out
-    for unit in ("llmuxd.service", "llmuxd-restore.service", "llmuxd-console.service", "llmuxd-logs.service",
-                 "container-env.conf"):
+    for unit in ("llmuxd.service", "llmuxd-restore.service", "llmuxd-console.service", "container-env.conf"):
         assert unit in out, (unit, out)
+    # llmuxd forwards the models' output itself: no follower unit (it would forward every line twice)
+    assert "no follower unit" in out, out
     masked = engine.docker("run", "--rm", *engine.label(), "--network=host", "--entrypoint", "/bin/sh", image, "-c",
                            "readlink /etc/systemd/system/systemd-sysctl.service "
                            "/etc/systemd/system/systemd-modules-load.service /etc/systemd/system/systemd-udevd.service")
@@ -570,44 +572,3 @@ def test_restore_into_a_different_image_is_refused(engine, image, sim_hf, tmp_pa
         assert c.status()["last_wake_kind"] == "restore", c.logs()[-4000:]
     finally:
         c.remove()
-
-
-# -- the models' output on `docker logs` (llmuxd/logfollow.py), without Docker ---------------------
-
-def test_log_follower_forwards_new_lines_with_the_model_name(tmp_path):
-    from llmuxd.logfollow import Follower
-
-    got: list[tuple[str, str]] = []
-    old = tmp_path / "m1.log"
-    old.write_text("before the follower\n")
-    f = Follower(tmp_path, {"m1", "m2"}, lambda name, line: got.append((name, line)))
-    f.poll()
-    assert got == []  # a file there at start is followed from its end: a restart repeats nothing
-    with open(old, "a") as fh:
-        fh.write("one\n\ntwo, no newline yet")
-    (tmp_path / "m2.log").write_text("m2 starts\n")  # a new file: from its start
-    (tmp_path / "other.log").write_text("not a model\n")
-    f.poll()
-    assert sorted(got) == [("m1", "one"), ("m2", "m2 starts")]
-    with open(old, "a") as fh:
-        fh.write(" -- now\n")
-    f.poll()
-    assert got[-1] == ("m1", "two, no newline yet -- now")
-    old.write_text("re-created (prepare-restore)\n")  # replaced: from its start
-    f.poll()
-    assert got[-1] == ("m1", "re-created (prepare-restore)")
-
-
-def test_log_follower_exits_with_its_parent(tmp_path):
-    """As the entrypoint starts it: a child of the shell that execs llmuxd; when that ends, so
-    does the follower (it was already printing with the model's name)."""
-    (tmp_path / "cfg.json").write_text(json.dumps({"models": {"m1": {}}, "log_dir": str(tmp_path)}))
-    script = (f"{sys.executable} -m llmuxd.logfollow --config {tmp_path}/cfg.json --exit-with-parent --interval 0.1 & "
-              f"echo $! > {tmp_path}/pid; sleep 1; echo hello >> {tmp_path}/m1.log; sleep 1")
-    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30, cwd=REPO)
-    pid = int((tmp_path / "pid").read_text())
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    assert "[m1] hello" in r.stdout, r.stdout + r.stderr

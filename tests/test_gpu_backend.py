@@ -237,7 +237,7 @@ def test_llmuxd_drives_it_as_vllm_command(made, tmp_path):
     port, mport = free_ports(2)
     config = {"models": {"tiny": {"model_path": REPO_ID, "port": mport,
                                   "eviction": {"weights": "discard", "process": "keep_running"}}},
-              "port": port, "host": "127.0.0.1", "vllm_command": f"{sys.executable} -m gpu.backend",
+              "port": port, "metrics_port": 0, "host": "127.0.0.1", "vllm_command": f"{sys.executable} -m gpu.backend",
               "log_dir": str(tmp_path / "logs"),
               "policy": {"request_timeout_secs": 60, "min_active_secs": 0, "startup_timeout_secs": 60}}
     d = LlmuxdProcess(tmp_path, config, env_for(hf, base / "home"))

@@ -84,3 +84,22 @@ def test_journal_fields_are_escaped(monkeypatch):
     exc = fields["EXCEPTION_TEXT"]
     assert exc.startswith("Traceback") and "\n" in exc and "\r" not in exc and "\x1b" not in exc
     assert not [a for a in args if "\x1b" in a or "\r" in a]
+
+
+def test_a_models_output_follows_the_record_indented(monkeypatch):
+    """The lines that explain a failure (``extra={"output": ...}``) come under the record's own
+    line, each indented and escaped, on stderr and in the journal's MESSAGE: none can pass for a
+    record of its own."""
+    output = ["ERROR boom", HOSTILE]
+    out = llog.SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s").format(
+        _record("m1: cold start failed", output=output))
+    lines = out.split("\n")
+    assert lines[0].endswith("m1: cold start failed") and len(lines) == 3
+    assert lines[1:] == ["    ERROR boom", "    " + llog.escape(HOSTILE)]
+    journal = pytest.importorskip("systemd.journal")
+    sent: list[tuple[str, ...]] = []
+    monkeypatch.setattr(journal, "sendv", lambda *args: sent.append(args))
+    llog.JournalHandler().emit(_record("m1: cold start failed", output=output))
+    message = dict(a.split("=", 1) for a in sent[0])["MESSAGE"]
+    assert message.split("\n") == ["m1: cold start failed", "    ERROR boom", "    " + llog.escape(HOSTILE)]
+    assert "OUTPUT" not in dict(a.split("=", 1) for a in sent[0])

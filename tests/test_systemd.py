@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import model_entry
-from harness import free_ports
+from harness import free_ports, wait_until
 from systemd_env import ServiceContainer, require_containers
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
@@ -28,7 +28,7 @@ def service(tmp_path, hf_home, request):
     def make(watchdog_sec: int = 0, extra_args=(), env: dict | None = None, **policy) -> ServiceContainer:
         p = free_ports(3)
         config = {"models": {"m1": model_entry("m1", p[1], extra=extra_args), "m2": model_entry("m2", p[2])},
-                  "port": p[0], "host": "127.0.0.1", "vllm_command": "llmuxd-vllm-sim",
+                  "port": p[0], "metrics_port": 0, "host": "127.0.0.1", "vllm_command": "llmuxd-vllm-sim",
                   "policy": {"min_active_secs": 0, "startup_timeout_secs": 30, **policy}}
         sc = ServiceContainer("svc", tmp_path, config,
                               {"HF_HOME": str(hf_home), "LLMUXD_TEST_HOOKS": "1", **(env or {})},
@@ -67,6 +67,18 @@ def test_start_ready_status_restore_unit_and_journal(service):
     switch = [e for e in entries if e.get("EVENT") == "switch"]
     assert switch and switch[0]["MODEL"] == "m1" and float(switch[0]["DURATION_S"]) > 0
     assert any(e.get("EVENT") == "state" and e.get("MODEL") == "m1" for e in entries)
+    # The model's own output too (llmuxd forwards what its tree writes to /var/log/llmuxd/m1.log),
+    # under the model's name, with MODEL= and the line's level, as an operator reads it back.
+    def output(model: str) -> list[dict]:
+        out = s.sh(f"journalctl --no-pager -o json MODEL={model}").stdout
+        return [e for e in map(json.loads, out.splitlines()) if e.get("LLMUXD_MODEL_OUTPUT") == "1"]
+
+    serving = wait_until(lambda: [e for e in output("m1") if "Starting vLLM API server" in e["MESSAGE"]], 15,
+                         what="m1's own line in the journal")
+    assert serving[0]["SYSLOG_IDENTIFIER"] == "m1" and serving[0]["PRIORITY"] == "6", serving[0]
+    assert serving[0]["_SYSTEMD_UNIT"] == "llmuxd.service"
+    assert any(e["MESSAGE"].startswith("--- llmuxd: starting ") for e in output("m1"))
+    assert output("m2") == []  # not started: nothing of it
     # Stopping the service stops every model tree.
     assert s.procs("llmuxd-vllm-sim")
     s.c.systemctl("stop", "llmuxd", check=True)

@@ -56,7 +56,7 @@ def cross_container_config(port: int, mport: int, vllm: str, eager: bool = True)
             "checkpoint": {"criu_path": "/usr/local/bin/criu", "cuda_plugin_dir": "/usr/lib/criu/",
                            "images_dir": "/tmp/llmux-checkpoints", "cuda_checkpoint_path": "/usr/local/bin/cuda-checkpoint",
                            "keep_images": True},
-            "port": port, "vllm_command": vllm, "host": "127.0.0.1",
+            "port": port, "metrics_port": 0, "vllm_command": vllm, "host": "127.0.0.1",
             "policy": {"startup_timeout_secs": 600, "request_timeout_secs": 600}}
 
 
@@ -167,7 +167,7 @@ def test_llmuxd_validate_on_real_vllm(vllm, tmp_path):
     from harness import LLMUXD
 
     port, mport = free_ports(2)
-    config = {"models": {"qwen3-0.6b": model("Qwen/Qwen3-0.6B", mport)}, "port": port, "host": "127.0.0.1",
+    config = {"models": {"qwen3-0.6b": model("Qwen/Qwen3-0.6B", mport)}, "port": port, "metrics_port": 0, "host": "127.0.0.1",
               "vllm_command": vllm, "log_dir": str(tmp_path / "logs"),
               "checkpoint": {"criu_path": "/usr/local/bin/criu", "images_dir": str(tmp_path / "ck")},
               "policy": {"startup_timeout_secs": 600}}

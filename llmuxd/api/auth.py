@@ -4,7 +4,10 @@
   drive llmuxd anyway; anyone else only with ``Authorization: Bearer <control token>``.  When
   a token is configured, a presented one must be right, from loopback too (401 otherwise).  A
   request carrying proxy headers (Forwarded, X-Forwarded-For, X-Real-IP) came through a proxy
-  and gets no loopback trust.
+  and gets no loopback trust.  Nor does a request that changes something (not GET or HEAD) sent
+  by a web browser (it carries ``Origin`` or ``Sec-Fetch-Site``): a page from anywhere, opened
+  in a browser on this machine, must not wake or sleep models through it (the status page's
+  buttons send the token).
 * The OpenAI routes (``/v1/*``): open, or, with ``api_keys`` configured, ``Authorization:
   Bearer <one of them>``.
 
@@ -33,6 +36,7 @@ TOKEN_ENV = "LLMUXD_CONTROL_TOKEN"
 CREDENTIAL = "control-token"
 MIN_TOKEN_CHARS = 16
 _PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+_BROWSER_HEADERS = ("Origin", "Sec-Fetch-Site")
 
 
 def _digest(secret: str) -> bytes:
@@ -87,6 +91,12 @@ def _loopback_peer(request: web.Request) -> bool:
     return addr.is_loopback
 
 
+def _loopback_trusted(request: web.Request, changes: bool) -> bool:
+    if not _loopback_peer(request) or any(h in request.headers for h in _PROXY_HEADERS):
+        return False
+    return not changes or not any(h in request.headers for h in _BROWSER_HEADERS)
+
+
 class Access:
     def __init__(self, control_token: str | None, api_keys: list[str]):
         self._token = _digest(control_token) if control_token else None
@@ -105,15 +115,22 @@ class Access:
         return bool(self._keys)
 
     def check_control(self, request: web.Request) -> None:
+        if not self._control_allowed(request, changes=request.method not in ("GET", "HEAD")):
+            raise Forbidden("the control API is served to loopback peers only (and changes, from a web "
+                            "browser, never without the token), or with 'Authorization: Bearer <control token>'")
+
+    def may_control(self, request: web.Request) -> bool:
+        """Whether a request with these credentials, from this peer, may use the control verbs
+        (wake, sleep): what the status page asks before it offers its buttons."""
+        return self._control_allowed(request, changes=True)
+
+    def _control_allowed(self, request: web.Request, changes: bool) -> bool:
         presented = _bearer(request) if self._token is not None else None
         if presented is not None:
             if not hmac.compare_digest(_digest(presented), self._token):
                 raise Unauthorized("invalid control token")
-            return
-        if _loopback_peer(request) and not any(h in request.headers for h in _PROXY_HEADERS):
-            return
-        raise Forbidden("the control API is served to loopback peers only, or with "
-                        "'Authorization: Bearer <control token>'")
+            return True
+        return _loopback_trusted(request, changes)
 
     def check_api(self, request: web.Request) -> None:
         if not self._keys:

@@ -1,5 +1,6 @@
-"""The HTTP applications: the main port (proxy, and the control API unless ``admin_port`` is
-set), the admin port (control API, metrics, health) and ``metrics_port`` (/metrics alone).
+"""The HTTP applications: the main port (proxy, and the control API with its status page
+``/ui`` unless ``admin_port`` is set), the admin port (control API and ``/ui``, metrics,
+health) and ``metrics_port`` (/metrics alone).
 
 Every request's raw target is checked first (``paths.py``); who may call a route is decided
 here, per route (``auth.py``), so no path spelling can reach a handler around its check.
@@ -23,6 +24,7 @@ from .control import Control
 from .errors import error_middleware
 from .paths import canonical
 from .proxy import Proxy
+from .ui import access_routes, page_routes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -82,7 +84,7 @@ def build_app(switcher: Switcher, access: Access, *, with_control: bool = True) 
     proxy = Proxy(switcher)
     app.router.add_routes(_guarded(proxy.routes(), access.check_api))
     if with_control:
-        app.router.add_routes(_guarded(Control(switcher).routes(), access.check_control))
+        _add_control(app, switcher, access)
     app.router.add_routes(_common_routes(switcher))
     if os.environ.get("LLMUXD_TEST_HOOKS") == "1":
         app.router.add_routes(_guarded([web.post("/debug/block-loop", _block_loop)], access.check_control))
@@ -97,9 +99,15 @@ def build_app(switcher: Switcher, access: Access, *, with_control: bool = True) 
 def build_admin_app(switcher: Switcher, access: Access) -> web.Application:
     """``admin_port``: the control API, /metrics and /health."""
     app = _new_app(switcher)
-    app.router.add_routes(_guarded(Control(switcher).routes(), access.check_control))
+    _add_control(app, switcher, access)
     app.router.add_routes(_common_routes(switcher))
     return app
+
+
+def _add_control(app: web.Application, switcher: Switcher, access: Access) -> None:
+    """The control API and the status page (``/ui``) that reads it."""
+    app.router.add_routes(_guarded(Control(switcher).routes() + access_routes(access), access.check_control))
+    app.router.add_routes(page_routes())
 
 
 async def _block_loop(request: web.Request) -> web.Response:

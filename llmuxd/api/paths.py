@@ -8,6 +8,7 @@ bytes beyond the unreserved set) is refused, and what is forwarded is the one ca
 
 from __future__ import annotations
 
+import functools
 import re
 
 from ..errors import BadRequest
@@ -38,8 +39,10 @@ def _segment(raw: str) -> str:
     return seg
 
 
+@functools.lru_cache(maxsize=1024)  # checked twice per request (middleware, proxy), the same few targets
 def canonical(raw_target: str) -> tuple[str, str]:
-    """``(path, query)`` of a raw request target; BadRequest unless the path is canonical."""
+    """``(path, query)`` of a raw request target; BadRequest unless the path is canonical
+    (a refusal is not cached: it raises)."""
     path, sep, query = raw_target.partition("?")
     if not path.startswith("/"):
         raise BadRequest("request target must be an absolute path")
@@ -50,6 +53,7 @@ def canonical(raw_target: str) -> tuple[str, str]:
     return "/" + "/".join(_segment(s) for s in path[1:].split("/")), query
 
 
+@functools.lru_cache(maxsize=1024)
 def forward_target(raw_target: str) -> str:
     """The target to send a backend: ``/v1/...`` in canonical form, with the query as sent."""
     path, query = canonical(raw_target)

@@ -11,6 +11,12 @@ Every wait is bounded and every party may misbehave:
 
 A stream is relayed byte for byte, written out at SSE frame boundaries, so a final error frame
 never lands inside a half-relayed one.
+
+Upstream connections are kept alive, in the route's :class:`~llmuxd.upstream.Upstream` (one per
+model and awake period, closed by the switcher before the model is evicted); a connection whose
+request did not end cleanly is aborted, never reused.  The relay runs in the request's own task:
+a revoked lease or a client that stopped reading cancels it (:class:`_Exchange`), with no task,
+timeout object or wait set of its own per request.
 """
 
 from __future__ import annotations
@@ -20,13 +26,12 @@ import json
 import logging
 import time
 
-import aiohttp
-import yarl
 from aiohttp import web
 
 from ..errors import BackendDied, Evicted, LlmuxdError
 from ..lease import Lease
 from ..switcher import Switcher
+from ..upstream import Response as UpstreamResponse, UpstreamClosed, UpstreamError, UpstreamTimeout
 from .errors import envelope
 from .headers import to_backend, to_client
 from .paths import forward_target
@@ -51,7 +56,14 @@ def _frame_end(buf: bytes) -> int:
 
 
 class _Exchange:
-    """One proxied request: the client's stream once started, and how the request ended."""
+    """One proxied request: the client's stream once started, how the request ended, and what
+    may cancel its relay.  While ``armed``, the relay (running in the request's task) is
+    cancelled when the lease is revoked (``evicted``) or when a write to the client has been
+    waiting ``client_timeout`` (``client_timeout``: one timer per stream, moved on lazily);
+    ``cancelled_for`` says which, so the relay can tell it from the client going away."""
+
+    __slots__ = ("request", "name", "response", "at_boundary", "status", "task", "armed", "cancelled_for",
+                 "finishing", "writing_since", "_timer", "_timeout")
 
     def __init__(self, request: web.Request, name: str):
         self.request = request
@@ -59,6 +71,46 @@ class _Exchange:
         self.response: web.StreamResponse | None = None
         self.at_boundary = True  # all that was written ends at an SSE frame boundary
         self.status = "error"  # the llmuxd_requests_total label
+        self.task: asyncio.Task | None = None
+        self.armed = False
+        self.cancelled_for: str | None = None
+        self.finishing = False  # the stream's end is being written
+        self.writing_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
+
+    def arm(self) -> None:
+        self.task = asyncio.current_task()
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def revoked(self, reason: Evicted) -> None:
+        self._cancel("evicted")
+
+    def _cancel(self, why: str) -> None:
+        if self.armed and self.cancelled_for is None:
+            self.cancelled_for = why
+            self.task.cancel()
+
+    def watch_writes(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._check_writes)
+
+    def _check_writes(self) -> None:
+        self._timer = None
+        if not self.armed:
+            return
+        loop = asyncio.get_running_loop()
+        since = self.writing_since
+        if since is not None and loop.time() - since >= self._timeout:
+            self._cancel("client_timeout")
+            return
+        self._timer = loop.call_at((since if since is not None else loop.time()) + self._timeout, self._check_writes)
 
 
 class Proxy:
@@ -70,22 +122,9 @@ class Proxy:
         self.read_timeout = cfg.policy.upstream_read_timeout_secs
         self.strip_authorization = bool(cfg.api_keys)  # the key is llmuxd's, not the backend's
         self.started = int(time.time())
-        self._session: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        # No keep-alive into backends: a connection left open into a model's tree would be
-        # dumped with it and be dead after a restore.
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True, limit=0),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout),
-                auto_decompress=False, skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            )
-        return self._session
 
     async def close(self) -> None:
-        if self._session:
-            await self._session.close()
+        """Nothing to close: the upstream connections are the switcher's (see Route.upstream)."""
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/v1/models", self.list_models), web.get("/v1/models/{model}", self.get_model),
@@ -101,19 +140,18 @@ class Proxy:
         return web.json_response(self._model_card(self.switcher.model(request.match_info["model"]).name))
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
         target = forward_target(request.raw_path)
         body, data, name = await read_model_request(request, self.limits)
         self.switcher.model(name)  # an unknown model is refused here, not counted: its name is the client's
-        headers = to_backend(request.headers, strip_authorization=self.strip_authorization)
+        fields = to_backend(request.raw_headers, strip_authorization=self.strip_authorization)
         ex = _Exchange(request, name)
         try:
-            async with self.switcher.serving(name) as lease:
-                route = lease.route
-                if route.served_name != name:  # the backend was started under another name
-                    data["model"] = route.served_name
-                    body = json.dumps(data).encode()
-                url = yarl.URL(route.url + target, encoded=True)
-                return await self._watched(ex, lease, url, body, headers)
+            lease = await self.switcher.admit(name)
+            try:
+                return await self._relay(ex, lease, target, body, data, fields)
+            finally:
+                self.switcher.release(lease)
         except asyncio.CancelledError:  # the client went away (aiohttp cancels its handler)
             if not ex.status.startswith("client_"):  # (or was dropped for not reading: kept)
                 ex.status = "client_closed"
@@ -122,101 +160,151 @@ class Proxy:
             ex.status = "evicted" if isinstance(e, Evicted) else str(e.http_status)
             raise
         finally:
-            self.switcher.request_done(name, ex.status)
+            self.switcher.request_done(name, ex.status, time.monotonic() - started)
 
-    async def _watched(self, ex: _Exchange, lease: Lease, url, body: bytes, headers) -> web.StreamResponse:
+    def _evicted(self, ex: _Exchange, lease: Lease) -> Evicted:
+        return Evicted(lease.reason.message if lease.reason else f"model '{ex.name}' is being evicted", model=ex.name)
+
+    async def _relay(self, ex: _Exchange, lease: Lease, target: str, body: bytes, data: dict,
+                     fields: bytes) -> web.StreamResponse:
         """Relay while watching the lease: a revoked lease stops the relay."""
-        relay = asyncio.ensure_future(self._relay(ex, url, body, headers))
-        revoked = asyncio.ensure_future(lease.revoked.wait())
+        route = lease.route
+        if route.served_name != ex.name:  # the backend was started under another name
+            data["model"] = route.served_name
+            body = json.dumps(data).encode()
+        if lease.revoked:
+            raise self._evicted(ex, lease)
+        head = b"POST %s HTTP/1.1\r\n%s" % (target.encode("ascii"), fields)
+        upstream: UpstreamResponse | None = None
+        ex.arm()
+        lease.on_revoke(ex.revoked)
         try:
-            await asyncio.wait((relay, revoked), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            revoked.cancel()
-            if not relay.done():
-                relay.cancel()
-                await asyncio.wait((relay,))  # it closes the upstream request
-            if relay.done() and not relay.cancelled():
-                relay.exception()  # retrieved here, raised below (or dropped if we are cancelled)
-        if not relay.cancelled():
-            return relay.result()
-        reason = Evicted(lease.reason.message if lease.reason else "model evicted", model=ex.name)
-        if ex.response is None:
-            raise reason
-        ex.status = "evicted"
-        await self._end_stream(ex, reason)
-        return ex.response
-
-    async def _relay(self, ex: _Exchange, url, body: bytes, headers) -> web.StreamResponse:
-        try:
-            upstream = await self.session().post(url, data=body, headers=headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise BackendDied(self._failed(ex, "did not answer", e), model=ex.name) from None
-        try:
+            try:
+                upstream = await route.upstream.request(head, body)
+            except UpstreamClosed:  # closed before this request got a connection: being evicted
+                raise self._evicted(ex, lease) from None
+            except UpstreamError as e:
+                raise BackendDied(self._failed(ex, "did not answer", e), model=ex.name) from None
             out_headers = to_client(upstream.headers)
-            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if upstream.event_stream:
                 return await self._stream(ex, upstream, out_headers)
             try:
                 payload = await upstream.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except UpstreamError as e:
                 raise BackendDied(self._failed(ex, "failed mid-response", e), model=ex.name) from None
+            ex.disarm()
             ex.status = str(upstream.status)
             return web.Response(status=upstream.status, body=payload, headers=out_headers)
+        except asyncio.CancelledError:
+            why = ex.cancelled_for
+            if why is None or ex.task.cancelling() != 1:  # the client went away (too)
+                raise
+            ex.task.uncancel()  # ours alone: the relay stops, the request is answered
+            ex.disarm()
+            if upstream is not None:
+                upstream.release()  # aborted: the backend sees the request abandoned
+            if why == "client_timeout":
+                self._client_gone(ex, _ClientGone(why))
+                return ex.response
+            reason = self._evicted(ex, lease)
+            if ex.response is None:
+                raise reason from None
+            ex.status = "evicted"
+            if ex.finishing:  # all was relayed, the client is slow to take the end: dropped
+                self._abort_client(ex)
+            else:
+                await self._end_stream(ex, reason)
+            return ex.response
         finally:
-            upstream.close()  # however this ends (a client gone, a revoked lease): abort upstream
+            ex.disarm()
+            lease.on_revoke(None)
+            if upstream is not None:
+                upstream.release()  # however this ends (a client gone, a revoked lease): abort upstream
 
     def _failed(self, ex: _Exchange, what: str, e: BaseException) -> str:
-        if isinstance(e, asyncio.TimeoutError):
+        if isinstance(e, UpstreamTimeout):
             return f"model '{ex.name}' backend stopped answering: nothing for {self.read_timeout:g} s"
         return f"model '{ex.name}' backend {what}: {e}"
 
-    async def _stream(self, ex: _Exchange, upstream: aiohttp.ClientResponse, out_headers) -> web.StreamResponse:
+    async def _stream(self, ex: _Exchange, upstream: UpstreamResponse, out_headers) -> web.StreamResponse:
         ex.response = web.StreamResponse(status=upstream.status, headers=out_headers)
         ex.status = str(upstream.status)
+        ex.watch_writes(self.client_timeout)
         pending = b""
         try:
             await self._write(ex, None)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    pending += chunk
-                    cut = len(pending) if len(pending) >= _FLUSH_BYTES else _frame_end(pending)
-                    if cut:
-                        out, pending = pending[:cut], pending[cut:]
-                        ex.at_boundary = _frame_end(out) == len(out)
-                        await self._write(ex, out)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                # Headers are gone already: tell the client in the stream, as OpenAI does.
-                err = BackendDied(self._failed(ex, "failed mid-stream", e), model=ex.name)
-                log.error("%s", err.message, extra={"MODEL": ex.name, "EVENT": "backend_died"})
-                ex.status = "502"
-                await self._end_stream(ex, err)
-                return ex.response
+            while True:
+                try:
+                    chunk = await upstream.read_some()
+                except UpstreamError as e:
+                    # Headers are gone already: tell the client in the stream, as OpenAI does.
+                    ex.disarm()
+                    upstream.release()
+                    err = BackendDied(self._failed(ex, "failed mid-stream", e), model=ex.name)
+                    log.error("%s", err.message, extra={"MODEL": ex.name, "EVENT": "backend_died"})
+                    ex.status = "502"
+                    await self._end_stream(ex, err)
+                    return ex.response
+                if not chunk:
+                    break
+                pending = pending + chunk if pending else chunk
+                cut = _frame_end(pending)
+                if len(pending) >= _FLUSH_BYTES:
+                    ex.at_boundary = cut == len(pending)
+                    cut = len(pending)
+                elif cut:
+                    ex.at_boundary = True
+                else:
+                    continue
+                if cut == len(pending):
+                    out, pending = pending, b""
+                else:
+                    out, pending = pending[:cut], pending[cut:]
+                await self._write(ex, out)
+            upstream.release()  # received whole: the connection goes back to the pool
             if pending:
                 await self._write(ex, pending)
+            ex.finishing = True
             await self._write(ex, b"", eof=True)
         except _ClientGone as gone:
-            ex.status = gone.label
-            log.info("model '%s': client %s mid-stream; upstream request aborted", ex.name,
-                     "went away" if gone.label == "client_closed" else "stopped reading",
-                     extra={"MODEL": ex.name, "EVENT": gone.label})
-            if ex.request.transport is not None:
-                ex.request.transport.abort()
+            self._client_gone(ex, gone)
         return ex.response
 
-    async def _write(self, ex: _Exchange, data: bytes | None, eof: bool = False, timeout: float | None = None) -> None:
-        """Prepare (``data`` None), write or finish the client's stream, within the client timeout."""
-        assert ex.response is not None
+    def _client_gone(self, ex: _Exchange, gone: _ClientGone) -> None:
+        ex.status = gone.label
+        log.info("model '%s': client %s mid-stream; upstream request aborted", ex.name,
+                 "went away" if gone.label == "client_closed" else "stopped reading",
+                 extra={"MODEL": ex.name, "EVENT": gone.label})
+        self._abort_client(ex)
+
+    @staticmethod
+    def _abort_client(ex: _Exchange) -> None:
+        if ex.request.transport is not None:
+            ex.request.transport.abort()
+
+    async def _write(self, ex: _Exchange, data: bytes | None, eof: bool = False) -> None:
+        """Prepare (``data`` None), write or finish the client's stream; a write still waiting
+        after the client timeout cancels the relay (``_Exchange.watch_writes``)."""
+        ex.writing_since = asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout(timeout or self.client_timeout):
-                if data is None:
-                    await ex.response.prepare(ex.request)
-                elif eof:
-                    await ex.response.write_eof(data)
-                else:
-                    await ex.response.write(data)
-        except TimeoutError:
-            raise _ClientGone("client_timeout") from None
+            if data is None:
+                await ex.response.prepare(ex.request)
+            elif eof:
+                await ex.response.write_eof(data)
+            else:
+                await ex.response.write(data)
         except ConnectionError:
             raise _ClientGone("client_closed") from None
+        finally:
+            ex.writing_since = None
+
+    async def _final_write(self, ex: _Exchange, data: bytes | None, eof: bool = False) -> None:
+        """As :meth:`_write`, within ``_FINAL_WRITE_SECS`` (the relay is over: nothing watches)."""
+        try:
+            async with asyncio.timeout(_FINAL_WRITE_SECS):
+                await self._write(ex, data, eof)
+        except TimeoutError:
+            raise _ClientGone("client_timeout") from None
 
     async def _end_stream(self, ex: _Exchange, err: LlmuxdError) -> None:
         """End a started stream with an error frame (OpenAI's envelope) and close the connection."""
@@ -226,9 +314,8 @@ class Proxy:
         ex.response.force_close()
         try:
             if not ex.response.prepared:
-                await self._write(ex, None, timeout=_FINAL_WRITE_SECS)
-            await self._write(ex, data, timeout=_FINAL_WRITE_SECS)
-            await self._write(ex, b"", eof=True, timeout=_FINAL_WRITE_SECS)
+                await self._final_write(ex, None)
+            await self._final_write(ex, data)
+            await self._final_write(ex, b"", eof=True)
         except _ClientGone:
-            if ex.request.transport is not None:
-                ex.request.transport.abort()
+            self._abort_client(ex)

@@ -35,6 +35,12 @@ async def read_body(request: web.Request, limits: BodyLimits) -> bytes:
     limit = limits.max_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes")
+    content = request.content
+    if content.is_eof() and content.exception() is None:  # all there already: no waiting, no timer
+        body = content.read_nowait()
+        if len(body) > limit:  # (a Content-Encoding decoded to more)
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        return body
     chunks: list[bytes] = []
     size = 0
     try:

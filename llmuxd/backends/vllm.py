@@ -5,20 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
-from pathlib import Path
 from typing import Callable
 
 import aiohttp
 
-from .. import redact
+from .. import modellog, redact
 from ..config import Config, WeightsEviction
 from ..isolation.cgroups import Cgroup
 from ..isolation.tree import ProcessTree
+from ..logfollow import Source
 from . import scratch
 
 log = logging.getLogger(__name__)
 
+
+#: How many lines of a tree's output a failure shows.
+TAIL_LINES = 20
 
 #: A fixed greedy request: its answer before a checkpoint must equal its answer after a restore.
 CANARY = {"prompt": "llmuxd canary: the capital of France is", "max_tokens": 8, "temperature": 0}
@@ -61,7 +63,7 @@ class VllmBackend:
         self.eviction = config.eviction_for(name)
         self.served_name = served_name(name, self.cfg.extra_args)
         self.url = f"http://{_connect_host(self.bind_host)}:{self.cfg.port}"
-        self.log_path = Path(config.log_dir) / f"{name}.log"
+        self.log_path = modellog.path_for(config.log_dir, name)
         iso = config.isolation
         if first_pid is None:
             first_pid = pick_first_pid(list(config.models).index(name))
@@ -103,12 +105,43 @@ class VllmBackend:
         if api_key is not None:  # in the environment, not on a command line everyone can read
             env["VLLM_API_KEY"] = api_key
         env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep, /wake_up, /collective_rpc, /reset_prefix_cache
+        # Its output reaches the file (and llmuxd's log) as it is written, not when a buffer fills
+        # or never (a killed process loses its buffers).
+        env.setdefault("PYTHONUNBUFFERED", "1")
         if self.tmpdir is not None:
             env["TMPDIR"] = str(self.tmpdir)
         env.pop("NOTIFY_SOCKET", None)  # the daemon's, not the backend's
         env.pop("WATCHDOG_USEC", None)
         env.pop("WATCHDOG_PID", None)
         return env
+
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values the tree is given (its secret options, its secret-looking
+        environment): kept out of every line of its output that llmuxd shows."""
+        argv, shown = self.argv(), redact.argv(self.argv())
+        found = {a.split("=", 1)[1] if "=" in a and s.endswith(redact.REDACTED) and s != redact.REDACTED else a
+                 for a, s in zip(argv, shown) if a != s}
+        env = self.env()
+        found |= {env[k] for k, v in redact.environ(env).items() if v != env[k]}
+        return tuple(sorted(v for v in found if v))
+
+    # -- its output ------------------------------------------------------------------------------
+    def mark(self, what: str, *, create: bool = True) -> None:
+        """A marker line in the tree's output file: what llmuxd does to it from here on (when the
+        file cannot be written, the tree's own start or restore says so)."""
+        try:
+            modellog.mark(self.log_path, what, create=create)
+        except OSError as e:
+            log.warning("%s: cannot write to %s: %s", self.name, self.log_path, e.strerror or e)
+
+    def output_tail(self, lines: int = TAIL_LINES, *, this_run: bool = True) -> list[str]:
+        """The last lines of the tree's output (since llmuxd last started, restored or woke it,
+        with ``this_run``), safe to show: escaped, secrets redacted."""
+        return modellog.tail(self.log_path, lines, this_run=this_run, secrets=self.secrets())
+
+    def output_source(self) -> Source:
+        """What the daemon follows to forward the tree's output."""
+        return Source(self.name, self.log_path, self.secrets())
 
     @property
     def running(self) -> bool:
@@ -119,11 +152,7 @@ class VllmBackend:
 
     async def start(self) -> None:
         argv = self.argv()
-        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # The model's output is private (it may echo prompts); a symbolic link is never followed.
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(fd, "a") as f:
-            f.write(f"\n--- llmuxd: starting {redact.command_line(argv)} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.mark(f"starting {redact.command_line(argv)}")
         self._expect_exit = False
         env = self.env()
         if self.tmpdir is not None:
@@ -170,7 +199,7 @@ class VllmBackend:
         while True:
             if not self.running:
                 code = self.tree.returncode
-                raise BackendError(f"backend exited with code {code} during start-up; see {self.log_path}")
+                raise BackendError(f"backend exited with code {code} during start-up")
             try:
                 async with self._http().get(self.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     if r.status == 200:
@@ -179,7 +208,7 @@ class VllmBackend:
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
             if loop.time() >= deadline:
-                raise BackendError(f"backend did not become healthy within {timeout:g} s; see {self.log_path}")
+                raise BackendError(f"backend did not become healthy within {timeout:g} s")
             await asyncio.sleep(self.HEALTH_POLL_SECS)
 
     def expect_exit(self) -> None:
@@ -214,7 +243,7 @@ class VllmBackend:
         return self._session
 
     async def _post(self, path: str, json: dict | None = None) -> object:
-        timeout = aiohttp.ClientTimeout(total=self.config.policy.startup_timeout_secs)
+        timeout = aiohttp.ClientTimeout(total=self.config.startup_timeout_for(self.name))
         try:
             async with self._http().post(self.url + path, json=json, timeout=timeout) as r:
                 body = await r.text()
@@ -239,7 +268,7 @@ class VllmBackend:
     async def canary(self) -> str | None:
         """The answer to the fixed greedy canary request; None when the model does not do text
         completions (then there is nothing to compare)."""
-        timeout = aiohttp.ClientTimeout(total=self.config.policy.startup_timeout_secs)
+        timeout = aiohttp.ClientTimeout(total=self.config.startup_timeout_for(self.name))
         try:
             async with self._http().post(self.url + "/v1/completions", timeout=timeout,
                                          json={"model": self.served_name, **CANARY}) as r:

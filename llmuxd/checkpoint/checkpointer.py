@@ -46,6 +46,7 @@ from ..isolation.xstate import XstateError, amx_here, give_back_amx
 from .. import cuda as cudamod
 from . import remaps, safefs
 from .describe import describe_dump
+from .digest import Growing
 from .durable import Writeback, fsync_dir
 from .criu import Criu, CriuError, CriuTimeout, error_lines
 from .images import ImageError
@@ -159,8 +160,9 @@ class Checkpointer:
                 t["cuda_suspend"] = released.seconds
             await asyncio.to_thread(self._before_dump, tree, facts.port)
             started = time.monotonic()
-            written = asyncio.Event()  # the disk writes the images out while CRIU writes them
-            writeback = asyncio.create_task(Writeback(images).run(written))
+            written = asyncio.Event()  # the disk writes the images out while CRIU writes them,
+            growing = Growing()  # and their memory pages are hashed as they come
+            writeback = asyncio.create_task(Writeback(images, growing).run(written))
             try:
                 await self.criu.dump(target, images, freeze_cgroup=self.cgroup.path if self.cgroup else None,
                                      enter=enter, timeout=self.settings.dump_timeout)
@@ -171,7 +173,9 @@ class Checkpointer:
             started = time.monotonic()
             if released.suspended:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
-            manifest = await asyncio.to_thread(describe_dump, images, partial, facts, t)
+            log.debug("%s: %d MiB of the images hashed while CRIU wrote them", self.name, growing.hashed >> 20,
+                      extra={"MODEL": self.name, "EVENT": "dump"})
+            manifest = await asyncio.to_thread(describe_dump, images, partial, facts, t, growing)
             t["manifest"] = time.monotonic() - started
             manifest = manifest.model_copy(update={"timings": dict(t)})
             started = time.monotonic()

@@ -16,13 +16,14 @@ from .model import Manifest
 from .store import BLOBS
 
 
-def describe_dump(images: Path, partial: Path, facts: DumpFacts, t: dict[str, float]) -> Manifest:
+def describe_dump(images: Path, partial: Path, facts: DumpFacts, t: dict[str, float],
+                  growing: digest.Growing | None = None) -> Manifest:
     """The manifest of what CRIU wrote, and everything it needs written and synced: the
     images hashed and synced on threads of their own while the images are read and the saved
     files copied (the two never wait for each other until the manifest takes the images'
-    records)."""
+    records).  ``growing``: the images hashed while CRIU wrote them, hashed on from there."""
     with digest.Digester() as d:
-        hashing: Future = d.background(_timed, t, "digest_images", digest_images, images, d)
+        hashing: Future = d.background(_timed, t, "digest_images", digest_images, images, d, growing)
         waited = 0.0
 
         def image_records() -> dict[str, dict]:

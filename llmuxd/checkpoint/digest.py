@@ -234,3 +234,46 @@ class Digester:
         if error is not None:
             raise error
         return results
+
+
+class Growing:
+    """Digests begun while the files are still being written: CRIU writes a tree's memory
+    (``pages-*.img``, nearly all of a checkpoint's bytes) front to back, so each pass during the
+    dump hashes what was appended since the last one, from the page cache it was just written to,
+    and the dump's own hashing after CRIU only hashes the rest.  A file that is replaced or
+    shrinks meanwhile starts over; :meth:`finish` gives a digest only for the same file (inode)
+    hashed up to no further than its final size — anything else is hashed whole as before."""
+
+    PATTERN = ("pages-", ".img")  # the files CRIU only appends to
+
+    def __init__(self) -> None:
+        self._state: dict[str, tuple[int, int, object]] = {}  # name -> (inode, bytes hashed, hasher)
+        self.hashed = 0  # bytes hashed during the dump (for the figures)
+
+    def wants(self, name: str) -> bool:
+        return name.startswith(self.PATTERN[0]) and name.endswith(self.PATTERN[1])
+
+    def advance(self, fd: int, name: str, st: os.stat_result) -> None:
+        """Hash ``name`` (open as ``fd``) from where the last pass stopped to its current size."""
+        ino, done, h = self._state.pop(name, (st.st_ino, 0, None))  # put back only when consistent
+        if ino != st.st_ino or st.st_size < done or h is None:
+            ino, done, h = st.st_ino, 0, new()
+        while done < st.st_size:
+            data = os.pread(fd, min(CHUNK, st.st_size - done), done)
+            if not data:
+                break
+            h.update(data)
+            done += len(data)
+            self.hashed += len(data)
+        self._state[name] = (ino, done, h)
+
+    def finish(self, fd: int, name: str, st: os.stat_result, digester: "Digester") -> str | None:
+        """The digest of the whole file, continuing the hashing begun during the dump; None when
+        there is none to continue (then the caller hashes the file whole)."""
+        ino, done, h = self._state.pop(name, (None, 0, None))
+        if h is None or ino != st.st_ino or done > st.st_size:
+            return None
+        if done < st.st_size:
+            for chunk in digester.chunks(fd, done, st.st_size):
+                h.update(chunk)
+        return h.hexdigest()

@@ -24,6 +24,8 @@ import stat
 from pathlib import Path
 from typing import Callable
 
+from .digest import Growing
+
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 SYNC_FILE_RANGE_WRITE = 2
@@ -64,9 +66,10 @@ class Writeback:
     """Start the writeback of what is being written into ``folder`` (our own dump folder: never
     a link followed, only regular files opened, read-only), pass after pass."""
 
-    def __init__(self, folder: Path | str):
+    def __init__(self, folder: Path | str, growing: Growing | None = None):
         self.folder = str(folder)
         self.kicked: dict[str, int] = {}  # name -> size up to which writeback was started
+        self.growing = growing  # and, given this, the images CRIU appends to are hashed as they grow
 
     def kick(self) -> None:
         try:
@@ -88,6 +91,8 @@ class Writeback:
                     continue
                 try:
                     start_writeback(fd, done)
+                    if self.growing is not None and self.growing.wants(name):
+                        self.growing.advance(fd, name, st)
                 finally:
                     os.close(fd)
                 self.kicked[name] = st.st_size

@@ -59,12 +59,14 @@ class DumpFacts:
     cuda_bytes: dict[str, int] = field(default_factory=dict)
 
 
-def digest_images(images_dir: Path, digester: digest.Digester) -> dict[str, dict]:
+def digest_images(images_dir: Path, digester: digest.Digester,
+                  growing: digest.Growing | None = None) -> dict[str, dict]:
     """Make what CRIU wrote in ``images_dir`` part of the checkpoint: every regular file there
     made 0600, hashed when it is an image (``*.img``: recorded with its size and BLAKE3) and
     fsynced — several files at a time, the largest first (it bounds the time), each file's
     writeback started before it is hashed so the disk works meanwhile — then the folder
-    itself fsynced.  Returns the images' records by name."""
+    itself fsynced.  An image hashed while CRIU wrote it (``growing``) is only hashed on from
+    where that stopped.  Returns the images' records by name."""
     dfd = os.open(images_dir, safefs.DIR_FLAGS)
     try:
         entries = []
@@ -82,7 +84,8 @@ def digest_images(images_dir: Path, digester: digest.Digester) -> dict[str, dict
                 os.fchmod(fd, 0o600)
                 rec = None
                 if name.endswith(".img"):
-                    rec = {"size": st.st_size, "blake3": digester.hash_fd(fd, st.st_size)}
+                    begun = growing.finish(fd, name, st, digester) if growing is not None else None
+                    rec = {"size": st.st_size, "blake3": begun or digester.hash_fd(fd, st.st_size)}
                     if os.fstat(fd).st_size != st.st_size:
                         raise ImageError(f"{images_dir / name} changed while it was hashed")
                 os.fsync(fd)

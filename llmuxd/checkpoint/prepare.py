@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..config import ConfigError, load_config
+from pydantic import BaseModel
+
+from ..config import Config
 from . import digest, remaps, safefs
 from .fsview import container_epoch
 from .manifest import elf_build_id
@@ -215,18 +217,28 @@ def preflight(found: Found) -> list[str]:
     return problems
 
 
-def prepare_restore(config_path: Path) -> int:
+class ModelPrepared(BaseModel):
+    """What ``prepare-restore`` found for one model (``--json`` prints the list)."""
+
+    model: str
+    path: str
+    usable: bool  # no checkpoint, or one ready to restore; False: the model will cold-start
+    detail: str = ""  # why it is not usable
+
+
+class PrepareReport(BaseModel):
+    """What ``prepare-restore`` found, model by model (``--json``; the log says it too)."""
+
+    models: list[ModelPrepared]
+
+
+def prepare_restore(config: Config) -> PrepareReport:
     """The restore unit's job: for every model, clean up unfinished dumps, put back what a
     restore needs, report what cannot be used.  Never fails the boot: models whose checkpoint
     is unusable cold-start."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as e:
-        log.error("%s", e.render())
-        return 1
     container_epoch()  # the restore unit runs first in a new container: mark when it started
     settings = Settings.of(config)
-    unusable = 0
+    out = []
     for name in config.models:
         fields = {"MODEL": name, "EVENT": "prepare_restore"}
         try:
@@ -234,12 +246,12 @@ def prepare_restore(config_path: Path) -> int:
         except Exception as e:  # noqa: BLE001 - one model's checkpoint never stops the others
             ok, path, detail = False, config.checkpoint_dir_for(name), f"{type(e).__name__}: {e}"
         if not ok:
-            unusable += 1
             log.warning("%s: checkpoint at %s cannot be used here: %s; the model will cold-start", name, path,
                         detail, extra=fields)
+        out.append(ModelPrepared(model=name, path=str(path), usable=ok, detail=detail))
     log.info("prepare-restore: %d model(s) checked, %d checkpoint(s) not usable here", len(config.models),
-             unusable, extra={"EVENT": "prepare_restore"})
-    return 0
+             sum(not p.usable for p in out), extra={"EVENT": "prepare_restore"})
+    return PrepareReport(models=out)
 
 
 def _prepare_one(name: str, path: Path, settings: Settings, fields: dict) -> tuple[bool, Path, str]:

@@ -3,12 +3,11 @@ on stderr.  The work itself is :func:`llmuxd.checkpoint.prepare.prepare_restore`
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..checkpoint import prepare
+from ..config import Config
 from ..log import setup_logging
 
 
-def prepare_restore(config_path: Path) -> int:
+def prepare_restore(config: Config) -> prepare.PrepareReport:
     setup_logging("INFO")
-    return prepare.prepare_restore(config_path)
+    return prepare.prepare_restore(config)

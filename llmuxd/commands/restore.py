@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Callable
 
 from ..config import Config
 from ..isolation.reaper import reap_forever
+from ..status import ModelStatus
 from . import CommandError
 from .standalone import standalone_model, tidy
 
 
-async def restore_model(config: Config, name: str, detached: bool) -> int:
+async def restore_model(config: Config, name: str, detached: bool, restored: Callable[[ModelStatus], None]) -> None:
+    """Restore ``name``; ``restored`` gets its status once it serves.  Then leave it running
+    (``detached``) or serve until SIGTERM/SIGINT or the tree's exit."""
     model = standalone_model(config, name, force_checkpoint=False)
     if model.state.value != "checkpointed":
         raise CommandError(f"{name}: no usable checkpoint at {model.checkpointer.path}: "
@@ -24,12 +28,10 @@ async def restore_model(config: Config, name: str, detached: bool) -> int:
         if model.last_wake_kind != "restore":
             await model.stop()
             raise CommandError(f"{name}: restore failed, cold-started instead (stopped again): {model.last_error}")
-        secs = model.last_restore.seconds
-        print(f"{name}: restored in {model.last_wake_secs:.2f} s ({', '.join(f'{k} {v:.3f}s' for k, v in secs.items())}); "
-              f"serving on port {config.models[name].port}, root pid {model.backend.tree.root_pid}")
+        restored(model.status())
         if detached:
             model.backend.expect_exit()
-            return 0
+            return
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -37,7 +39,6 @@ async def restore_model(config: Config, name: str, detached: bool) -> int:
         exited = asyncio.ensure_future(model.backend.tree.wait())
         await asyncio.wait([exited, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         await model.stop()
-        return 0
     finally:
         await model.close()
         tidy(model)

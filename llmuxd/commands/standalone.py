@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint.fsview import container_epoch
 from ..config import Config, Eviction, ProcessEviction, WeightsEviction
+from ..errors import UnknownModel
 from ..isolation.cgroups import CgroupLayout, CgroupUnavailable
 from ..isolation.reaper import become_subreaper
 from . import CommandError
@@ -26,17 +27,22 @@ def _daemon_running(config: Config) -> bool:
         return s.connect_ex(("127.0.0.1", config.port)) == 0
 
 
+def known_model(config: Config, name: str) -> None:
+    """UnknownModel unless ``name`` is a model of ``config``."""
+    if name not in config.models:
+        raise UnknownModel(name, list(config.models))
+
+
 def standalone_model(config: Config, name: str, *, force_checkpoint: bool = False) -> Model:
     """Model ``name`` of ``config``, ready to wake, with this process as the subreaper of its
     trees.  ``force_checkpoint``: its process eviction becomes ``checkpoint`` (weights
-    ``retain`` becomes ``discard``).  CommandError for an unknown model, or when a daemon
-    answers on the config's port (it owns the models: use ``llmuxd sleep``/``wake``)."""
+    ``retain`` becomes ``discard``).  UnknownModel for an unknown model; CommandError when a
+    daemon answers on the config's port (it owns the models: use ``llmuxd sleep``/``wake``)."""
     # Imported here: cli.py imports the commands' modules at every start (validate's defaults),
     # and the model (backends, checkpoint) takes half a second to import.
     from ..model import Model
 
-    if name not in config.models:
-        raise CommandError(f"unknown model {name!r}; known: {', '.join(config.models)}")
+    known_model(config, name)
     if _daemon_running(config):
         raise CommandError(f"llmuxd is running on port {config.port}: use `llmuxd sleep {name}` / "
                            f"`llmuxd wake {name}` instead")

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+
+from pydantic import BaseModel, computed_field
 
 from .. import cuda as cudamod
 from ..config import Config, Eviction, ProcessEviction, WeightsEviction
 from ..isolation.reaper import reap_forever
-from . import CommandError
-from .standalone import standalone_model, tidy
+from ..errors import BadRequest
+from .standalone import known_model, standalone_model, tidy
 
 DEFAULT_POLICIES = "offload+keep_running,discard+keep_running,retain+cuda_suspend,discard+checkpoint,retain+stop"
 
@@ -22,11 +23,17 @@ def parse_policy(text: str) -> Eviction:
         weights, process = text.split("+")
         return Eviction(weights=WeightsEviction(weights), process=ProcessEviction(process))
     except ValueError:
-        raise CommandError(f"bad policy {text!r}: use WEIGHTS+PROCESS, e.g. discard+checkpoint") from None
+        raise BadRequest(f"bad policy {text!r}: use WEIGHTS+PROCESS, e.g. discard+checkpoint",
+                         param="policies") from None
 
 
-def memory(pids: list[int]) -> tuple[int, int]:
-    """(host RSS, GPU bytes) of a process tree."""
+class Memory(BaseModel):
+    rss_bytes: int  # host memory of the tree
+    gpu_bytes: int
+
+
+def memory(pids: list[int]) -> Memory:
+    """Host RSS and GPU bytes of a process tree."""
     rss = 0
     for pid in pids:
         try:
@@ -36,31 +43,58 @@ def memory(pids: list[int]) -> tuple[int, int]:
         except OSError:
             pass
     gpu = cudamod.gpu_bytes_of(pids) if cudamod.gpu_processes(pids) else {}
-    return rss, sum(gpu.values())
+    return Memory(rss_bytes=rss, gpu_bytes=sum(gpu.values()))
 
 
-@dataclass
-class Row:
+class Cycle(BaseModel):
+    """One sleep and wake of the model."""
+
+    sleep_secs: float
+    state: str  # the model's state while asleep
+    wake_secs: float
+    wake_kind: str | None
+    before: Memory
+    asleep: Memory
+    after: Memory
+    match: bool  # the answer after the wake equals the one before the first sleep
+    error: str | None  # the model's last error
+
+
+class PolicyRun(BaseModel):
     policy: str
-    cycles: list[dict] = field(default_factory=list)
-    error: str | None = None
+    cycles: list[Cycle] = []
+    error: str | None = None  # the policy could not be run through
+
+
+class ValidateReport(BaseModel):
+    """What ``llmuxd validate`` found (``--json`` prints it)."""
+
+    model: str
+    runs: list[PolicyRun]
+
+    @computed_field
+    @property
+    def ok(self) -> bool:
+        """Every policy ran through and every answer matched."""
+        return all(r.error is None and all(c.match for c in r.cycles) for r in self.runs)
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f}M"
 
 
-async def validate(config: Config, name: str, policies: list[str], cycles: int) -> list[Row]:
-    rows = []
+async def validate(config: Config, name: str, policies: list[str], cycles: int) -> ValidateReport:
+    known_model(config, name)
+    evictions = [parse_policy(text) for text in policies]
+    report = ValidateReport(model=name, runs=[])
     reaper = asyncio.create_task(reap_forever())
     try:
-        for text in policies:
-            ev = parse_policy(text)
+        for ev in evictions:
             m = config.models[name].model_copy(update={"eviction": ev})
             cfg = config.model_copy(update={"models": {**config.models, name: m}})
             model = standalone_model(cfg, name, force_checkpoint=False)
-            row = Row(str(ev))
-            rows.append(row)
+            run = PolicyRun(policy=str(ev))
+            report.runs.append(run)
             try:
                 await model.wake()
                 reference = await model.backend.canary()
@@ -75,12 +109,12 @@ async def validate(config: Config, name: str, policies: list[str], cycles: int) 
                     await model.wake()
                     woke = time.monotonic() - t
                     answer = await model.backend.canary()
-                    row.cycles.append({"sleep_s": slept, "state": asleep_state, "wake_s": woke,
-                                       "wake_kind": model.last_wake_kind, "before": before, "asleep": asleep,
-                                       "after": memory(model.backend.pids()), "match": answer == reference,
-                                       "error": model.last_error})
+                    run.cycles.append(Cycle(sleep_secs=slept, state=asleep_state, wake_secs=woke,
+                                            wake_kind=model.last_wake_kind, before=before, asleep=asleep,
+                                            after=memory(model.backend.pids()), match=answer == reference,
+                                            error=model.last_error))
             except Exception as e:  # noqa: BLE001 - one policy failing is a row, not the end
-                row.error = str(e)
+                run.error = str(e)
             finally:
                 await model.stop()
                 await model.close()
@@ -89,26 +123,22 @@ async def validate(config: Config, name: str, policies: list[str], cycles: int) 
                     model.checkpointer.discard()
     finally:
         reaper.cancel()
-    return rows
+    return report
 
 
-def print_table(name: str, rows: list[Row]) -> bool:
+def render(report: ValidateReport) -> str:
     head = ("POLICY", "CYCLE", "SLEEP", "ASLEEP AS", "WAKE", "WAKE KIND", "RSS BEFORE/ASLEEP/AFTER",
             "GPU BEFORE/ASLEEP/AFTER", "MATCH")
-    out, ok = [head], True
-    for row in rows:
-        if row.error:
-            out.append((row.policy, "-", "-", "-", "-", "-", "-", "-", f"ERROR: {row.error}"))
-            ok = False
-        for i, c in enumerate(row.cycles, 1):
-            ok &= c["match"]
-            out.append((row.policy, str(i), f"{c['sleep_s']:.3f}s", c["state"], f"{c['wake_s']:.3f}s", c["wake_kind"],
-                        "/".join(_mib(x[0]) for x in (c["before"], c["asleep"], c["after"])),
-                        "/".join(_mib(x[1]) for x in (c["before"], c["asleep"], c["after"])),
-                        "yes" if c["match"] else "NO"))
+    out = [head]
+    for run in report.runs:
+        if run.error:
+            out.append((run.policy, "-", "-", "-", "-", "-", "-", "-", f"ERROR: {run.error}"))
+        for i, c in enumerate(run.cycles, 1):
+            mems = (c.before, c.asleep, c.after)
+            out.append((run.policy, str(i), f"{c.sleep_secs:.3f}s", c.state, f"{c.wake_secs:.3f}s",
+                        c.wake_kind or "-", "/".join(_mib(x.rss_bytes) for x in mems),
+                        "/".join(_mib(x.gpu_bytes) for x in mems), "yes" if c.match else "NO"))
     widths = [max(len(r[i]) for r in out) for i in range(len(head))]
-    print(f"llmuxd validate {name}")
-    for r in out:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("all responses matched" if ok else "SOME POLICIES FAILED OR ANSWERED DIFFERENTLY")
-    return ok
+    return "\n".join([f"llmuxd validate {report.model}",
+                      *("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in out),
+                      "all responses matched" if report.ok else "SOME POLICIES FAILED OR ANSWERED DIFFERENTLY"])

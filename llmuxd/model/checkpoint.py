@@ -96,6 +96,7 @@ class Checkpoint(ProcessEviction):
                     m.backend.unexpect_exit()
                 raise
             await m.stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
+        m.events.checkpoint_written(m.name, manifest.image_bytes)
         self.restored_from = None
         self.last_dump = DumpRecord(path=str(self.checkpointer.path), image_bytes=manifest.image_bytes,
                                     saved_files=len(manifest.saved),
@@ -125,6 +126,8 @@ class Checkpoint(ProcessEviction):
         """The restore sequence; any failure kills what was restored and raises CheckpointFailed."""
         m = self.model
         m.set_state(State.RESTORING)
+        # Only into an existing file: the restore re-creates a missing one itself.
+        m.backend.mark(f"restoring from {self.checkpointer.path}", create=False)
         async with self.link_remaps:  # the put-back's link remaps are consumed by CRIU's restore
             r = await self.checkpointer.restore(m.backend.tree, m.port, m.backend.served_name)  # verify, prepare, CRIU
         manifest = r.manifest
@@ -133,7 +136,7 @@ class Checkpoint(ProcessEviction):
             m.backend.watch_restored()
             t["cuda_resume"] = await self.checkpointer.resume_cuda(manifest, m.backend.pids())
             started = time.monotonic()
-            await m.backend.wait_ready(m.config.policy.startup_timeout_secs)
+            await m.backend.wait_ready(m.config.startup_timeout_for(m.name))
             t["health"] = time.monotonic() - started
             started = time.monotonic()
             m.sleep_level = manifest.sleep_level
@@ -153,6 +156,7 @@ class Checkpoint(ProcessEviction):
             raise CheckpointFailed(f"restored tree did not come up: {e}", reason=reason) from None
         self.last_restore = RestoreRecord(from_=str(r.found.path), created=manifest.created, prepared=len(r.prepared),
                                           seconds={k: round(v, 4) for k, v in t.items()})
+        m.events.checkpoint_restored(m.name, manifest.image_bytes)
         log.info("%s: restored from %s (%s)", m.name, r.found.path, ", ".join(f"{k} {v:.3f}s" for k, v in t.items()),
                  extra={"MODEL": m.name, "EVENT": "restore", "DURATION_S": f"{sum(t.values()):.3f}"})
         if self.keep_images:
@@ -166,7 +170,8 @@ class Checkpoint(ProcessEviction):
             what = f"checkpoint unusable, moved to {moved}" if moved else "checkpoint unusable"
         else:
             what = f"checkpoint kept at {self.checkpointer.path}"
-        self.model.restore_failed(f"restore failed ({e.reason}): {e}; {what}; cold-starting instead", e.reason)
+        self.model.restore_failed(f"restore failed ({e.reason}): {e}; {what}; cold-starting instead", e.reason,
+                                  self.model.backend.output_tail() or None)
 
     # -- around a tree that is not from this checkpoint -----------------------------------------
     def made_otherwise(self, found: Found) -> str | None:

@@ -9,14 +9,14 @@ A strategy sees its model only through :class:`ModelOps`."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, Sequence
 
 from .. import cuda as cudamod
 from ..backends.vllm import BackendError, VllmBackend
 from ..config import Config, Eviction
 from ..config import ProcessEviction as Kind
 from ..errors import NotSupported
-from ..events import State
+from ..events import Listener, State
 
 class TransitionError(Exception):
     """A transition failed; the model is left in a resting state (``STOPPED`` when escalated)."""
@@ -34,11 +34,12 @@ class ModelOps(Protocol):
     config: Config
     eviction: Eviction
     backend: VllmBackend
+    events: Listener
     sleep_level: int | None  # the vLLM sleep level the weights are at
 
     def set_state(self, new: State) -> None: ...
-    def note_error(self, msg: str) -> None: ...
-    def restore_failed(self, msg: str, reason: str) -> None: ...
+    def note_error(self, msg: str, output: Sequence[str] | None = None) -> None: ...
+    def restore_failed(self, msg: str, reason: str, output: Sequence[str] | None = None) -> None: ...
     def cuda_suspender(self) -> cudamod.CudaCheckpointer: ...
     async def cold_start(self) -> None: ...
     async def wake_weights(self) -> None: ...
@@ -76,7 +77,8 @@ class ProcessEviction:
 
     async def resume(self) -> str:
         """Bring the model from :attr:`resting` to a serving tree; returns how (``wake``,
-        ``restore``, ``cold_start``).  Raises TransitionError when the model cannot serve."""
+        ``resume``, ``restore``, ``cold_start``).  Raises TransitionError when the model cannot
+        serve."""
         raise NotImplementedError
 
     def tree_gone(self) -> None:
@@ -112,17 +114,20 @@ class KeepRunning(ProcessEviction):
         m = self.model
         try:
             m.set_state(State.WAKING)
-            await self.resume_process()
+            m.backend.mark("waking")
+            kind = await self.resume_process()
             await m.wake_weights()
-            return "wake"
+            return kind
         except WAKE_ERRORS as e:
-            m.note_error(f"wake failed: {e}; stopping it and cold-starting instead")
+            m.note_error(f"wake failed: {e}; stopping it and cold-starting instead", m.backend.output_tail())
             await m.stop_backend()
             await m.cold_start()
             return "cold_start"
 
-    async def resume_process(self) -> None:
-        """What the process needs before its weights can wake (nothing: it kept running)."""
+    async def resume_process(self) -> str:
+        """What the process needs before its weights can wake (nothing: it kept running);
+        returns the kind of wake."""
+        return "wake"
 
 
 class CudaSuspend(KeepRunning):
@@ -152,10 +157,13 @@ class CudaSuspend(KeepRunning):
         problems = cudamod.check_restorable(recorded, needed, cudamod.gpu_inventory())
         return ["cannot resume CUDA state here: " + "; ".join(problems)] if problems else []
 
-    async def resume_process(self) -> None:
-        if self.suspended:
-            await cudamod.resume_tree(self.suspended, self.model.cuda_suspender())
-            self.suspended = []
+    async def resume_process(self) -> str:
+        """``resume`` when CUDA state was suspended; ``wake`` when there was none to suspend."""
+        if not self.suspended:
+            return "wake"
+        await cudamod.resume_tree(self.suspended, self.model.cuda_suspender())
+        self.suspended = []
+        return "resume"
 
     def tree_gone(self) -> None:
         self.suspended = []

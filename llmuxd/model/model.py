@@ -10,9 +10,10 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 from .. import cuda as cudamod
-from .. import redact
+from .. import modellog, redact
 from ..backends.vllm import BackendError, VllmBackend
 from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.outcome import CheckpointFailed
@@ -20,9 +21,10 @@ from ..checkpoint.criu import Criu
 from ..checkpoint.store import Settings
 from ..config import CheckpointConfig, Config
 from ..errors import NotSupported
-from ..events import Events, Listener, State
+from ..events import ESCALATED, Events, Listener, State
 from ..isolation import procfs
 from ..isolation.cgroups import Cgroup
+from ..logfollow import Source
 from ..status import DumpRecord, EvictionPolicy, ModelStatus, RestoreRecord, ReusedCheckpoint
 from .checkpoint import Checkpoint
 from .eviction import CudaSuspend, KeepRunning, ProcessEviction, Stop, TransitionError
@@ -109,19 +111,19 @@ class Model:
             log.info("%s: %s -> %s", self.name, old.value, new.value, extra={"MODEL": self.name, "EVENT": "state"})
             self.events.state_changed(self.name, old, new)
 
-    def _phase(self, phase: str, started: float) -> float:
+    def _phase(self, phase: str, started: float, kind: str) -> float:
         secs = time.monotonic() - started
-        self.events.phase_done(self.name, phase, secs)
+        self.events.phase_done(self.name, phase, secs, kind)
         return secs
 
     def _backend_exited(self, code: int) -> None:
-        msg = f"backend exited unexpectedly with code {code}; see {self.backend.log_path}"
-        log.error("%s: %s", self.name, msg, extra={"MODEL": self.name, "EVENT": "backend_exit"})
-        self.last_error = msg
+        msg = f"backend exited unexpectedly with code {code}"
         if self.state in (State.AWAKE, State.ASLEEP, State.SUSPENDED):
+            self.note_error(msg, self.backend.output_tail(), event="backend_exit")
             self._tree_gone()
             self.set_state(State.STOPPED)
-        # In STARTING/WAKING/SLEEPING the transition in progress sees the exit and fails.
+        else:  # STARTING, WAKING, SLEEPING, ...: the transition in progress fails and says why
+            self.note_error(msg, event="backend_exit")
 
     def status(self) -> ModelStatus:
         running = self.backend.running
@@ -138,13 +140,23 @@ class Model:
             last_checkpoint=self.last_checkpoint, last_restore=self.last_restore,
         )
 
-    def note_error(self, msg: str) -> None:
-        self.last_error = msg
-        log.error("%s: %s", self.name, msg, extra={"MODEL": self.name, "EVENT": "error"})
+    def output_source(self) -> Source:
+        """The tree's output file, for the daemon to forward (see logfollow.py)."""
+        return self.backend.output_source()
 
-    def restore_failed(self, msg: str, reason: str) -> None:
+    def note_error(self, msg: str, output: Sequence[str] | None = None, *, event: str = "error") -> None:
+        """Record and log a failure.  ``output``: the tree's last lines that explain it
+        (``backend.output_tail()``), shown under it in ``last_error`` and in the log (none: the
+        message says where the tree's output is)."""
+        if output is not None:
+            msg = modellog.described(msg, self.backend.log_path, list(output))
+        self.last_error = msg
+        head, *lines = msg.split("\n")
+        log.error("%s: %s", self.name, head, extra={"MODEL": self.name, "EVENT": event, "output": lines})
+
+    def restore_failed(self, msg: str, reason: str, output: Sequence[str] | None = None) -> None:
         """A restore failed (what was restored is gone); the model is stopped."""
-        self.note_error(msg)
+        self.note_error(msg, output)
         self.restore_failures += 1
         self.events.restore_failed(self.name, reason)
         self.set_state(State.STOPPED)
@@ -197,7 +209,7 @@ class Model:
             raise TransitionError(msg)
         started = time.monotonic()
         kind = await strategy.resume()
-        self.last_wake_secs = self._phase("wake", started)
+        self.last_wake_secs = self._phase("wake", started, kind)
         self.last_wake_kind = kind
         self.set_state(State.AWAKE)
         return self.last_wake_secs
@@ -209,12 +221,11 @@ class Model:
         try:
             await self.checkpoint.new_tree()
             await self.backend.start()
-            await self.backend.wait_ready(self.config.policy.startup_timeout_secs)
+            await self.backend.wait_ready(self.config.startup_timeout_for(self.name))
         except (BackendError, OSError) as e:
-            msg = f"cold start failed: {e}"
-            self.last_error = msg
-            await self.stop_backend()
-            raise TransitionError(msg) from None
+            await self.stop_backend()  # first: all it wrote is in its file then
+            self.note_error(f"cold start failed: {e}", self.backend.output_tail())
+            raise TransitionError(self.last_error) from None
 
     async def wake_weights(self) -> None:
         """The weights' wake sequence.  By what was done to the weights (a checkpoint may come
@@ -240,7 +251,7 @@ class Model:
             log.info("%s: evicted by stopping it: a reload changed its settings, its next wake starts it with "
                      "them", self.name, extra={"MODEL": self.name, "EVENT": "evict"})
             await self._renew()
-            self.last_sleep_secs = time.monotonic() - started
+            self.last_sleep_secs = self._phase("sleep", started, "stop")  # (the kind of an eviction by stopping)
             return self.last_sleep_secs
         self.set_state(State.SLEEPING)
         try:
@@ -252,9 +263,10 @@ class Model:
             if not self.backend.running:
                 raise BackendError("backend exited during eviction")
             resting = await self.process.evict(background=background)
+            kind = self.eviction.process.value
         except EVICTION_ERRORS as e:
-            resting = await self._escalate(e)
-        self.last_sleep_secs = self._phase("sleep", started)
+            resting, kind = await self._escalate(e), ESCALATED
+        self.last_sleep_secs = self._phase("sleep", started, kind)
         log.info("%s: evicted (%s) in %.3f s%s", self.name, self.eviction, self.last_sleep_secs,
                  "; the dump goes on in the background" if resting is State.DUMPING else "",
                  extra={"MODEL": self.name, "EVENT": "evict", "DURATION_S": f"{self.last_sleep_secs:.3f}"})
@@ -269,15 +281,16 @@ class Model:
             if start_after is not None:
                 await start_after.wait()
             resting = await self.process.finish()
+            kind = self.eviction.process.value
         except EVICTION_ERRORS as e:
-            resting = await self._escalate(e)
+            resting, kind = await self._escalate(e), ESCALATED
         except BaseException as e:  # noqa: BLE001 - never left dumping: the tree goes, the GPU stays free
             self.note_error(f"background dump interrupted ({type(e).__name__}: {e}); stopping the tree")
             await asyncio.shield(self.stop_backend())
             raise
         finally:
             self._finishing = None
-        secs = self._phase("dump", started)
+        secs = self._phase("dump", started, kind)
         log.info("%s: background dump ended in %.3f s (%s)", self.name, secs, resting.value,
                  extra={"MODEL": self.name, "EVENT": "dump", "DURATION_S": f"{secs:.3f}"})
         self.set_state(resting)

@@ -338,7 +338,7 @@ def setup(args: argparse.Namespace) -> dict[str, str]:
         "isolation": {"pid_namespace": args.pid_namespace, "block_io_uring": args.pid_namespace},
         "checkpoint": {"criu_path": args.criu, "images_dir": str(CKPT), "keep_images": True,
                        "cuda_checkpoint_path": "/nonexistent/cuda-checkpoint"},
-        "port": PORT, "host": "127.0.0.1", "vllm_command": f"{sys.executable} -m gpu.backend",
+        "port": PORT, "metrics_port": 0, "host": "127.0.0.1", "vllm_command": f"{sys.executable} -m gpu.backend",
         "log_dir": str(LOGS),
         "policy": {"request_timeout_secs": 600, "min_active_secs": 0, "startup_timeout_secs": 180},
     }

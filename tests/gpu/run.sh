@@ -7,7 +7,8 @@
 #                       packaging/install-criu.sh makes it), run with its own loader;
 #   .cache/gpu-wheels/  llmuxd's Python deps missing from the machine's image, for Python 3.12:
 #                       pydantic, pydantic-core, annotated-types, typing-inspection,
-#                       typing-extensions, pyzmq, sdnotify, dbus-fast, protobuf<7, blake3.
+#                       typing-extensions, pyzmq, sdnotify, dbus-fast, protobuf<7, blake3,
+#                       httptools.
 # Optional: .cache/llmuxd-src/llmuxd, a pinned copy of llmuxd (e.g. `git archive HEAD llmuxd |
 #   tar -x -C .cache/llmuxd-src`) used instead of the checkout's, which may be mid-edit.
 # Run: `OUT=DIR bash tests/gpu/run.sh` with those folders in place (about 24 MiB); a few minutes

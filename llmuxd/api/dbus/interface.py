@@ -15,6 +15,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 from ...errors import Forbidden, LlmuxdError
 from ...events import Listener, State
 from ...switcher import Switcher
+from .jobs import Jobs
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Llmuxd1(ServiceInterface):
         super().__init__(INTERFACE)
         self.switcher = switcher
         self.caller_uid = caller_uid
+        self.jobs = Jobs(self)
 
     async def _check_caller(self, member: str) -> None:
         """Let a state-changing call through only for root and llmuxd's own user; else raise
@@ -134,6 +136,18 @@ class Llmuxd1(ServiceInterface):
 
     @method()
     @dbus_errors
+    async def StartWake(self, model: "s") -> "o":  # noqa: F821, N802
+        await self._check_caller("StartWake")
+        return self.jobs.start("wake", model, self.switcher.queue_wake(model))
+
+    @method()
+    @dbus_errors
+    async def StartSleep(self, model: "s") -> "o":  # noqa: F821, N802
+        await self._check_caller("StartSleep")
+        return self.jobs.start("sleep", model, self.switcher.queue_sleep(model))
+
+    @method()
+    @dbus_errors
     async def Reload(self) -> "asasasasas":  # noqa: F821, N802
         await self._check_caller("Reload")
         r = await self.switcher.reload()
@@ -156,6 +170,14 @@ class Llmuxd1(ServiceInterface):
     def ModelStateChanged(self, model: str, old: str, new: str) -> "sss":  # noqa: N802
         return [model, old, new]
 
+    @signal()
+    def JobNew(self, id_: int, job: str, model: str) -> "uos":  # noqa: N802
+        return [id_, job, model]
+
+    @signal()
+    def JobRemoved(self, id_: int, job: str, model: str, result: str) -> "uoss":  # noqa: N802
+        return [id_, job, model, result]
+
     @dbus_property(access=PropertyAccess.READ)
     def ActiveModel(self) -> "s":  # noqa: F821, N802
         return self.switcher.active or ""
@@ -174,14 +196,16 @@ class Llmuxd1(ServiceInterface):
 
     # Introspection details busctl/gdbus show: out-argument names, property change semantics.
     for _fn, _names in ((Wake, ("state", "duration_secs")), (Sleep, ("state", "duration_secs")),
+                        (StartWake, ("job",)), (StartSleep, ("job",)),
                         (Reload, ("added", "removed", "changed", "unchanged", "needs_restart")),
                         (Inspect, ("active_model", "models"))):
         for _arg, _name in zip(_fn.__dict__["__DBUS_METHOD"].introspection.out_args, _names):
             _arg.name = _name
-    for _arg, _name in zip(ModelStateChanged.__dict__["__DBUS_SIGNAL"].introspection.args,
-                           ("model", "old_state", "new_state")):
-        _arg.name = _name
-    Models.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "true"  # (reload)
+    for _fn, _names in ((ModelStateChanged, ("model", "old_state", "new_state")),
+                        (JobNew, ("id", "job", "model")), (JobRemoved, ("id", "job", "model", "result"))):
+        for _arg, _name in zip(_fn.__dict__["__DBUS_SIGNAL"].introspection.args, _names):
+            _arg.name = _name
+    Models.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "true"  # (a reload)
     QueueDepth.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "false"
     del _fn, _names, _arg, _name
 

@@ -108,6 +108,7 @@ class DbusTransport:
         try:
             bus.add_message_handler(_note_call)  # before export: the uid check reads what it notes
             bus.export(OBJECT_PATH, self.interface)
+            self.interface.jobs.attach(bus)
             try:
                 reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
             except DBusError as e:
@@ -148,6 +149,7 @@ class DbusTransport:
         if bus is None:
             return
         self._events.enabled = False
+        self.interface.jobs.detach()
         try:
             bus.unexport(OBJECT_PATH, self.interface)
         except Exception:  # noqa: BLE001 - already gone
