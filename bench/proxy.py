@@ -408,7 +408,7 @@ class Daemon:
         config = {
             "models": {"m": {"model_path": "bench", "port": self.backend_port,
                              "eviction": {"weights": "retain", "process": "stop"}}},
-            "port": self.port, "host": "127.0.0.1", "vllm_command": vllm, "log_dir": str(self.work / "logs"),
+            "port": self.port, "metrics_port": 0, "host": "127.0.0.1", "vllm_command": vllm, "log_dir": str(self.work / "logs"),
             "policy": {"request_timeout_secs": 60, "min_active_secs": 0, "startup_timeout_secs": 60},
             "isolation": {"pid_namespace": False, "block_io_uring": False, "own_tmpdir": False},
         }

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from ..config import DEFAULT_CONFIG_PATH, CheckpointConfig, Config, PolicyConfig, ProcessEviction, load_config
+from ..config import DEFAULT_CONFIG_PATH, DEFAULT_STARTUP_TIMEOUT_SECS, CheckpointConfig, Config, PolicyConfig, ProcessEviction, load_config
 from ..status import ReloadResult, Status, Transition
 from .exits import Exit, Failure, exit_for_code
 from .output import emit
@@ -56,7 +56,9 @@ def transition_timeout(config: Config | None) -> float:
     fails (when a model checkpoints), then a cold start — plus a margin."""
     policy = config.policy if config is not None else PolicyConfig()
     ckpt = (config.checkpoint if config is not None else None) or CheckpointConfig()
-    secs = policy.drain_timeout_secs + policy.startup_timeout_secs + MARGIN_SECS
+    startup = (max(config.startup_timeout_for(n) for n in config.models) if config is not None and config.models
+               else DEFAULT_STARTUP_TIMEOUT_SECS)
+    secs = policy.drain_timeout_secs + startup + MARGIN_SECS
     if config is None or any(config.eviction_for(n).process is ProcessEviction.CHECKPOINT for n in config.models):
         secs += ckpt.dump_timeout_secs + ckpt.restore_timeout_secs
     return secs
