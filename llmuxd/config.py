@@ -352,14 +352,18 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     return config
 
 
-def load_config(path: Path | str = DEFAULT_CONFIG_PATH) -> Config:
-    path = Path(path)
+def read_config_data(path: Path) -> Any:
+    """The file's JSON, not yet validated."""
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(path, [f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"]) from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG_PATH) -> Config:
+    path = Path(path)
+    return parse_config(read_config_data(path), str(path))

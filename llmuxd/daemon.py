@@ -12,11 +12,14 @@ from aiohttp import web
 
 from .api.auth import Access
 from .api.http import ServerLog, build_admin_app, build_app, build_metrics_app
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ProcessEviction
 from .checkpoint.fsview import container_epoch
+from .errors import ConfigRefused, LlmuxdError
+from .events import Listener, State
 from .isolation.cgroups import CgroupLayout, CgroupUnavailable
 from .isolation.reaper import become_subreaper, reap_forever
 from .logfollow import Forwarder
+from .reload import ConfigSource
 from .switcher import Switcher
 from .systemd import Notifier
 
@@ -34,9 +37,43 @@ def _cgroup_layout(config: Config) -> CgroupLayout | None:
     return layout
 
 
-class Daemon:
-    def __init__(self, config: Config, dbus: str = "auto", checkpoint_on_stop: bool = False):
+async def adopt_running(switcher: Switcher) -> None:
+    """After a restart: adopt the model trees still running in their cgroups, or stop them;
+    never two backends for one model, never more than one model awake."""
+    if switcher.cgroups is None:
+        return
+    for name, cg in switcher.cgroups.existing_models().items():
+        pids = cg.procs()
+        if not pids:
+            cg.remove()
+        elif name not in switcher.models:
+            log.warning("stopping tree of unconfigured model %r (pids %s)", name, pids)
+            await cg.kill()
+            cg.remove()
+        elif await switcher.models[name].adopt(pids) and switcher.models[name].state is State.AWAKE:
+            if switcher.active is None:
+                switcher.active = name
+            else:  # two awake: keep the first, evict the other
+                await switcher.models[name].sleep()
+
+
+async def checkpoint_all(switcher: Switcher) -> None:
+    """At shutdown: put every running model whose process eviction is `checkpoint` to sleep
+    (that is: checkpoint it), so the next llmuxd — in this container or a new one — restores it."""
+    for name, m in list(switcher.models.items()):
+        if m.eviction.process is ProcessEviction.CHECKPOINT and m.state in (State.AWAKE, State.ASLEEP):
+            log.info("checkpointing %s before stopping", name, extra={"MODEL": name, "EVENT": "checkpoint_on_stop"})
+            try:
+                await switcher.sleep(name)
+            except Exception as e:  # noqa: BLE001 - stopping goes on
+                log.error("checkpoint of %s at stop failed: %s", name, e)
+
+
+class Daemon(Listener):
+    def __init__(self, config: Config, dbus: str = "auto", checkpoint_on_stop: bool = False,
+                 source: ConfigSource | None = None):
         self.config = config
+        self.source = source  # the config file, re-read by a reload
         self.access = Access.from_config(config)  # first: takes the token out of the environment
         self.dbus_mode = dbus
         self.checkpoint_on_stop = checkpoint_on_stop or config.checkpoint_on_stop
@@ -47,6 +84,7 @@ class Daemon:
         self.outputs: Forwarder | None = None  # the models' output, forwarded to llmuxd's log
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
+        self._reloads: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         become_subreaper()
@@ -57,13 +95,14 @@ class Daemon:
         for warning in self.config.unsupported_settings():
             log.warning("config: %s", warning)
         self.cgroups = _cgroup_layout(self.config)
-        self.switcher = Switcher(self.config, cgroups=self.cgroups)
+        self.switcher = Switcher(self.config, cgroups=self.cgroups, source=self.source)
         self.outputs = Forwarder([m.output_source() for m in self.switcher.models.values()],
                                  max_bytes=self.config.logs.max_bytes, keep=self.config.logs.keep)
         self.outputs.start()
         self.notifier.switcher = self.switcher
         self.switcher.add_listener(self.notifier)
-        await self.switcher.adopt_running()
+        self.switcher.add_listener(self)  # (reload_done)
+        await adopt_running(self.switcher)
         self.switcher.start()
         admin = self.config.admin_port
         await self._serve(build_app(self.switcher, self.access, with_control=not admin), self.config.host,
@@ -118,20 +157,46 @@ class Daemon:
         # SIGRTMIN+3: the image's STOPSIGNAL (for systemd), also delivered in entrypoint mode.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 3):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)  # systemctl reload (ExecReload=kill -HUP)
         await self._stop.wait()
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload the config file; the outcome is logged (and told to systemd)."""
+        if self.switcher is None:
+            return
+        task = asyncio.create_task(self._reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    def reload_done(self, result: str) -> None:
+        """The models' output is forwarded for the models a reload leaves (their secrets too)."""
+        if self.outputs is not None and self.switcher is not None:
+            self.outputs.follower.follow([m.output_source() for m in self.switcher.models.values()])
+
+    async def _reload(self) -> None:
+        try:
+            await self.switcher.reload()
+        except ConfigRefused:
+            pass  # the reload said why
+        except LlmuxdError as e:
+            log.warning("SIGHUP: no reload: %s", e.message, extra={"EVENT": "reload"})
+        except Exception:  # noqa: BLE001 - logged by the switcher's worker
+            pass
 
     async def stop(self) -> None:
         log.info("stopping: closing listeners and stopping every model")
         self.notifier.stopping()
         keepalive = asyncio.create_task(self._extend_stop_timeout())
         try:
+            for task in list(self._reloads):
+                task.cancel()
             if self.switcher is not None:  # open streams end now, with an error frame
                 self.switcher.revoke_all("llmuxd is shutting down")
             for runner in self._runners:
                 await runner.shutdown()
             if self.switcher is not None:
                 if self.checkpoint_on_stop:
-                    await self.switcher.checkpoint_all()
+                    await checkpoint_all(self.switcher)
                 await self.switcher.close()
             if self.dbus is not None:
                 await self.dbus.stop()

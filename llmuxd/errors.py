@@ -85,6 +85,28 @@ class UnknownModel(LlmuxdError):
         self.param = "model"
 
 
+class ModelRemoved(LlmuxdError):
+    """A reload removed the model from the configuration while the request waited for it."""
+
+    code = "model_removed"
+    http_status = 404
+    openai_type = "invalid_request_error"
+
+    def __init__(self, model: str):
+        super().__init__(f"The model '{model}' was removed from the configuration (reload) while this request "
+                         "waited for it", model=model)
+        self.param = "model"
+
+
+class ConfigRefused(LlmuxdError):
+    """A reload found the config file unusable; the running configuration stays in force.  The
+    message says every reason, as ``llmuxd check-config`` does."""
+
+    code = "invalid_config"
+    http_status = 422
+    openai_type = "invalid_request_error"
+
+
 class SwitchFailed(LlmuxdError):
     """The model could not be made ready (start, wake or restore failed)."""
 

@@ -89,6 +89,19 @@ class Listener:
     def checkpoint_restored(self, model: str, image_bytes: int) -> None:
         """A restore from a checkpoint holding ``image_bytes`` bytes of CRIU images succeeded."""
 
+    def reload_started(self) -> None:
+        """A reload of the configuration began."""
+
+    def reload_done(self, result: str) -> None:
+        """A reload ended: ``ok`` (applied), ``refused`` (an invalid file: the running
+        configuration stays), ``error`` (it failed while applied)."""
+
+    def model_added(self, model: str, state: State) -> None:
+        """A reload added ``model`` (in ``state``: stopped or checkpointed)."""
+
+    def model_removed(self, model: str) -> None:
+        """A reload removed ``model`` (its tree is stopped)."""
+
 
 class Events(Listener):
     """Fans one event out to a list of listeners (shared by the switcher and every model, so a
@@ -139,6 +152,22 @@ class Events(Listener):
     def checkpoint_restored(self, model: str, image_bytes: int) -> None:
         for listener in self.listeners:
             listener.checkpoint_restored(model, image_bytes)
+
+    def reload_started(self) -> None:
+        for listener in self.listeners:
+            listener.reload_started()
+
+    def reload_done(self, result: str) -> None:
+        for listener in self.listeners:
+            listener.reload_done(result)
+
+    def model_added(self, model: str, state: State) -> None:
+        for listener in self.listeners:
+            listener.model_added(model, state)
+
+    def model_removed(self, model: str) -> None:
+        for listener in self.listeners:
+            listener.model_removed(model)
 
 
 class Timed:

@@ -70,6 +70,19 @@ class Follower:
         self.files: dict[str, _File] = {}
         self._first = True
 
+    def follow(self, sources: Sequence[Source]) -> None:
+        """Follow ``sources`` from now on (a reload changed the models); a file not followed
+        before is followed from its end, as at the start."""
+        known = {src.name for src in self.sources}
+        for src in sources:
+            if src.name not in known:
+                try:
+                    st = os.lstat(src.path)
+                except OSError:
+                    continue  # made later: followed from its start
+                self.files[src.name] = _File(st.st_ino, st.st_size)
+        self.sources = list(sources)  # (one reference swapped: the polling thread sees one list or the other)
+
     def poll(self) -> int:
         """Forward what is new in every file (rotating those grown too big); returns the number
         of lines forwarded."""

@@ -65,13 +65,12 @@ class Metrics(Listener):
             "llmuxd_checkpoint_restored_bytes_total", "Bytes of CRIU images of checkpoints restored", ["model"],
             registry=r,
         )
+        self.reloads = Counter("llmuxd_config_reloads_total", "Reloads of the configuration by result (ok, refused: "
+                               "an invalid file; error: failed while applied)", ["result"], registry=r)
+        for result in ("ok", "refused", "error"):
+            self.reloads.labels(result)
         for m in models:
-            self.in_flight.labels(m).set(0)
-            self.queued.labels(m).set(0)
-            self.escalations.labels(m)
-            self.dumped_bytes.labels(m)
-            self.restored_bytes.labels(m)
-            self._set_state(m, State.STOPPED)
+            self.model_added(m, State.STOPPED)
 
     def _set_state(self, model: str, state: State) -> None:
         for s in State:
@@ -88,6 +87,26 @@ class Metrics(Listener):
 
     def state_changed(self, model: str, old: State, new: State) -> None:
         self._set_state(model, new)
+
+    def model_added(self, model: str, state: State) -> None:
+        self.in_flight.labels(model).set(0)
+        self.queued.labels(model).set(0)
+        self.escalations.labels(model)
+        self.dumped_bytes.labels(model)
+        self.restored_bytes.labels(model)
+        self._set_state(model, state)
+
+    def model_removed(self, model: str) -> None:
+        """The gauges of a model that is gone go with it (its counters stay)."""
+        for gauge, labels in [(self.in_flight, [model]), (self.queued, [model]),
+                              *((self.state, [model, s.value]) for s in State)]:
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
+
+    def reload_done(self, result: str) -> None:
+        self.reloads.labels(result).inc()
 
     def phase_done(self, model: str, phase: str, seconds: float, kind: str) -> None:
         self.phase.labels(model, phase, kind).observe(seconds)

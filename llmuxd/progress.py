@@ -120,6 +120,12 @@ class Tracker(Listener):
         self._record((model, phase, kind), seconds)
         self._emit("phase_done", model, self._progress(model, _Open(phase, kind, 0.0), seconds, with_step=False))
 
+    def model_removed(self, model: str) -> None:
+        """A reload removed ``model``: what was kept of it goes."""
+        self._open.pop(model, None)
+        for key in [k for k in self._done if k[0] == model]:
+            del self._done[key]
+
     def phase_failed(self, model: str, phase: str, seconds: float) -> None:
         o = self._open.get(model)
         if o is None or o.phase != phase:

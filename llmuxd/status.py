@@ -96,6 +96,9 @@ class ModelStatus(_Contract):
     checkpoint_path: str
     last_checkpoint: DumpRecord | ReusedCheckpoint | None
     last_restore: RestoreRecord | None
+    # A reload changed its settings while it was awake: it serves with the old ones until its
+    # next eviction, which stops it; its next wake starts it with the new ones.
+    restart_pending: bool = False
     in_flight: int = 0  # requests being served (set by the switcher)
     waiting: int = 0  # requests waiting for this model (set by the switcher)
     progress: Progress | None = None  # the transition in progress (set by the switcher)
@@ -167,3 +170,25 @@ class Transition(_Contract):
     state: str
     duration_secs: float
     last_error: str | None = None
+
+
+class ReloadResult(_Contract):
+    """What a reload did (see ``llmuxd/reload.py``)."""
+
+    config_path: str
+    added: list[str]  # now available, not started
+    removed: list[str]  # stopped (their checkpoints stay on disk)
+    changed: dict[str, list[str]]  # model -> what changed; started with the new settings when next needed
+    unchanged: list[str]  # untouched
+    restart_pending: list[str]  # changed models still serving with their old settings until their next eviction
+    applied: list[str]  # global settings that changed and are in force now
+    needs_restart: list[str]  # global settings whose new value needs a restart of llmuxd: the old one is kept
+    duration_secs: float
+
+    def summary(self) -> str:
+        parts = [f"{what} {', '.join(names)}" for what, names in (
+            ("added", self.added), ("removed", self.removed),
+            ("changed", [f"{n} ({', '.join(keys)})" for n, keys in self.changed.items()]),
+            ("unchanged", self.unchanged), ("restart pending for", self.restart_pending),
+            ("applied", self.applied), ("needs a restart (old value kept)", self.needs_restart)) if names]
+        return "; ".join(parts) or "nothing changed"

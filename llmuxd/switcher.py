@@ -1,9 +1,9 @@
 """The controller: admits requests, queues switches, runs one transition at a time.
 
-Every verb a transport offers (proxying a request, sleep, wake, status) is a method here; the
-HTTP API and D-Bus only translate.  All transitions run in one worker task, in arrival order,
-so control calls and request-driven switches never interleave, and a switch continues when the
-client that caused it goes away.
+Every verb a transport offers (proxying a request, sleep, wake, reload, status) is a method
+here; the HTTP API and D-Bus only translate.  All transitions run in one worker task, in arrival
+order (:mod:`.jobs`), so control calls, request-driven switches and reloads (:mod:`.reload`)
+never interleave, and a switch continues when the client that caused it goes away.
 
 Admission rules (one model awake at a time, all models share one GPU):
 * a request for the awake model is served at once, unless that model is being evicted;
@@ -30,22 +30,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator
 
-from .config import CheckpointConfig, Config, ProcessEviction
+from . import reload
+from .config import CheckpointConfig, Config
 from .cuda import SuspendChoice
 from .errors import (
-    Evicted, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests, TransitionFailed, UnknownModel,
+    Evicted, ModelRemoved, NotSupported, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests,
+    UnknownModel,
 )
 from .events import Events, Listener, State, phase
 from .history import TransitionHistory
 from .isolation.cgroups import CgroupLayout
+from .jobs import Job, Jobs
 from .lease import Lease, Route
 from .metrics import Metrics
 from .model import Model, TransitionError
 from .progress import Tracker
-from .status import Status, Switching, Transition
+from .status import ReloadResult, Status, Switching, Transition
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -54,16 +56,11 @@ log = logging.getLogger(__name__)
 REVOKE_GRACE_SECS = 5.0
 
 
-@dataclass
-class _Job:
-    what: str  # "activate <model>" / "sleep <model>"
-    run: Callable[[], Awaitable[Transition]]
-    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
 class Switcher(Listener):
-    def __init__(self, config: Config, metrics: Metrics | None = None, cgroups: CgroupLayout | None = None):
+    def __init__(self, config: Config, metrics: Metrics | None = None, cgroups: CgroupLayout | None = None,
+                 source: reload.ConfigSource | None = None):
         self.config = config
+        self.source = source  # where `reload` reads the config
         self.policy = config.policy
         self.metrics = metrics or Metrics(list(config.models))
         self.cgroups = cgroups
@@ -71,26 +68,23 @@ class Switcher(Listener):
         self.progress = Tracker()  # where each transition is
         self.events = Events([self.metrics, self, self.history, self.progress])  # shared with every Model
         # The CUDA suspend backend: chosen once (on first use) for every model.
-        cuda = SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
-        link_remaps = asyncio.Lock()  # one dump or restore at a time (model/checkpoint.py says why)
-        self.models = {
-            name: Model(name, config, self.events, cgroups.model(name) if cgroups else None, cuda, link_remaps)
-            for name in config.models
-        }
+        self.cuda = SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
+        self.link_remaps = asyncio.Lock()  # one dump or restore at a time (model/checkpoint.py says why)
+        self.models: dict[str, Model] = {}
+        self._removed: dict[str, Model] = {}  # models a reload removed, until their tree is stopped
+        self._reload: Job | None = None  # a reload waiting for its turn
         self._active: str | None = None
         self._switching: tuple[str | None, str] | None = None
         self._evicting: str | None = None
-        self._leases: dict[str, set[Lease]] = {name: set() for name in self.models}
+        self._leases: dict[str, set[Lease]] = {}  # per model, ever (a removed one's may outlive it)
         self._routes: dict[str, Route] = {}  # per model awake now: its route, with an open Upstream
-        self._in_flight = {name: self.metrics.in_flight.labels(name) for name in self.models}
-        self._idle = {name: asyncio.Event() for name in self.models}
-        for ev in self._idle.values():
-            ev.set()
-        self._waiting: dict[str, list[asyncio.Future]] = {name: [] for name in self.models}
-        self._activation: dict[str, _Job] = {}
-        self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
-        self._worker: asyncio.Task | None = None
-        self._closing = False
+        self._in_flight: dict = {}  # per model: its llmuxd_requests_in_flight child
+        self._idle: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, list[asyncio.Future]] = {}
+        for name in config.models:
+            self.add_model(name)
+        self._activation: dict[str, Job] = {}
+        self.jobs = Jobs()  # the transitions, one at a time
 
     def add_listener(self, listener: Listener) -> None:
         self.events.add(listener)
@@ -119,55 +113,19 @@ class Switcher(Listener):
         self.events.active_changed(self._active, self._switching)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def adopt_running(self) -> None:
-        """After a restart: adopt the model trees still running in their cgroups, or stop them;
-        never two backends for one model, never more than one model awake."""
-        if self.cgroups is None:
-            return
-        for name, cg in self.cgroups.existing_models().items():
-            pids = cg.procs()
-            if not pids:
-                cg.remove()
-            elif name not in self.models:
-                log.warning("stopping tree of unconfigured model %r (pids %s)", name, pids)
-                await cg.kill()
-                cg.remove()
-            elif await self.models[name].adopt(pids) and self.models[name].state is State.AWAKE:
-                if self.active is None:
-                    self.active = name
-                else:  # two awake: keep the first, evict the other
-                    await self.models[name].sleep()
-
     def start(self) -> None:
-        self._worker = asyncio.create_task(self._work(), name="switcher")
-
-    async def checkpoint_all(self) -> None:
-        """At shutdown: put every running model whose process eviction is `checkpoint` to sleep
-        (that is: checkpoint it), so the next llmuxd — in this container or a new one — restores it."""
-        for name, m in self.models.items():
-            if m.eviction.process is ProcessEviction.CHECKPOINT and m.state in (State.AWAKE, State.ASLEEP):
-                log.info("checkpointing %s before stopping", name, extra={"MODEL": name, "EVENT": "checkpoint_on_stop"})
-                try:
-                    await self.sleep(name)
-                except Exception as e:  # noqa: BLE001 - stopping goes on
-                    log.error("checkpoint of %s at stop failed: %s", name, e)
+        self.jobs.start()
 
     async def close(self) -> None:
         """Stop taking work, fail what waits, stop every model tree."""
-        self._closing = True
-        if self._worker:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-        while not self._jobs.empty():
-            job = self._jobs.get_nowait()
-            if not job.done.done():
-                job.done.set_exception(ShuttingDown("llmuxd is shutting down"))
+        await self.jobs.close()
         for name, futs in self._waiting.items():
             self._settle(name, ShuttingDown("llmuxd is shutting down"))
         for name in list(self._routes):
             self._drop_upstream(name)
-        await asyncio.gather(*(m.stop() for m in self.models.values()), return_exceptions=True)
-        await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
+        models = [*self.models.values(), *self._removed.values()]
+        await asyncio.gather(*(m.stop() for m in models), return_exceptions=True)
+        await asyncio.gather(*(m.close() for m in models), return_exceptions=True)
 
     # -- the request path --------------------------------------------------------------------
     def model(self, name: str) -> Model:
@@ -198,7 +156,7 @@ class Switcher(Listener):
         return self.active == name and self.models[name].state is State.AWAKE and self._evicting != name
 
     async def _admit(self, name: str) -> Lease:
-        if self._closing:
+        if self.jobs.closing:
             raise ShuttingDown("llmuxd is shutting down")
         if self._admissible(name):
             return self._take(name)
@@ -278,7 +236,7 @@ class Switcher(Listener):
 
     def revoke_all(self, message: str) -> None:
         """At shutdown: end every request in flight now, instead of waiting for it."""
-        for name in self.models:
+        for name in [*self.models, *self._removed]:
             self.revoke(name, Evicted(message, model=name))
 
     def _settle(self, name: str, error: Exception | None) -> None:
@@ -314,9 +272,18 @@ class Switcher(Listener):
     def queue_sleep(self, name: str) -> Awaitable[Transition]:
         """Queue the eviction of ``name`` now; as :meth:`queue_wake`."""
         self.model(name)
-        job = _Job(f"sleep {name}", lambda: self._sleep_job(name))
-        self._enqueue(job)
-        return asyncio.shield(job.done)
+        return asyncio.shield(self.jobs.put(f"sleep {name}", lambda: self._sleep_job(name)).done)
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file and apply it (``reload.py``), in turn with the transitions.  A
+        reload asked for while another one waits for its turn is that one."""
+        if self.source is None:
+            raise NotSupported("llmuxd was not started from a config file: there is nothing to reload")
+        if self._reload is None:
+            self._reload = self.jobs.put("reload", self._reload_job)
+            log.info("reload of %s asked for; it runs in turn with the transitions", self.source.path,
+                     extra={"EVENT": "reload"})
+        return await asyncio.shield(self._reload.done)
 
     def status(self) -> Status:
         models = {name: m.status().model_copy(update={"in_flight": len(self._leases[name]), "waiting": len(
@@ -325,38 +292,15 @@ class Switcher(Listener):
         return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models,
                       recent_transitions=self.history.recent(), event_seq=self.progress.seq)
 
-    # -- the worker ------------------------------------------------------------------------------
-    def _enqueue(self, job: _Job) -> None:
-        if self._closing:
-            raise ShuttingDown("llmuxd is shutting down")
-        self._jobs.put_nowait(job)
-
-    def _request_activation(self, name: str) -> _Job:
+    # -- the jobs ----------------------------------------------------------------------------------
+    def _request_activation(self, name: str) -> Job:
         job = self._activation.get(name)
         if job is None:
-            job = self._activation[name] = _Job(f"activate {name}", lambda: self._activate_job(name))
-            self._enqueue(job)
+            job = self._activation[name] = self.jobs.put(f"activate {name}", lambda: self._activate_job(name))
         return job
 
-    async def _work(self) -> None:
-        while True:
-            job = await self._jobs.get()
-            try:
-                result = await job.run()
-            except asyncio.CancelledError:
-                job.done.cancel()
-                raise
-            except Exception as e:  # noqa: BLE001 - every failure goes to the job's waiters
-                if not isinstance(e, (SwitchFailed, TransitionFailed)):
-                    log.exception("%s failed", job.what)
-                job.done.set_exception(e)
-            else:
-                job.done.set_result(result)
-            # Nobody may be left waiting on a consumed future without a reference.
-            job.done.exception() if job.done.done() and not job.done.cancelled() else None
-
     async def _activate_job(self, name: str) -> Transition:
-        model = self.models[name]
+        model = self.model(name)  # (a reload may have removed it since)
         previous = self.active
         started = time.monotonic()
         try:
@@ -407,7 +351,7 @@ class Switcher(Listener):
         return Transition(model=name, state=m.state.value, duration_secs=secs, last_error=m.last_error)
 
     async def _evict(self, name: str, *, for_switch: bool, start_after: asyncio.Event | None = None) -> float:
-        model = self.models[name]
+        model = self.model(name)
         if model.state is not State.AWAKE:
             if self.active == name:
                 self.active = None
@@ -449,6 +393,37 @@ class Switcher(Listener):
         except TimeoutError:
             log.error("%s: %d revoked request(s) did not end within %g s; evicting anyway", name,
                       len(self._leases[name]), REVOKE_GRACE_SECS, extra={"MODEL": name, "EVENT": "drain_timeout"})
+
+    # -- reload ---------------------------------------------------------------------------------------
+    async def _reload_job(self) -> ReloadResult:
+        self._reload = None  # from now on a reload asked for is a new one: the file may have changed again
+        return await reload.apply(self, self.source)
+
+    def add_model(self, name: str, first_pid: int | None = None) -> Model:
+        """Make model ``name`` of ``self.config`` available (at start, or added by a reload)."""
+        self.models[name] = Model(name, self.config, self.events, self.cgroups.model(name) if self.cgroups else None,
+                                  self.cuda, self.link_remaps, first_pid)
+        if name not in self._leases:
+            self._leases[name], self._idle[name], self._waiting[name] = set(), asyncio.Event(), []
+            self._idle[name].set()
+        self._in_flight[name] = self.metrics.in_flight.labels(name)
+        return self.models[name]
+
+    async def remove_model(self, name: str) -> None:
+        """A reload removed ``name``: new requests for it are refused at once (unknown model), those
+        waiting for it fail, those in flight end first (as an eviction drains them), then its tree
+        is stopped.  Its checkpoint stays on disk."""
+        model = self._removed[name] = self.models.pop(name)
+        self._activation.pop(name, None)  # (its job, already queued, finds the model gone)
+        self._settle(name, ModelRemoved(name))
+        await self._drain(name)
+        await self._close_upstream(name)
+        await model.stop()
+        await model.close()
+        del self._removed[name]
+        if model.cgroup is not None and not model.cgroup.populated():
+            model.cgroup.remove()
+        log.info("%s: removed from the configuration; stopped", name, extra={"MODEL": name, "EVENT": "reload"})
 
     # -- the models' events ------------------------------------------------------------------
     def state_changed(self, model: str, old: State, new: State) -> None:

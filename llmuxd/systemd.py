@@ -1,4 +1,4 @@
-"""systemd glue: sd_notify (READY, STATUS, WATCHDOG, STOPPING, EXTEND_TIMEOUT_USEC) and journald.
+"""systemd glue: sd_notify (READY, STATUS, WATCHDOG, STOPPING, RELOADING, EXTEND_TIMEOUT_USEC) and journald.
 
 Everything here is a no-op when llmuxd does not run under systemd."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 import sdnotify
 
@@ -49,6 +50,15 @@ class Notifier(Listener):
 
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping: stopping model trees")
+
+    def reload_started(self) -> None:
+        """RELOADING=1 with the time it began (what Type=notify-reload wants too), READY=1 after."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading the configuration")
+
+    def reload_done(self, result: str) -> None:
+        self._last_status = self.summary()
+        self.send("READY=1", f"STATUS={self._last_status}")
 
     def extend_timeout(self, seconds: float) -> None:
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")

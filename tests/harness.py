@@ -101,12 +101,14 @@ class LlmuxdProcess:
         self.leftovers: list[int] = []  # backend pids still alive after llmuxd stopped
         self.shm_seen: dict = {}  # what its backends held that can outlive them (procfs.shm_files)
         self.argv_prefix: list[str] = []  # e.g. unshare ... to run llmuxd in other namespaces
+        self.serve_args: list[str] = []  # more options for `llmuxd serve` (e.g. --dbus ADDRESS)
 
     def start(self, timeout: float = 20) -> "LlmuxdProcess":
         self.config_path.write_text(json.dumps(self.config, indent=2))
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*self.argv_prefix, LLMUXD, "serve", "--config", str(self.config_path)], stdin=subprocess.DEVNULL,
+            [*self.argv_prefix, LLMUXD, "serve", "--config", str(self.config_path), *self.serve_args],
+            stdin=subprocess.DEVNULL,
             stdout=log, stderr=log, env=self.env, start_new_session=True,
         )
         log.close()

@@ -134,8 +134,10 @@ def test_failed_checkpoint_escalates_to_stop(make_daemon, tmp_path):
 
 def test_backend_that_never_becomes_healthy(make_daemon):
     p = free_ports(2)
-    d = make_daemon(models={"m1": model_entry("m1", p[0], extra=["--sim-never-healthy"]), "m2": model_entry("m2", p[1])},
-                    policy={"startup_timeout_secs": 5})  # m2 must start within it too, on a busy machine
+    # m1's own start-up limit (llmux 0.9's per-model key): m2 keeps the default, so a busy machine
+    # cannot make its start fail too
+    never = {**model_entry("m1", p[0], extra=["--sim-never-healthy"]), "startup_timeout_secs": 5}
+    d = make_daemon(models={"m1": never, "m2": model_entry("m2", p[1])})
     r = complete(d, "m1")
     assert r.status_code == 503 and r.headers["Retry-After"]
     err = r.json()["error"]

@@ -169,9 +169,10 @@ def test_introspect(daemon, buses):
     assert rows[".Wake"][:3] == ["method", "s", "sd"]
     assert rows[".Sleep"][:3] == ["method", "s", "sd"]
     assert rows[".Inspect"][:3] == ["method", "-", "sa(ssaussddss)"]
+    assert rows[".Reload"][:3] == ["method", "-", "asasasasas"]
     assert rows[".ModelStateChanged"][:2] == ["signal", "sss"]
     assert rows[".ActiveModel"][:2] == ["property", "s"] and "emits-change" in rows[".ActiveModel"]
-    assert rows[".Models"][:2] == ["property", "as"] and "const" in rows[".Models"]
+    assert rows[".Models"][:2] == ["property", "as"] and "emits-change" in rows[".Models"]  # a reload changes it
     assert rows[".Switching"][:2] == ["property", "s"] and rows[".QueueDepth"][:2] == ["property", "u"]
     assert rows[".Progress"][:2] == ["property", "a(sssddsdd)"]
     assert not any("writable" in v for v in rows.values())

@@ -50,7 +50,10 @@ def test_failed_start_shows_the_models_last_output(make_daemon):
     assert st["state"] == "stopped" and cause in st["last_error"] and SECRET not in st["last_error"]
     assert st["last_error"] in msg
     # llmuxd's log: the failure on one line, the output under it, indented (only a record's own
-    # line starts at column 0); the model's lines themselves, forwarded with its name, too.
+    # line starts at column 0); the model's lines themselves, forwarded with its name, too (by
+    # the follower, at its next pass over the file).
+    wait_until(lambda: any(line.startswith("[m1] ") and cause in line for line in d.log().splitlines()), 10,
+               what="the model's own lines forwarded")
     log = d.log()
     lines = log.splitlines()
     at = next(i for i, line in enumerate(lines) if line.endswith(f"m1: cold start failed: backend exited with code 1 "

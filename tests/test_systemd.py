@@ -188,6 +188,44 @@ def test_cgroup_per_model_kill9_restart_and_watchdog(service):
     assert httpx.post(s.url + "/v1/completions", json={"model": "m2", "prompt": "x"}, timeout=60).status_code == 200
 
 
+def test_systemctl_reload(service):
+    """`systemctl reload llmuxd` (ExecReload= sends SIGHUP): the config file is read again while
+    the service stays active under the same main PID and the awake model keeps its process; an
+    invalid file is refused (said in the journal), the unit stays active, the old config serves."""
+    s = service()
+    s.c.systemctl("start", "llmuxd", check=True)
+    assert httpx.post(s.url + "/v1/completions", json={"model": "m1", "prompt": "x"}, timeout=60).status_code == 200
+    main, pid = s.show("llmuxd", "MainPID"), s.status()["models"]["m1"]["pid"]
+
+    def write_config(config: dict) -> None:
+        s.c.run(["sh", "-c", "cat > /etc/llmux/config.json"], input=json.dumps(config, indent=2))
+
+    def journal_says(text: str) -> None:
+        t0 = time.monotonic()
+        while not any(text in e.get("MESSAGE", "") for e in s.c.journal("llmuxd", json_output=True)):
+            assert time.monotonic() - t0 < 60, f"no {text!r} in the journal"
+            time.sleep(0.2)
+
+    config = json.loads(json.dumps(s.config))
+    config["models"]["m3"] = model_entry("m3", free_ports(1)[0])
+    write_config(config)
+    s.c.systemctl("reload", "llmuxd", check=True)
+    journal_says("reloaded /etc/llmux/config.json")
+    assert s.c.systemctl("is-active", "llmuxd").stdout.strip() == "active"
+    assert s.show("llmuxd", "MainPID") == main and s.show("llmuxd", "NRestarts") == "0"
+    st = s.status()
+    assert st["models"]["m1"]["pid"] == pid and st["models"]["m3"]["state"] == "stopped"
+    entry = next(e for e in s.c.journal("llmuxd", json_output=True) if e.get("MESSAGE", "").startswith("reloaded"))
+    assert entry["EVENT"] == "reload" and "added m3" in entry["MESSAGE"], entry
+    write_config({**config, "port": "not a port"})
+    s.c.systemctl("reload", "llmuxd", check=True)
+    journal_says("reload refused, the running configuration stays in force")
+    assert s.c.systemctl("is-active", "llmuxd").stdout.strip() == "active"
+    assert s.show("llmuxd", "MainPID") == main
+    assert set(s.status()["models"]) == {"m1", "m2", "m3"}
+    assert httpx.post(s.url + "/v1/completions", json={"model": "m3", "prompt": "x"}, timeout=60).status_code == 200
+
+
 # -- hardening ------------------------------------------------------------------------------------
 # The exposure scores `systemd-analyze security` (systemd 252, the test image's) gives the units,
 # measured when they were hardened (docs/systemd-hardening.md): 9.6 for both before; now 7.6 for

@@ -1,7 +1,7 @@
-"""Control API: /control/sleep, /control/wake, /control/status, /control/events (the
-transitions' progress, live: ``stream.py``), and what the status page reads (/control/gpu,
-/control/models/{name}/log) — thin over the core.  Who may call it is decided where the routes
-are mounted (``http.py``, ``auth.py``)."""
+"""Control API: /control/sleep, /control/wake, /control/reload, /control/status,
+/control/events (the transitions' progress, live: ``stream.py``), and what the status page reads
+(/control/gpu, /control/models/{name}/log) — thin over the core.  Who may call it is decided
+where the routes are mounted (``http.py``, ``auth.py``)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Control:
         return [
             web.post("/control/sleep", self.sleep),
             web.post("/control/wake", self.wake),
+            web.post("/control/reload", self.reload),
             web.get("/control/status", self.status),
             web.get("/control/events", self.events.handle),
             web.get("/control/gpu", self.gpu_memory),
@@ -44,6 +45,9 @@ class Control:
     async def wake(self, request: web.Request) -> web.Response:
         _, _, model = await read_model_request(request, self.limits)
         return web.json_response((await self.switcher.wake(model)).json_dict())
+
+    async def reload(self, request: web.Request) -> web.Response:
+        return web.json_response((await self.switcher.reload()).json_dict())
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.switcher.status().json_dict())

@@ -40,13 +40,23 @@ def served_name(name: str, extra_args: list[str]) -> str:
     return name
 
 
+def pick_first_pid(index: int, taken: set[int] | frozenset[int] = frozenset()) -> int:
+    """The first PID of the tree of the model at ``index`` in the config: distinct per model (see
+    pidinit.py): 1000, 2000, ... in config order; when that one is ``taken`` (a model a reload
+    added), the first one that is not."""
+    slots = [1000 * (1 + i) for i in range(30)]
+    wanted = slots[index % len(slots)]
+    return wanted if wanted not in taken else next((s for s in slots if s not in taken), wanted)
+
+
 class VllmBackend:
     """One model's server.  ``on_exit`` is called when the process tree's root exits without
     llmuxd having asked it to."""
 
     HEALTH_POLL_SECS = 0.1
 
-    def __init__(self, name: str, config: Config, on_exit: Callable[[int], None], cgroup: Cgroup | None = None):
+    def __init__(self, name: str, config: Config, on_exit: Callable[[int], None], cgroup: Cgroup | None = None,
+                 first_pid: int | None = None):
         self.name = name
         self.cfg = config.models[name]
         self.config = config
@@ -55,8 +65,8 @@ class VllmBackend:
         self.url = f"http://{_connect_host(self.bind_host)}:{self.cfg.port}"
         self.log_path = modellog.path_for(config.log_dir, name)
         iso = config.isolation
-        # Distinct first PIDs per model (see pidinit.py): 1000, 2000, ... in config order.
-        first_pid = 1000 * (1 + list(config.models).index(name) % 30)
+        if first_pid is None:
+            first_pid = pick_first_pid(list(config.models).index(name))
         self.tree = ProcessTree(name, self.log_path, cgroup, pid_namespace=iso.pid_namespace,
                                 block_io_uring=iso.block_io_uring, first_pid=first_pid)
         self.tmpdir = scratch.folder(self.cfg.port) if iso.own_tmpdir else None

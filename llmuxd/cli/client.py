@@ -1,6 +1,6 @@
-"""``llmuxd status | wake | sleep``: a client of a running daemon's control API.  The answers
-are read back into the daemon's own contracts (:class:`~llmuxd.status.Status`,
-:class:`~llmuxd.status.Transition`); its errors keep their code and get their exit status from
+"""``llmuxd status | wake | sleep | reload``: a client of a running daemon's control API.  The
+answers are read back into the daemon's own contracts (:class:`~llmuxd.status.Status`,
+:class:`~llmuxd.status.Transition`, :class:`~llmuxd.status.ReloadResult`); its errors keep their code and get their exit status from
 :mod:`.exits`."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ..config import DEFAULT_CONFIG_PATH, DEFAULT_STARTUP_TIMEOUT_SECS, CheckpointConfig, Config, PolicyConfig, ProcessEviction, load_config
-from ..status import Status, Transition
+from ..status import ReloadResult, Status, Transition
 from .exits import Exit, Failure, exit_for_code
 from ..progress_view import following, running
 from .output import as_json, emit
@@ -161,4 +161,13 @@ def cmd_transition(args: argparse.Namespace) -> int:
         data = call(where, "POST", f"/control/{args.command}", {"model": args.model}, timeout)
     result = _read(Transition, data, where)
     emit(args, result, render_transition(result))
+    return Exit.OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """``reload``: the daemon reads its config file again; returns when it is applied (or refused)."""
+    where = target(args)
+    data = call(where, "POST", "/control/reload", {}, args.timeout or transition_timeout(where.config))
+    result = _read(ReloadResult, data, where)
+    emit(args, result, f"reloaded {result.config_path} in {result.duration_secs:.3f} s: {result.summary()}")
     return Exit.OK

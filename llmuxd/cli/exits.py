@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from ..commands import CommandError
 from ..config import ConfigError
-from ..errors import BadRequest, LlmuxdError, QueueTimeout, UnknownModel
+from ..errors import BadRequest, ConfigRefused, LlmuxdError, ModelRemoved, QueueTimeout, UnknownModel
 
 
 class Exit(IntEnum):
@@ -36,7 +36,8 @@ MEANING = {
 }
 
 #: Domain errors with an exit status of their own (subclasses included); the rest: FAILED.
-_DOMAIN = ((UnknownModel, Exit.UNKNOWN_MODEL), (QueueTimeout, Exit.TIMEOUT), (BadRequest, Exit.USAGE))
+_DOMAIN = ((UnknownModel, Exit.UNKNOWN_MODEL), (QueueTimeout, Exit.TIMEOUT), (BadRequest, Exit.USAGE),
+           (ConfigRefused, Exit.USAGE), (ModelRemoved, Exit.UNKNOWN_MODEL))
 
 
 class Failure(Exception):

@@ -22,6 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..api.dbus import DbusStartError
     from ..daemon import serve
     from ..log import setup_logging
+    from ..reload import ConfigSource
 
     config = load_config(args.config)
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -29,7 +30,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update=updates)
     setup_logging(args.log_level)
     try:
-        asyncio.run(serve(config, dbus=args.dbus, checkpoint_on_stop=args.checkpoint_on_stop))
+        asyncio.run(serve(config, dbus=args.dbus, checkpoint_on_stop=args.checkpoint_on_stop,
+                          source=ConfigSource(args.config, updates)))
     except (OSError, DbusStartError) as e:
         print(f"llmuxd: cannot serve: {e}", file=sys.stderr)
         return Exit.FAILED

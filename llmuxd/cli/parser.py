@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, help in (("wake", "make a model the awake one; returns when done"),
                        ("sleep", "evict a model per its policy; returns when done")):
         client_command(verb, client.cmd_transition, help).add_argument("model", help="a model of the config")
+    client_command("reload", client.cmd_reload, "have the daemon read its config file again and apply it "
+                                                "without a restart; returns when done")
 
     k = command("checkpoint", local.cmd_checkpoint, "start MODEL if needed, warm it up, checkpoint it (CRIU), exit")
     k.add_argument("model")

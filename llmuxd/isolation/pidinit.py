@@ -44,7 +44,7 @@ RESTORED = "restored"  # written into the restore work dir once the tree is back
 
 def _reopen_stdio(log: str) -> None:
     null = os.open("/dev/null", os.O_RDONLY)
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     os.dup2(null, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)

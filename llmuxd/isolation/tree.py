@@ -106,7 +106,8 @@ class ProcessTree:
         without a size check), no other fds.  Returns the root's PID."""
         argv = self.wrap(argv, restore_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        # never through a link planted at its name; private (a model may echo prompts)
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         procs_file = None
         if self.cgroup is not None:
             self.cgroup.create()

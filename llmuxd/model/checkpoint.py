@@ -18,10 +18,12 @@ import asyncio
 import logging
 import time
 
+from .. import redact
 from ..backends.vllm import BackendError
 from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.outcome import CheckpointFailed, GpuReleased
 from ..checkpoint.manifest import DumpFacts
+from ..checkpoint.store import Found
 from ..config import ProcessEviction as Kind
 from ..cuda import CudaError
 from ..events import State
@@ -150,7 +152,9 @@ class Checkpoint(ProcessEviction):
             t["wake_sequence"] = time.monotonic() - started
             if manifest.canary is not None:
                 m.step("canary")
+                started = time.monotonic()
                 answer = await m.backend.canary()
+                t["canary"] = time.monotonic() - started
                 if answer != manifest.canary:
                     raise CheckpointFailed(f"canary answer after restore {answer!r} differs from the one "
                                            f"recorded before the dump {manifest.canary!r}", reason="canary")
@@ -181,6 +185,15 @@ class Checkpoint(ProcessEviction):
                                   self.model.backend.output_tail() or None)
 
     # -- around a tree that is not from this checkpoint -----------------------------------------
+    def made_otherwise(self, found: Found) -> str | None:
+        """Why the valid checkpoint ``found`` does not hold a tree of this model's settings (its
+        command line differs: a restore would bring back the old settings), or None."""
+        recorded = found.manifest.argv if found.manifest is not None else None
+        if recorded is not None and recorded != redact.argv(self.model.backend.argv()):
+            return f"the checkpoint at {found.path} was made with another command line: {' '.join(recorded)}"
+        return None
+
+
     async def new_tree(self) -> None:
         """Before a cold start: no checkpoint describes the new tree, and what a put-back left
         for a restore that is not happening goes."""

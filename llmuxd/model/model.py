@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import cuda as cudamod
-from .. import modellog
+from .. import modellog, redact
 from ..backends.vllm import BackendError, VllmBackend
 from ..checkpoint.checkpointer import Checkpointer
 from ..checkpoint.outcome import CheckpointFailed
@@ -40,26 +40,14 @@ EVICTION_ERRORS = (BackendError, NotSupported, CheckpointFailed, cudamod.CudaErr
 
 class Model:
     def __init__(self, name: str, config: Config, events: Listener | None = None, cgroup: Cgroup | None = None,
-                 cuda: cudamod.SuspendChoice | None = None, link_remaps: asyncio.Lock | None = None):
+                 cuda: cudamod.SuspendChoice | None = None, link_remaps: asyncio.Lock | None = None,
+                 first_pid: int | None = None):
         self.name = name
-        self.config = config
-        self.port = config.models[name].port
-        self.eviction = config.eviction_for(name)
         self.events = events if events is not None else Events()
         self.state = State.STOPPED
         self.cgroup = cgroup
-        self.checkpoint_config = config.checkpoint or CheckpointConfig()
-        self.cuda = cuda or cudamod.SuspendChoice(self.checkpoint_config.cuda_checkpoint_path)
-        self.backend = VllmBackend(name, config, self._backend_exited, cgroup)
-        ck = self.checkpoint_config
-        self.checkpointer = Checkpointer(name, config.checkpoint_dir_for(name), Criu(ck.criu_path), cgroup,
-                                         Path(config.log_dir) / "criu" / name, cuda=self.cuda,
-                                         settings=Settings.of(config), on_step=self.step)
-        self.checkpoint = Checkpoint(self, self.checkpointer, ck.keep_images, link_remaps or asyncio.Lock())
-        strategies: list[ProcessEviction] = [KeepRunning(self), Stop(self), CudaSuspend(self), self.checkpoint]
-        #: The eviction the config asks for, and the strategy that resumes from each resting state.
-        self.process = next(s for s in strategies if s.kind is self.eviction.process)
-        self._resumes = {s.resting: s for s in strategies}
+        self.cuda = cuda or cudamod.SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
+        self.link_remaps = link_remaps or asyncio.Lock()  # shared by the daemon's models (checkpoint.py)
         self.sleep_level: int | None = None  # the vLLM sleep level the weights are at
         self.last_error: str | None = None
         self.escalations = 0  # evictions that failed and fell back to stop
@@ -68,20 +56,45 @@ class Model:
         self.last_wake_kind: str | None = None
         self.last_sleep_secs: float | None = None
         self.awake_since: float | None = None  # monotonic
-        self._waking: Timed | None = None  # the wake in progress (its kind changes if it falls back)
         self._finishing: asyncio.Task | None = None  # an eviction finishing in the background
-        self._discover()
+        self._waking: Timed | None = None  # the wake in progress (its kind changes if it falls back)
+        self._next_config: Config | None = None  # settings a reload changed, for the next tree
+        self._build(config, first_pid)
+        self.state = self._discover()
 
-    def _discover(self) -> None:
-        """A valid checkpoint makes the model start as checkpointed; one that cannot be used is
-        counted in llmuxd_restore_failures_total{reason} and said in last_error."""
+    def _build(self, config: Config, first_pid: int | None) -> None:
+        """What the model's settings make: its backend, checkpointer and eviction strategies."""
+        self.config = config
+        self.port = config.models[self.name].port
+        self.eviction = config.eviction_for(self.name)
+        self.checkpoint_config = ck = config.checkpoint or CheckpointConfig()
+        self.backend = VllmBackend(self.name, config, self._backend_exited, self.cgroup, first_pid)
+        self.checkpointer = Checkpointer(self.name, config.checkpoint_dir_for(self.name), Criu(ck.criu_path),
+                                         self.cgroup, Path(config.log_dir) / "criu" / self.name, cuda=self.cuda,
+                                         settings=Settings.of(config), on_step=self.step)
+        self.checkpoint = Checkpoint(self, self.checkpointer, ck.keep_images, self.link_remaps)
+        strategies: list[ProcessEviction] = [KeepRunning(self), Stop(self), CudaSuspend(self), self.checkpoint]
+        #: The eviction the config asks for, and the strategy that resumes from each resting state.
+        self.process = next(s for s in strategies if s.kind is self.eviction.process)
+        self._resumes = {s.resting: s for s in strategies}
+
+    def _discover(self) -> State:
+        """The state a valid checkpoint made with this model's command line gives: checkpointed;
+        one that cannot be used is counted in llmuxd_restore_failures_total{reason} and said in
+        last_error; one made with another command line (its settings changed since) is left for
+        the next dump to replace."""
         found = self.checkpointer.discover()
         if found.state == "valid":
-            self.state = State.CHECKPOINTED
-        elif found.state != "none":
+            if why := self.checkpoint.made_otherwise(found):
+                log.info("%s: %s: not restored; the model cold-starts and its next checkpoint replaces it",
+                         self.name, why, extra={"MODEL": self.name, "EVENT": "discover"})
+                return State.STOPPED
+            return State.CHECKPOINTED
+        if found.state != "none":
             self.last_error = found.detail
             self.restore_failures += 1
             self.events.restore_failed(self.name, found.reason)
+        return State.STOPPED
 
     @property
     def last_checkpoint(self) -> DumpRecord | ReusedCheckpoint | None:
@@ -128,6 +141,7 @@ class Model:
             last_wake_secs=self.last_wake_secs, last_wake_kind=self.last_wake_kind,
             last_sleep_secs=self.last_sleep_secs, last_error=self.last_error, escalations=self.escalations,
             restore_failures=self.restore_failures, checkpoint_path=str(self.checkpointer.path),
+            restart_pending=self.restart_pending,
             last_checkpoint=self.last_checkpoint, last_restore=self.last_restore,
         )
 
@@ -191,6 +205,8 @@ class Model:
         await self.settled()
         if self.state is State.AWAKE:
             return 0.0
+        if self._next_config is not None:  # awake with old settings when they changed, then its tree died
+            await self._renew()
         strategy = self._resumes.get(self.state, self._resumes[State.STOPPED])
         if problems := strategy.resume_problems():  # refused, nothing touched: it stays where it rests
             msg = "; ".join(problems)
@@ -243,6 +259,14 @@ class Model:
         (a switch lets the next model's restore go first)."""
         if self.state is not State.AWAKE:
             return 0.0
+        if self._next_config is not None:
+            log.info("%s: evicted by stopping it: a reload changed its settings, its next wake starts it with "
+                     "them", self.name, extra={"MODEL": self.name, "EVENT": "evict"})
+            with self.phase("sleep", "stop") as timed:  # (the kind of an eviction by stopping)
+                self.step("stop")
+                await self._renew()
+            self.last_sleep_secs = timed.secs
+            return self.last_sleep_secs
         self.set_state(State.SLEEPING)
         with self.phase("sleep", self.eviction.process.value) as timed:
             try:
@@ -318,6 +342,37 @@ class Model:
     async def close(self) -> None:
         await self.settled()
         await self.backend.close()
+
+    # -- reload ------------------------------------------------------------------------------------
+    @property
+    def restart_pending(self) -> bool:
+        return self._next_config is not None
+
+    def use_config(self, config: Config) -> None:
+        """A reload left this model's settings as they run: the same ones, read from ``config``
+        (a change an earlier reload left pending is dropped)."""
+        self._next_config = None
+        self.config = self.backend.config = config
+        self.backend.cfg = config.models[self.name]
+
+    async def reconfigure(self, config: Config) -> None:
+        """A reload changed this model's settings.  Awake, it keeps serving with the old ones
+        until its next eviction, which stops it; a tree that is not awake (asleep, suspended) is
+        stopped now.  Without a tree the new settings apply at once, and the next wake starts the
+        model with them (a checkpoint made with another command line is not restored)."""
+        self._next_config = config
+        await self.settled()  # a dump in progress ends first
+        if self.state is not State.AWAKE:
+            await self._renew()
+
+    async def _renew(self) -> None:
+        await self.stop()
+        config, self._next_config = self._next_config, None
+        await self.backend.close()
+        self._build(config, self.backend.tree.first_pid)
+        self.set_state(self._discover())
+        log.info("%s: new settings in force (%s, eviction %s)", self.name, redact.command_line(self.backend.argv()),
+                 self.eviction, extra={"MODEL": self.name, "EVENT": "reconfigure"})
 
 
 def _parent(pid: int) -> int | None:

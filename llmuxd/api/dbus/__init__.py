@@ -12,22 +12,25 @@ compare it with what this package exports).  In short:
   ``StartWake(s) -> (o job)`` and ``StartSleep(s)`` queue the same transition and return at
   once with a job object (:mod:`.jobs`), whose end is the signal ``JobRemoved(u id, o job,
   s model, s result)``;
+* ``Reload() -> (as added, as removed, as changed, as unchanged, as needs_restart)`` re-reads
+  the config file and applies it, like ``POST /control/reload``; an invalid file is refused
+  with ``ConfigRefused``, every reason in the message;
 * ``Inspect() -> (s active_model, a(ssaussddss) models)``: what ``/control/status`` says, in
   D-Bus types;
 * ``ModelStateChanged(s model, s old_state, s new_state)``, ``JobNew``, ``JobRemoved``;
-  ``PropertiesChanged`` for ``ActiveModel`` and ``Switching``; ``Models`` is constant,
-  ``QueueDepth`` and ``Progress`` (the transitions in progress, as ``/control/status``'s
-  ``progress``) are read when needed;
+  ``PropertiesChanged`` for ``ActiveModel``, ``Switching`` and ``Models`` (changed by a
+  reload); ``QueueDepth`` and ``Progress`` (the transitions in progress, as
+  ``/control/status``'s ``progress``) are read when needed;
 * errors ``io.llmux.Llmuxd1.Error.<Name>`` for the domain errors (:func:`to_dbus_error`).
 
 Who may call what
   Everyone may introspect, call ``Inspect`` and read the properties (of the jobs too).  The
-  methods that change state (``Wake``, ``Sleep``, ``StartWake``, ``StartSleep``) are checked
-  twice.  The bus refuses them first: the system bus's policy ``dbus/io.llmux.Llmuxd1.conf``
-  lets only root own the name and call them.  Then llmuxd checks again, in code, because a
-  session bus or a bus at a custom address may have no such policy: it asks the bus daemon who
-  sent the call (``GetConnectionUnixUser`` of the message's sender) and serves it only for uid 0
-  and llmuxd's own effective uid.  Everyone else gets
+  methods that change state (``Wake``, ``Sleep``, ``StartWake``, ``StartSleep``, ``Reload``) are
+  checked twice.  The bus refuses them first: the system bus's policy
+  ``dbus/io.llmux.Llmuxd1.conf`` lets only root own the name and call them.  Then llmuxd checks
+  again, in code, because a session bus or a bus at a custom address may have no such policy:
+  it asks the bus daemon who sent the call (``GetConnectionUnixUser`` of the message's sender)
+  and serves it only for uid 0 and llmuxd's own effective uid.  Everyone else gets
   ``org.freedesktop.DBus.Error.AccessDenied`` (the same error whether the bus or llmuxd
   refused), and the refusal is logged.  A caller whose uid the bus cannot tell is refused too.
 """

@@ -148,6 +148,13 @@ class Llmuxd1(ServiceInterface):
 
     @method()
     @dbus_errors
+    async def Reload(self) -> "asasasasas":  # noqa: F821, N802
+        await self._check_caller("Reload")
+        r = await self.switcher.reload()
+        return [r.added, r.removed, list(r.changed), r.unchanged, r.needs_restart]
+
+    @method()
+    @dbus_errors
     async def Inspect(self) -> "sa(ssaussddss)":  # noqa: F821, N802
         st = self.switcher.status()
         models = [
@@ -195,14 +202,16 @@ class Llmuxd1(ServiceInterface):
 
     # Introspection details busctl/gdbus show: out-argument names, property change semantics.
     for _fn, _names in ((Wake, ("state", "duration_secs")), (Sleep, ("state", "duration_secs")),
-                        (StartWake, ("job",)), (StartSleep, ("job",)), (Inspect, ("active_model", "models"))):
+                        (StartWake, ("job",)), (StartSleep, ("job",)),
+                        (Reload, ("added", "removed", "changed", "unchanged", "needs_restart")),
+                        (Inspect, ("active_model", "models"))):
         for _arg, _name in zip(_fn.__dict__["__DBUS_METHOD"].introspection.out_args, _names):
             _arg.name = _name
     for _fn, _names in ((ModelStateChanged, ("model", "old_state", "new_state")),
                         (JobNew, ("id", "job", "model")), (JobRemoved, ("id", "job", "model", "result"))):
         for _arg, _name in zip(_fn.__dict__["__DBUS_SIGNAL"].introspection.args, _names):
             _arg.name = _name
-    Models.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "const"
+    Models.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "true"  # (a reload)
     QueueDepth.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "false"
     Progress.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "false"
     del _fn, _names, _arg, _name
@@ -228,6 +237,20 @@ class _Events(Listener):
             self.iface.ModelStateChanged(model, old.value, new.value)
         except Exception:  # noqa: BLE001 - a lost signal must not break a transition
             log.exception("D-Bus: could not emit ModelStateChanged")
+
+    def model_added(self, model: str, state: State) -> None:
+        self._models_changed()
+
+    def model_removed(self, model: str) -> None:
+        self._models_changed()
+
+    def _models_changed(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.iface.emit_properties_changed({"Models": list(self.iface.switcher.models)})
+        except Exception:  # noqa: BLE001
+            log.exception("D-Bus: could not emit PropertiesChanged")
 
     def active_changed(self, active: str | None, switching: tuple[str | None, str] | None) -> None:
         now = self._props()
