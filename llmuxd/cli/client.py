@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ..config import DEFAULT_CONFIG_PATH, DEFAULT_STARTUP_TIMEOUT_SECS, CheckpointConfig, Config, PolicyConfig, ProcessEviction, load_config
+from ..progress_view import following, running
 from ..status import ReloadResult, Status, Transition
 from .exits import Exit, Failure, exit_for_code
-from ..progress_view import following, running
 from .output import as_json, emit
 
 #: How long ``status`` waits for an answer (the daemon answers it at once, even mid-switch).
