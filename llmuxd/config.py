@@ -125,6 +125,10 @@ class PolicyConfig(_Strict):
     upstream_read_timeout_secs: float = Field(default=300, gt=0)
     # llmuxd: requests waiting for their model at most; more get 429 with Retry-After.
     max_queued_requests: int = Field(default=1024, ge=1)
+    # llmuxd: a streaming request ("stream": true) that waits this long for its model gets its
+    # response started (200, text/event-stream) and an SSE comment line every this many seconds
+    # until the model serves it; 0: off (the client gets nothing until the backend answers).
+    sse_keepalive_secs: float = Field(default=10, ge=0)
     eviction: Eviction = Eviction()
     sleep_level: int | None = Field(default=None, ge=1, le=5)
     # llmux's cost_aware / time_slice tuning; accepted, not acted on (llmuxd schedules FIFO).

@@ -2,11 +2,34 @@
 that receives every change (metrics, D-Bus signals, sd_notify ``STATUS=``).
 
 A leaf module: models and the switcher emit these events, the transports and metrics receive
-them, and neither side needs to import the other for it."""
+them, and neither side needs to import the other for it.
+
+A transition runs as phases, one at a time per model (``phase_started``, then ``phase_done`` or
+``phase_failed``; the ``phase`` label of ``llmuxd_switch_phase_seconds``), each of a ``kind``
+(see :meth:`Listener.phase_done`), each through steps (``step``; a step ends where the next
+begins).  The one vocabulary, with each phase's steps:
+
+* ``drain``: the requests in flight on the model to be evicted finish;
+* ``sleep``: the eviction, until the GPU is free: ``canary`` (the answer a restore must give),
+  ``weights`` (vLLM's sleep level), ``cuda_suspend``, then for a dump that is not left to the
+  background ``criu_dump``, ``manifest``, ``write``, and ``stop`` (the tree ended);
+* ``dump``: the rest of a checkpoint eviction, in the background: ``wait`` (while the next
+  model's restore goes first), ``criu_dump``, ``manifest``, ``write``, ``stop``;
+* ``wake``: of kind ``cold_start``: ``spawn``, ``load`` (until the server answers); ``wake`` or
+  ``resume`` (a tree kept running): ``cuda_resume``, ``wake_sequence`` (the weights' wake);
+  ``restore``: ``read_manifest``, ``verify_images``, ``prepare``, ``criu_restore``,
+  ``amx_right``, ``cuda_resume``, ``health``, ``wake_sequence``, ``canary``.
+
+The steps of a dump and a restore are named as the keys of ``last_checkpoint.seconds`` and
+``last_restore.seconds``.  A wake whose first way fails goes on as a cold start: its phase is
+announced again (``phase_started``) with the kind ``cold_start``."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from enum import Enum
+from typing import Iterator
 
 
 class State(str, Enum):
@@ -34,12 +57,22 @@ class Listener:
     def state_changed(self, model: str, old: State, new: State) -> None:
         pass
 
+    def phase_started(self, model: str, phase: str, kind: str) -> None:
+        """A phase of a transition began (see :func:`phase`); ``kind``: what it is expected to
+        be (a wake's may change: it is then announced again)."""
+
+    def step(self, model: str, step: str) -> None:
+        """The phase in progress of ``model`` reached ``step`` (it ends where the next begins)."""
+
     def phase_done(self, model: str, phase: str, seconds: float, kind: str) -> None:
         """A phase of a transition ended.  ``wake``: ``kind`` says how the model came to serve
         (``cold_start``, ``wake``, ``resume`` of suspended CUDA state, ``restore`` from a
         checkpoint: its ``last_wake_kind``).  ``drain``, ``sleep``, ``dump`` of an eviction:
         ``kind`` is its process strategy (``keep_running``, ``cuda_suspend``, ``checkpoint``,
         ``stop``), or :data:`ESCALATED` when a step failed and the model was stopped instead."""
+
+    def phase_failed(self, model: str, phase: str, seconds: float) -> None:
+        """A phase ended in an error (or was cancelled)."""
 
     def escalated(self, model: str, reason: str) -> None:
         """An eviction failed and fell back to stopping the model."""
@@ -84,9 +117,21 @@ class Events(Listener):
         for listener in self.listeners:
             listener.state_changed(model, old, new)
 
+    def phase_started(self, model: str, phase: str, kind: str) -> None:
+        for listener in self.listeners:
+            listener.phase_started(model, phase, kind)
+
+    def step(self, model: str, step: str) -> None:
+        for listener in self.listeners:
+            listener.step(model, step)
+
     def phase_done(self, model: str, phase: str, seconds: float, kind: str) -> None:
         for listener in self.listeners:
             listener.phase_done(model, phase, seconds, kind)
+
+    def phase_failed(self, model: str, phase: str, seconds: float) -> None:
+        for listener in self.listeners:
+            listener.phase_failed(model, phase, seconds)
 
     def escalated(self, model: str, reason: str) -> None:
         for listener in self.listeners:
@@ -123,3 +168,27 @@ class Events(Listener):
     def model_removed(self, model: str) -> None:
         for listener in self.listeners:
             listener.model_removed(model)
+
+
+class Timed:
+    """How long a :func:`phase` took (set when it ends), and its kind (the body may set it)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.secs = 0.0
+
+
+@contextlib.contextmanager
+def phase(listener: Listener, model: str, name: str, kind: str) -> Iterator[Timed]:
+    """Run the body as phase ``name`` of ``model``: ``phase_started``, then ``phase_done`` with
+    its duration and kind, or ``phase_failed`` when the body raises (or is cancelled)."""
+    timed = Timed(kind)
+    listener.phase_started(model, name, kind)
+    started = time.monotonic()
+    try:
+        yield timed
+    except BaseException:
+        listener.phase_failed(model, name, time.monotonic() - started)
+        raise
+    timed.secs = time.monotonic() - started
+    listener.phase_done(model, name, timed.secs, timed.kind)

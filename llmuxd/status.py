@@ -4,6 +4,8 @@ of a transition.  Built by the switcher and the models; the HTTP API sends them 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -43,6 +45,40 @@ class RestoreRecord(_Contract):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class Progress(_Contract):
+    """A model's transition in progress: the phase, its kind and its step (the vocabulary of
+    :mod:`llmuxd.events`), how long each has run, and how long each typically takes for this
+    model (the median of its last few of that phase and kind that completed; None before the
+    first)."""
+
+    phase: str
+    kind: str  # as in llmuxd_switch_phase_seconds{kind} (a wake's: the way it is expected to go)
+    elapsed_secs: float
+    typical_secs: float | None
+    step: str | None = None
+    step_elapsed_secs: float | None = None
+    step_typical_secs: float | None = None
+
+    @property
+    def label(self) -> str:
+        """What a person calls it: a wake by its kind (``cold_start``, ``restore``...), an
+        eviction's phase by its name (``drain``, ``sleep``, ``dump``)."""
+        return self.kind if self.phase == "wake" else self.phase
+
+
+class ProgressEvent(_Contract):
+    """One event of ``GET /control/events``.  ``in_progress``: a phase already running when the
+    stream opened; ``phase_done``/``phase_failed`` carry the phase's duration in
+    ``progress.elapsed_secs`` (and, when failed, the step it failed in).  ``seq`` numbers the
+    daemon's events (``Status.event_seq`` is the last one's); ``time`` is Unix time."""
+
+    event: Literal["in_progress", "phase_started", "step", "phase_done", "phase_failed"]
+    seq: int
+    time: float
+    model: str
+    progress: Progress
+
+
 class ModelStatus(_Contract):
     name: str
     state: str
@@ -65,6 +101,7 @@ class ModelStatus(_Contract):
     restart_pending: bool = False
     in_flight: int = 0  # requests being served (set by the switcher)
     waiting: int = 0  # requests waiting for this model (set by the switcher)
+    progress: Progress | None = None  # the transition in progress (set by the switcher)
 
 
 class Switching(_Contract):
@@ -97,6 +134,7 @@ class Status(_Contract):
     queue_depth: int
     models: dict[str, ModelStatus]
     recent_transitions: list[TransitionRecord] = []
+    event_seq: int = 0  # the seq of the last event of /control/events
 
 
 class GpuDevice(_Contract):

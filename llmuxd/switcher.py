@@ -39,13 +39,14 @@ from .errors import (
     Evicted, ModelRemoved, NotSupported, QueueTimeout, ShuttingDown, SwitchFailed, TooManyRequests,
     UnknownModel,
 )
-from .events import Events, Listener, State
+from .events import Events, Listener, State, phase
 from .history import TransitionHistory
 from .isolation.cgroups import CgroupLayout
 from .jobs import Job, Jobs
 from .lease import Lease, Route
 from .metrics import Metrics
 from .model import Model, TransitionError
+from .progress import Tracker
 from .status import ReloadResult, Status, Switching, Transition
 from .upstream import Upstream
 
@@ -64,7 +65,8 @@ class Switcher(Listener):
         self.metrics = metrics or Metrics(list(config.models))
         self.cgroups = cgroups
         self.history = TransitionHistory()
-        self.events = Events([self.metrics, self, self.history])  # shared with every Model
+        self.progress = Tracker()  # where each transition is
+        self.events = Events([self.metrics, self, self.history, self.progress])  # shared with every Model
         # The CUDA suspend backend: chosen once (on first use) for every model.
         self.cuda = SuspendChoice((config.checkpoint or CheckpointConfig()).cuda_checkpoint_path)
         self.link_remaps = asyncio.Lock()  # one dump or restore at a time (model/checkpoint.py says why)
@@ -284,12 +286,11 @@ class Switcher(Listener):
         return await asyncio.shield(self._reload.done)
 
     def status(self) -> Status:
-        models = {name: m.status().model_copy(update={"in_flight": len(self._leases[name]),
-                                                      "waiting": len(self._waiting[name])})
-                  for name, m in self.models.items()}
+        models = {name: m.status().model_copy(update={"in_flight": len(self._leases[name]), "waiting": len(
+            self._waiting[name]), "progress": self.progress.of(name)}) for name, m in self.models.items()}
         switching = Switching(from_=self.switching[0], to=self.switching[1]) if self.switching else None
         return Status(active_model=self.active, switching=switching, queue_depth=self.queue_depth, models=models,
-                      recent_transitions=self.history.recent())
+                      recent_transitions=self.history.recent(), event_seq=self.progress.seq)
 
     # -- the jobs ----------------------------------------------------------------------------------
     def _request_activation(self, name: str) -> Job:
@@ -362,9 +363,8 @@ class Switcher(Listener):
         self._evicting = name
         try:
             if self.policy.drain_before_switch:
-                started = time.monotonic()
-                await self._drain(name)
-                self.metrics.phase_done(name, "drain", time.monotonic() - started, model.eviction.process.value)
+                with phase(self.events, name, "drain", model.eviction.process.value):
+                    await self._drain(name)
             # No kept-alive connection may go into the eviction (a checkpoint would dump it).
             await self._close_upstream(name)
             # a switch waits for the GPU, not the dump

@@ -229,10 +229,13 @@ def get_property(bus: Bus, name: str, nobody: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def sim_daemon(buses: list[Bus], models: dict, hf_home: Path, tmp: Path, **policy) -> Iterator[Daemon]:
-    """A Daemon over simulator backends (``models``: name -> config entry), on ``buses``."""
+def sim_daemon(buses: list[Bus], models: dict, hf_home: Path, tmp: Path, vllm_command: str = SIM,
+               **policy) -> Iterator[Daemon]:
+    """A Daemon over simulator backends (``models``: name -> config entry), on ``buses``;
+    ``vllm_command``: the simulator, or a wrapper of it."""
     config = {
-        "models": models, "port": free_ports(1)[0], "metrics_port": 0, "host": "127.0.0.1", "vllm_command": SIM,
+        "models": models, "port": free_ports(1)[0], "metrics_port": 0, "host": "127.0.0.1",
+        "vllm_command": vllm_command,
         "log_dir": str(tmp / "logs"),
         "policy": {"request_timeout_secs": 60, "min_active_secs": 0, "startup_timeout_secs": 30, **policy},
     }

@@ -4,6 +4,7 @@ and `prepare-restore`, as a user runs them."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import httpx
@@ -28,6 +29,10 @@ def test_checkpoint_inspect_restore_detached_then_adopted(make_daemon, tmp_path,
     r = run("checkpoint", "m1")  # the model's process policy is `stop`: checkpoint forces it
     assert r.returncode == 0, r.stderr
     assert "m1: cold_start in" in r.stdout and "checkpointed to" in r.stdout
+    assert said(r.stderr) == [  # its phases, as they happened (stderr is no terminal: a line each)
+        "m1 cold_start", "m1 cold_start: spawn", "m1 cold_start: load", "m1 cold_start done",
+        "m1 sleep", "m1 sleep: canary", "m1 sleep: weights", "m1 sleep: criu_dump", "m1 sleep: manifest",
+        "m1 sleep: write", "m1 sleep: stop", "m1 sleep done"]
     path = tmp_path / "ck" / "m1" / "images"
     r = subprocess.run([LLMUXD, "inspect-checkpoint", str(path)], capture_output=True, text=True, env=d.env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -42,6 +47,11 @@ def test_checkpoint_inspect_restore_detached_then_adopted(make_daemon, tmp_path,
     assert r.returncode == 0 and "is ready to restore" in r.stderr, r.stderr
     r = run("restore", "m1", "--detached", "--json")
     assert r.returncode == 0, r.stderr
+    steps = ["read_manifest", "verify_images", "prepare", "criu_restore", "amx_right", "health", "wake_sequence",
+             "canary"]
+    assert said(r.stderr) == ["m1 restore", *(f"m1 restore: {s}" for s in steps
+                                              if s != "amx_right" or f"m1 restore: {s}" in r.stderr),
+                              "m1 restore done"], r.stderr
     restored = ModelStatus.model_validate_json(r.stdout)
     assert restored.state == "awake" and restored.last_wake_kind == "restore" and restored.last_restore is not None
     root = restored.pid
@@ -58,6 +68,12 @@ def test_checkpoint_inspect_restore_detached_then_adopted(make_daemon, tmp_path,
     assert r.returncode == 1 and "llmuxd is running on port" in r.stderr
     r = subprocess.run([LLMUXD, "inspect-checkpoint", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 1 and "not a checkpoint" in r.stderr
+
+
+def said(stderr: str) -> list[str]:
+    """The progress lines of a command, without their time stamps and durations."""
+    lines = [line for line in stderr.splitlines() if re.match(r"\d\d:\d\d:\d\d\.\d{3} ", line)]
+    return [re.sub(r" done in [\d.]+ s$", " done", line[13:]) for line in lines]
 
 
 def test_validate_prints_a_table_over_policies(make_daemon, tmp_path):

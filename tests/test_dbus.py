@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from dbus_kit import (
     NOBODY, TOOLS, Bus, Monitor, busctl, call, dbus_send, get_property, parse_sd, sim_daemon,
 )
 from harness import REPO, free_ports, wait_until
+from test_progress import Holds
 from llmuxd.api.dbus import (
     BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, DbusStartError, DbusTransport, to_dbus_error,
 )
@@ -60,7 +62,10 @@ def buses():
 def daemon(buses, hf_home, tmp_path_factory):
     ports = free_ports(2)
     models = {"m1": model_entry("m1", ports[0]), "m2": model_entry("m2", ports[1])}
-    with sim_daemon(list(buses.values()), models, hf_home, tmp_path_factory.mktemp("dbus-daemon")) as d:
+    tmp = tmp_path_factory.mktemp("dbus-daemon")
+    holds = Holds(tmp / "holds")  # the simulator, whose start a test can hold (daemon.holds)
+    with sim_daemon(list(buses.values()), models, hf_home, tmp, vllm_command=str(holds.command)) as d:
+        d.holds = holds
         yield d
 
 
@@ -169,7 +174,42 @@ def test_introspect(daemon, buses):
     assert rows[".ActiveModel"][:2] == ["property", "s"] and "emits-change" in rows[".ActiveModel"]
     assert rows[".Models"][:2] == ["property", "as"] and "emits-change" in rows[".Models"]  # a reload changes it
     assert rows[".Switching"][:2] == ["property", "s"] and rows[".QueueDepth"][:2] == ["property", "u"]
+    assert rows[".Progress"][:2] == ["property", "a(sssddsdd)"]
     assert not any("writable" in v for v in rows.values())
+
+
+def test_progress_property_shows_the_transition_in_progress(daemon, buses):
+    bus = buses["strict"]
+    assert get_property(bus, "Progress", nobody=True) == "a(sssddsdd) 0"
+    m2 = daemon.status()["models"]["m2"]
+    if m2["pid"] is not None:  # its next wake must be a cold start, which can be held: end its tree
+        os.kill(m2["pid"], signal.SIGKILL)
+        wait_until(lambda: daemon.status()["models"]["m2"]["state"] == "stopped", 30, what="m2 stopped")
+    daemon.holds.hold("m2")
+    woken: list = []
+    t = threading.Thread(target=lambda: woken.append(call(bus, "Wake", "s", "m2")))
+    t.start()
+    try:
+        def in_load():
+            st = daemon.status()["models"]["m2"]["progress"]
+            return st if st and st["step"] == "load" else None
+
+        wait_until(in_load, 30, what="m2's cold start held in its load step")
+        r = busctl(bus, "get-property", BUS_NAME, OBJECT_PATH, INTERFACE, "Progress", json_out=True, nobody=True)
+        assert r.returncode == 0, r.stderr
+        reply = json.loads(r.stdout)
+        assert reply["type"] == "a(sssddsdd)" and len(reply["data"]) == 1
+        model, phase, kind, elapsed, typical, step, step_elapsed, step_typical = reply["data"][0]
+        assert (model, phase, kind, step) == ("m2", "wake", "cold_start", "load") and elapsed >= step_elapsed > 0
+        later = in_load()  # the same figures in /control/status, read later
+        assert elapsed <= later["elapsed_secs"] and step_elapsed <= later["step_elapsed_secs"]
+        for got, want in ((typical, later["typical_secs"]), (step_typical, later["step_typical_secs"])):
+            assert got == (-1 if want is None else pytest.approx(want))
+    finally:
+        daemon.holds.release("m2")
+        t.join(60)
+    assert woken[0].returncode == 0, woken[0].stderr
+    assert get_property(bus, "Progress") == "a(sssddsdd) 0"
 
 
 def test_unknown_model_and_other_errors(daemon, buses):

@@ -149,6 +149,7 @@ class _StubModel:
         self.states: list[State] = []
         self.weights_woken = 0
         self.marks: list[str] = []
+        self.steps: list[str] = []
         self.backend = self  # the marker lines in the model's output
 
     def mark(self, what: str, *, create: bool = True) -> None:
@@ -156,6 +157,9 @@ class _StubModel:
 
     def set_state(self, new: State) -> None:
         self.states.append(new)
+
+    def step(self, name: str) -> None:
+        self.steps.append(name)
 
     def cuda_suspender(self):
         return self.checkpointer
@@ -173,11 +177,13 @@ def test_cuda_suspend_wake_kind_is_resume_when_cuda_state_was_suspended(tmp_path
     model = _StubModel(cp)
     strategy = CudaSuspend(model)
     strategy.suspended = [101]
+    assert strategy.expected_kind() == "resume"
     assert asyncio.run(strategy.resume()) == "resume"
     assert tool.states() == {101: "running"} and strategy.suspended == []
     assert asyncio.run(strategy.resume()) == "wake"  # nothing suspended this time
     assert model.states == [State.WAKING, State.WAKING] and model.weights_woken == 2
     assert model.marks == ["waking", "waking"]
+    assert model.steps == ["cuda_resume"] and strategy.expected_kind() == "wake"  # a step only when resumed
 
 
 def _exprs(node) -> list[str]:

@@ -1,6 +1,7 @@
-"""Control API: /control/sleep, /control/wake, /control/reload, /control/status, and what the
-status page reads (/control/gpu, /control/models/{name}/log) — thin over the core.  Who may call
-it is decided where the routes are mounted (``http.py``, ``auth.py``)."""
+"""Control API: /control/sleep, /control/wake, /control/reload, /control/status,
+/control/events (the transitions' progress, live: ``stream.py``), and what the status page reads
+(/control/gpu, /control/models/{name}/log) — thin over the core.  Who may call it is decided
+where the routes are mounted (``http.py``, ``auth.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..gpumem import GpuMonitor
 from ..logtail import ModelLogs
 from ..switcher import Switcher
 from .requests import BodyLimits, read_model_request
+from .stream import EventStream
 
 MAX_CONTROL_BODY = 64 * 1024
 DEFAULT_LOG_LINES = 100
@@ -21,6 +23,7 @@ class Control:
         self.switcher = switcher
         cfg = switcher.config
         self.limits = BodyLimits(MAX_CONTROL_BODY, cfg.max_json_depth, cfg.client_timeout_secs)
+        self.events = EventStream(switcher.progress, cfg.client_timeout_secs)
         self.logs = ModelLogs(switcher)
         self.gpu = GpuMonitor(switcher)
 
@@ -30,6 +33,7 @@ class Control:
             web.post("/control/wake", self.wake),
             web.post("/control/reload", self.reload),
             web.get("/control/status", self.status),
+            web.get("/control/events", self.events.handle),
             web.get("/control/gpu", self.gpu_memory),
             web.get("/control/models/{name}/log", self.log),
         ]

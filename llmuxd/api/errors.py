@@ -11,7 +11,7 @@ from ..errors import LlmuxdError, PayloadTooLarge
 log = logging.getLogger(__name__)
 
 
-def envelope(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+def envelope(message: str, type_: str, code: str | int | None = None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 

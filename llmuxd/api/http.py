@@ -106,8 +106,10 @@ def build_admin_app(switcher: Switcher, access: Access) -> web.Application:
 
 def _add_control(app: web.Application, switcher: Switcher, access: Access) -> None:
     """The control API and the status page (``/ui``) that reads it."""
-    app.router.add_routes(_guarded(Control(switcher).routes() + access_routes(access), access.check_control))
+    control = Control(switcher)
+    app.router.add_routes(_guarded(control.routes() + access_routes(access), access.check_control))
     app.router.add_routes(page_routes())
+    app.on_shutdown.append(control.events.close)  # open event streams end when llmuxd stops
 
 
 async def _block_loop(request: web.Request) -> web.Response:

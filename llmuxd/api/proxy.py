@@ -7,7 +7,9 @@ Every wait is bounded and every party may misbehave:
 * a client that goes away aborts its upstream request (counted as ``client_closed``); one that
   stops reading for ``client_timeout_secs`` is disconnected (``client_timeout``);
 * the switcher's lease: when it is revoked (the drain deadline of an eviction, shutdown), the
-  relay stops, a stream ends with an SSE error frame, an unanswered request gets a 503.
+  relay stops, a stream ends with an SSE error frame, an unanswered request gets a 503;
+* a streaming request that waits for its model gets SSE comment lines meanwhile (``waiting.py``:
+  a timer per request, and a task only once a request has waited that long).
 
 A stream is relayed byte for byte, written out at SSE frame boundaries, so a final error frame
 never lands inside a half-relayed one.
@@ -36,6 +38,7 @@ from .errors import envelope
 from .headers import to_backend, to_client
 from .paths import forward_target
 from .requests import BodyLimits, read_model_request
+from .waiting import SSE_HEADERS, upstream_error, waiting_comment
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class _Exchange:
     ``cancelled_for`` says which, so the relay can tell it from the client going away."""
 
     __slots__ = ("request", "name", "response", "at_boundary", "status", "task", "armed", "cancelled_for",
-                 "finishing", "writing_since", "_timer", "_timeout")
+                 "finishing", "writing_since", "_timer", "_timeout", "keepalive", "admitted")
 
     def __init__(self, request: web.Request, name: str):
         self.request = request
@@ -78,6 +81,15 @@ class _Exchange:
         self.writing_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timeout = 0.0
+        # While the request waits for its model: the timer of its first keep-alive, then the task
+        # that writes them until ``admitted`` is set.
+        self.keepalive: asyncio.TimerHandle | asyncio.Task | None = None
+        self.admitted: asyncio.Event | None = None
+
+    @property
+    def started(self) -> bool:
+        """The response's status line and headers went out (its stream has begun)."""
+        return self.response is not None and self.response.prepared
 
     def arm(self) -> None:
         self.task = asyncio.current_task()
@@ -120,6 +132,7 @@ class Proxy:
         self.limits = BodyLimits(cfg.max_request_bytes, cfg.max_json_depth, cfg.client_timeout_secs)
         self.client_timeout = cfg.client_timeout_secs
         self.read_timeout = cfg.policy.upstream_read_timeout_secs
+        self.keepalive = cfg.policy.sse_keepalive_secs
         self.strip_authorization = bool(cfg.api_keys)  # the key is llmuxd's, not the backend's
         self.started = int(time.time())
 
@@ -147,7 +160,12 @@ class Proxy:
         fields = to_backend(request.raw_headers, strip_authorization=self.strip_authorization)
         ex = _Exchange(request, name)
         try:
-            lease = await self.switcher.admit(name)
+            if self.keepalive and data.get("stream") is True:
+                ex.keepalive = asyncio.get_running_loop().call_later(self.keepalive, self._keep_alive, ex, started)
+            try:
+                lease = await self.switcher.admit(name)
+            finally:
+                await self._admitted(ex)
             try:
                 return await self._relay(ex, lease, target, body, data, fields)
             finally:
@@ -158,9 +176,45 @@ class Proxy:
             raise
         except LlmuxdError as e:
             ex.status = "evicted" if isinstance(e, Evicted) else str(e.http_status)
-            raise
+            if not ex.started:
+                raise
+            await self._end_stream(ex, e)  # after keep-alives: the status line went out already
+            return ex.response
         finally:
             self.switcher.request_done(name, ex.status, time.monotonic() - started)
+
+    def _keep_alive(self, ex: _Exchange, since: float) -> None:
+        """The request has waited ``keepalive`` seconds for its model: start its response and an
+        SSE comment every ``keepalive`` seconds until it is admitted (see ``waiting.py``)."""
+        ex.admitted = asyncio.Event()
+        ex.keepalive = asyncio.ensure_future(self._keep_writing(ex, since))
+
+    async def _keep_writing(self, ex: _Exchange, since: float) -> None:
+        assert ex.admitted is not None
+        try:
+            ex.response = web.StreamResponse(headers=SSE_HEADERS)
+            await self._final_write(ex, None, secs=self.client_timeout)
+            while True:
+                comment = waiting_comment(self.switcher.progress, ex.name, time.monotonic() - since)
+                await self._final_write(ex, comment, secs=self.client_timeout)
+                try:
+                    await asyncio.wait_for(ex.admitted.wait(), self.keepalive)
+                    return
+                except TimeoutError:
+                    pass
+        except _ClientGone as gone:  # the request's handler is cancelled by the connection's end
+            ex.status = gone.label
+            self._abort_client(ex)
+
+    @staticmethod
+    async def _admitted(ex: _Exchange) -> None:
+        """The wait for the model is over: no more keep-alives (never in the middle of a write)."""
+        if isinstance(ex.keepalive, asyncio.TimerHandle):
+            ex.keepalive.cancel()
+        elif ex.keepalive is not None:
+            ex.admitted.set()
+            await asyncio.shield(ex.keepalive)
+        ex.keepalive = None
 
     def _evicted(self, ex: _Exchange, lease: Lease) -> Evicted:
         return Evicted(lease.reason.message if lease.reason else f"model '{ex.name}' is being evicted", model=ex.name)
@@ -186,7 +240,7 @@ class Proxy:
             except UpstreamError as e:
                 raise BackendDied(self._failed(ex, "did not answer", e), model=ex.name) from None
             out_headers = to_client(upstream.headers)
-            if upstream.event_stream:
+            if upstream.event_stream and (not ex.started or upstream.status == 200):
                 return await self._stream(ex, upstream, out_headers)
             try:
                 payload = await upstream.read()
@@ -194,6 +248,10 @@ class Proxy:
                 raise BackendDied(self._failed(ex, "failed mid-response", e), model=ex.name) from None
             ex.disarm()
             ex.status = str(upstream.status)
+            if ex.started:  # after keep-alives: an answer that is not a stream ends it as an error
+                content_type = next((v for k, v in upstream.headers if k.lower() == "content-type"), "")
+                await self._end_stream(ex, upstream_error(ex.name, upstream.status, content_type, payload))
+                return ex.response
             return web.Response(status=upstream.status, body=payload, headers=out_headers)
         except asyncio.CancelledError:
             why = ex.cancelled_for
@@ -227,12 +285,14 @@ class Proxy:
         return f"model '{ex.name}' backend {what}: {e}"
 
     async def _stream(self, ex: _Exchange, upstream: UpstreamResponse, out_headers) -> web.StreamResponse:
-        ex.response = web.StreamResponse(status=upstream.status, headers=out_headers)
+        if ex.response is None:
+            ex.response = web.StreamResponse(status=upstream.status, headers=out_headers)
         ex.status = str(upstream.status)
         ex.watch_writes(self.client_timeout)
         pending = b""
         try:
-            await self._write(ex, None)
+            if not ex.started:
+                await self._write(ex, None)
             while True:
                 try:
                     chunk = await upstream.read_some()
@@ -298,18 +358,20 @@ class Proxy:
         finally:
             ex.writing_since = None
 
-    async def _final_write(self, ex: _Exchange, data: bytes | None, eof: bool = False) -> None:
-        """As :meth:`_write`, within ``_FINAL_WRITE_SECS`` (the relay is over: nothing watches)."""
+    async def _final_write(self, ex: _Exchange, data: bytes | None, eof: bool = False,
+                           secs: float = _FINAL_WRITE_SECS) -> None:
+        """As :meth:`_write`, within ``secs`` (no relay is running: nothing else watches)."""
         try:
-            async with asyncio.timeout(_FINAL_WRITE_SECS):
+            async with asyncio.timeout(secs):
                 await self._write(ex, data, eof)
         except TimeoutError:
             raise _ClientGone("client_timeout") from None
 
-    async def _end_stream(self, ex: _Exchange, err: LlmuxdError) -> None:
-        """End a started stream with an error frame (OpenAI's envelope) and close the connection."""
+    async def _end_stream(self, ex: _Exchange, err: LlmuxdError | dict) -> None:
+        """End a started stream with an error frame (OpenAI's envelope, or the one given) and
+        close the connection."""
         assert ex.response is not None
-        frame = json.dumps(envelope(err.message, err.openai_type, err.code))
+        frame = json.dumps(err if isinstance(err, dict) else envelope(err.message, err.openai_type, err.code))
         data = (b"" if ex.at_boundary else b"\n\n") + f"data: {frame}\n\n".encode()
         ex.response.force_close()
         try:

@@ -37,6 +37,7 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from ..isolation.cgroups import Cgroup
 from ..isolation.pidinit import RESTORED
@@ -63,8 +64,10 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, name: str, path: Path, criu: Criu, cgroup: Cgroup | None, work_dir: Path,
-                 cuda: cudamod.SuspendChoice | None = None, settings: Settings | None = None):
+                 cuda: cudamod.SuspendChoice | None = None, settings: Settings | None = None,
+                 on_step: Callable[[str], None] = lambda step: None):
         self.name = name
+        self.on_step = on_step  # told each timed step as it begins (its name: the timings' key)
         self.path = normalized(path)
         self.settings = settings or Settings(self.path.parent)
         self.criu = criu
@@ -74,6 +77,10 @@ class Checkpointer:
         self._placed: list[str] = []  # saved files the last restore attempt has in place
         self._transient: set[str] = set()  # of the manifest's saved files, those removed after a failure
         self._spawned: int | None = None  # the init this restore attempt started (namespaced restore)
+
+    def _step(self, name: str) -> float:
+        self.on_step(name)
+        return time.monotonic()
 
     def found(self) -> Found:
         return inspect(self.name, self.path, self.settings)
@@ -115,7 +122,7 @@ class Checkpointer:
         if not gpu_pids:
             return GpuReleased()
         cuda = self.cuda.require(f"processes {gpu_pids} hold", self._no_cuda)
-        started = time.monotonic()
+        started = self._step("cuda_suspend")
         inner = [q for p in gpu_pids if (q := inner_pid(p)) is not None]
         needs = cudamod.gpu_bytes_of(gpu_pids)
         suspended = await cudamod.suspend_tree(gpu_pids, cuda)
@@ -159,7 +166,7 @@ class Checkpointer:
                 facts = replace(facts, cuda_pids=released.cuda_pids, cuda_bytes=released.cuda_bytes)
                 t["cuda_suspend"] = released.seconds
             await asyncio.to_thread(self._before_dump, tree, facts.port)
-            started = time.monotonic()
+            started = self._step("criu_dump")
             written = asyncio.Event()  # the disk writes the images out while CRIU writes them,
             growing = Growing()  # and their memory pages are hashed as they come
             writeback = asyncio.create_task(Writeback(images, growing).run(written))
@@ -170,7 +177,7 @@ class Checkpointer:
                 written.set()
                 await writeback
             t["criu_dump"] = time.monotonic() - started
-            started = time.monotonic()
+            started = self._step("manifest")
             if released.suspended:
                 facts = replace(facts, cuda=cudamod.gpu_inventory())
             log.debug("%s: %d MiB of the images hashed while CRIU wrote them", self.name, growing.hashed >> 20,
@@ -178,7 +185,7 @@ class Checkpointer:
             manifest = await asyncio.to_thread(describe_dump, images, partial, facts, t, growing)
             t["manifest"] = time.monotonic() - started
             manifest = manifest.model_copy(update={"timings": dict(t)})
-            started = time.monotonic()
+            started = self._step("write")
             await asyncio.to_thread(write_manifest, partial, manifest, key)
             self.settings.check(self.path)  # still nobody else's folder at the destination
             exchange(partial, self.path)  # the old checkpoint (if any) is now at `partial`
@@ -245,7 +252,7 @@ class Checkpointer:
         """Verify, prepare and CRIU-restore a checkpoint of a server for ``served_name`` on
         ``port``.  Every failure is a CheckpointFailed, after what was restored is killed and what
         was put in place is removed."""
-        started = time.monotonic()
+        started = self._step("read_manifest")
         found = await asyncio.to_thread(self.found)
         read_manifest = time.monotonic() - started
         if found.state != "valid" or found.manifest is None:
@@ -287,12 +294,12 @@ class Checkpointer:
     async def _restore(self, found: Found, m: Manifest, tree: ProcessTree, t: dict[str, float]) -> Restored:
         self._spawned = None
         self._work_folder()
-        started = time.monotonic()
+        started = self._step("verify_images")
         problems = await asyncio.to_thread(check_images, found)
         t["verify_images"] = time.monotonic() - started
         if problems:
             raise CheckpointFailed("; ".join(problems), reason="corrupt", unusable=True)
-        started = time.monotonic()
+        started = self._step("prepare")
         self._placed = []
         self._transient = {r.path for r in m.transient()}
         try:
@@ -311,7 +318,7 @@ class Checkpointer:
         if problems:
             self.clean_after_failure()
             raise CheckpointFailed("cannot restore here: " + "; ".join(problems), reason="environment")
-        started = time.monotonic()
+        started = self._step("criu_restore")
         stopped = amx_here()  # the restored processes get their AMX right back before they run
         try:
             root = await self._criu_restore(m, tree, stopped)
@@ -323,7 +330,7 @@ class Checkpointer:
                                    unusable=not timed_out) from None
         t["criu_restore"] = time.monotonic() - started
         if stopped:
-            started = time.monotonic()
+            started = self._step("amx_right")
             try:
                 await asyncio.to_thread(self._give_back_amx, tree)
             except XstateError as e:
@@ -349,7 +356,7 @@ class Checkpointer:
         if not inner:
             return 0.0
         cuda = self.cuda.require("the checkpoint holds", self._no_cuda)
-        started = time.monotonic()
+        started = self._step("cuda_resume")
         await cudamod.resume_tree([p for p in pids if inner_pid(p) in inner], cuda)
         return time.monotonic() - started
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from ..config import DEFAULT_CONFIG_PATH, DEFAULT_STARTUP_TIMEOUT_SECS, CheckpointConfig, Config, PolicyConfig, ProcessEviction, load_config
+from ..progress_view import following, running
 from ..status import ReloadResult, Status, Transition
 from .exits import Exit, Failure, exit_for_code
-from .output import emit
+from .output import as_json, emit
 
 #: How long ``status`` waits for an answer (the daemon answers it at once, even mid-switch).
 STATUS_TIMEOUT_SECS = 10.0
@@ -64,15 +66,19 @@ def transition_timeout(config: Config | None) -> float:
     return secs
 
 
-def call(where: Target, method: str, path: str, body: dict | None, timeout: float) -> Any:
-    """One control API call: its JSON answer, or a Failure with the daemon's code and message."""
-    data = json.dumps(body).encode() if body is not None else None
+def _headers() -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
     token = os.environ.get("LLMUXD_CONTROL_TOKEN")  # needed for a daemon that is not on loopback
     if token:
         headers["Authorization"] = f"Bearer {token.strip()}"
+    return headers
+
+
+def call(where: Target, method: str, path: str, body: dict | None, timeout: float) -> Any:
+    """One control API call: its JSON answer, or a Failure with the daemon's code and message."""
+    data = json.dumps(body).encode() if body is not None else None
     try:
-        req = urllib.request.Request(where.url + path, data=data, method=method, headers=headers)
+        req = urllib.request.Request(where.url + path, data=data, method=method, headers=_headers())
     except ValueError as e:
         raise Failure(f"bad daemon URL {where.url!r}: {e}", Exit.USAGE, "bad_url") from None
     try:
@@ -123,6 +129,7 @@ def render_status(status: Status) -> str:
                      ",".join(map(str, m.pids)) or "-", str(m.in_flight), wake, _fmt_secs(m.last_sleep_secs)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [running(name, m.progress) for name, m in status.models.items() if m.progress]
     lines += [f"{name}: last error: {m.last_error}" for name, m in status.models.items() if m.last_error]
     return "\n".join(lines)
 
@@ -143,8 +150,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_transition(args: argparse.Namespace) -> int:
     """``wake MODEL`` / ``sleep MODEL``: returns when the transition is done."""
     where = target(args)
-    data = call(where, "POST", f"/control/{args.command}", {"model": args.model},
-                args.timeout or transition_timeout(where.config))
+    timeout = args.timeout or transition_timeout(where.config)
+
+    def events():  # the daemon's transitions, live, shown on stderr while the call runs
+        req = urllib.request.Request(where.url + "/control/events", headers=_headers())
+        return urllib.request.urlopen(req, timeout=timeout)
+
+    with following(events, lambda: call(where, "GET", "/control/status", None, STATUS_TIMEOUT_SECS)["event_seq"],
+                   sys.stderr, enabled=not as_json(args)):
+        data = call(where, "POST", f"/control/{args.command}", {"model": args.model}, timeout)
     result = _read(Transition, data, where)
     emit(args, result, render_transition(result))
     return Exit.OK

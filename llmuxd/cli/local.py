@@ -96,8 +96,13 @@ def render_checkpointed(st: ModelStatus) -> str:
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from ..commands.checkpoint import checkpoint_model
+    from ..progress_view import Shown
 
-    st = _run(args, lambda c: checkpoint_model(c, args.model, progress(args)))
+    shown = Shown(sys.stderr)  # the model's phases as they happen
+    try:
+        st = _run(args, lambda c: checkpoint_model(c, args.model, progress(args), events=shown))
+    finally:
+        shown.close()
     emit(args, st, render_checkpointed(st))
     return Exit.OK
 
@@ -111,9 +116,18 @@ def render_restored(st: ModelStatus) -> str:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from ..commands.restore import restore_model
+    from ..progress_view import Shown
 
-    _run(args, lambda c: restore_model(c, args.model, args.detached,
-                                       restored=lambda st: emit(args, st, render_restored(st))))
+    shown = Shown(sys.stderr)  # the model's phases as they happen
+
+    def restored(st: ModelStatus) -> None:
+        shown.close()
+        emit(args, st, render_restored(st))
+
+    try:
+        _run(args, lambda c: restore_model(c, args.model, args.detached, restored=restored, events=shown))
+    finally:
+        shown.close()
     return Exit.OK
 
 

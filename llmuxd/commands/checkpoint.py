@@ -7,16 +7,19 @@ import asyncio
 from typing import Callable
 
 from ..config import Config
+from ..events import Listener
 from ..isolation.reaper import reap_forever
 from ..status import ModelStatus
 from . import CommandError
 from .standalone import standalone_model, tidy
 
 
-async def checkpoint_model(config: Config, name: str, say: Callable[[str], None] = print) -> ModelStatus:
+async def checkpoint_model(config: Config, name: str, say: Callable[[str], None] = print,
+                           events: Listener | None = None) -> ModelStatus:
     """Start the model if needed (cold start or restore), warm it up, checkpoint it, exit.
-    ``say`` gets the progress lines; the model's status once checkpointed is the result."""
-    model = standalone_model(config, name, force_checkpoint=True)
+    ``say`` gets the progress lines, ``events`` the model's events (its phases as they happen);
+    the model's status once checkpointed is the result."""
+    model = standalone_model(config, name, force_checkpoint=True, events=events)
     reaper = asyncio.create_task(reap_forever())
     try:
         await model.wake()

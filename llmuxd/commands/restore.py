@@ -9,16 +9,19 @@ import signal
 from typing import Callable
 
 from ..config import Config
+from ..events import Listener
 from ..isolation.reaper import reap_forever
 from ..status import ModelStatus
 from . import CommandError
 from .standalone import standalone_model, tidy
 
 
-async def restore_model(config: Config, name: str, detached: bool, restored: Callable[[ModelStatus], None]) -> None:
-    """Restore ``name``; ``restored`` gets its status once it serves.  Then leave it running
-    (``detached``) or serve until SIGTERM/SIGINT or the tree's exit."""
-    model = standalone_model(config, name, force_checkpoint=False)
+async def restore_model(config: Config, name: str, detached: bool, restored: Callable[[ModelStatus], None],
+                        events: Listener | None = None) -> None:
+    """Restore ``name``; ``restored`` gets its status once it serves (``events``: the model's
+    events, its phases as they happen).  Then leave it running (``detached``) or serve until
+    SIGTERM/SIGINT or the tree's exit."""
+    model = standalone_model(config, name, force_checkpoint=False, events=events)
     if model.state.value != "checkpointed":
         raise CommandError(f"{name}: no usable checkpoint at {model.checkpointer.path}: "
                            f"{model.last_error or model.checkpointer.found().detail}")

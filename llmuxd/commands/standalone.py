@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..checkpoint.fsview import container_epoch
 from ..config import Config, Eviction, ProcessEviction, WeightsEviction
 from ..errors import UnknownModel
+from ..events import Listener
 from ..isolation.cgroups import CgroupLayout, CgroupUnavailable
 from ..isolation.reaper import become_subreaper
 from . import CommandError
@@ -33,10 +34,11 @@ def known_model(config: Config, name: str) -> None:
         raise UnknownModel(name, list(config.models))
 
 
-def standalone_model(config: Config, name: str, *, force_checkpoint: bool = False) -> Model:
+def standalone_model(config: Config, name: str, *, force_checkpoint: bool = False,
+                     events: Listener | None = None) -> Model:
     """Model ``name`` of ``config``, ready to wake, with this process as the subreaper of its
-    trees.  ``force_checkpoint``: its process eviction becomes ``checkpoint`` (weights
-    ``retain`` becomes ``discard``).  UnknownModel for an unknown model; CommandError when a
+    trees; ``events`` hears its events.  ``force_checkpoint``: its process eviction becomes
+    ``checkpoint`` (weights ``retain`` becomes ``discard``).  UnknownModel for an unknown model; CommandError when a
     daemon answers on the config's port (it owns the models: use ``llmuxd sleep``/``wake``)."""
     # Imported here: cli.py imports the commands' modules at every start (validate's defaults),
     # and the model (backends, checkpoint) takes half a second to import.
@@ -59,7 +61,7 @@ def standalone_model(config: Config, name: str, *, force_checkpoint: bool = Fals
         cgroup = layout.model(name)
     except (CgroupUnavailable, OSError):
         cgroup = None
-    return Model(name, config, cgroup=cgroup)
+    return Model(name, config, events, cgroup=cgroup)
 
 
 def tidy(model: Model) -> None:

@@ -57,8 +57,10 @@ class Checkpoint(ProcessEviction):
     async def before_weights(self) -> None:
         """The canary (one greedy answer) is taken while the model still serves; a restore must
         give the same answer.  Not needed when the images are reused (they were checked)."""
-        self._reuse = self.reusable()
-        self._canary = await self.model.backend.canary() if not self._reuse else None
+        self._reuse, self._canary = self.reusable(), None
+        if not self._reuse:
+            self.model.step("canary")
+            self._canary = await self.model.backend.canary()
 
     def reusable(self) -> bool:
         """keep_images: the tree was restored from the checkpoint on disk and has not been
@@ -73,6 +75,7 @@ class Checkpoint(ProcessEviction):
         if self._reuse:
             log.info("%s: keep_images: reusing the checkpoint it was restored from", m.name,
                      extra={"MODEL": m.name, "EVENT": "checkpoint_reuse"})
+            m.step("stop")
             await m.stop_tree()
             self.last_dump = ReusedCheckpoint()
             return self.resting
@@ -95,6 +98,7 @@ class Checkpoint(ProcessEviction):
                 if m.backend.running:  # the dump failed before the end: the tree still serves
                     m.backend.unexpect_exit()
                 raise
+            m.step("stop")
             await m.stop_tree(grace_secs=0)  # dumped and stopped: kill it, wait until all is gone
         m.events.checkpoint_written(m.name, manifest.image_bytes)
         self.restored_from = None
@@ -106,6 +110,9 @@ class Checkpoint(ProcessEviction):
         return self.resting
 
     # -- resume ----------------------------------------------------------------------------------
+    def expected_kind(self) -> str:
+        return "restore"
+
     async def resume(self) -> str:
         """Restore; when that fails, cold-start (a cold start that fails too leaves the model
         checkpointed while its checkpoint is still usable: it stays the way back)."""
@@ -135,6 +142,7 @@ class Checkpoint(ProcessEviction):
         try:
             m.backend.watch_restored()
             t["cuda_resume"] = await self.checkpointer.resume_cuda(manifest, m.backend.pids())
+            m.step("health")
             started = time.monotonic()
             await m.backend.wait_ready(m.config.startup_timeout_for(m.name))
             t["health"] = time.monotonic() - started
@@ -143,6 +151,7 @@ class Checkpoint(ProcessEviction):
             await m.wake_weights()
             t["wake_sequence"] = time.monotonic() - started
             if manifest.canary is not None:
+                m.step("canary")
                 started = time.monotonic()
                 answer = await m.backend.canary()
                 t["canary"] = time.monotonic() - started

@@ -9,6 +9,7 @@ A strategy sees its model only through :class:`ModelOps`."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import ClassVar, Protocol, Sequence
 
 from .. import cuda as cudamod
@@ -16,7 +17,7 @@ from ..backends.vllm import BackendError, VllmBackend
 from ..config import Config, Eviction
 from ..config import ProcessEviction as Kind
 from ..errors import NotSupported
-from ..events import Listener, State
+from ..events import Listener, State, Timed
 
 class TransitionError(Exception):
     """A transition failed; the model is left in a resting state (``STOPPED`` when escalated)."""
@@ -38,6 +39,8 @@ class ModelOps(Protocol):
     sleep_level: int | None  # the vLLM sleep level the weights are at
 
     def set_state(self, new: State) -> None: ...
+    def phase(self, name: str, kind: str) -> AbstractContextManager[Timed]: ...
+    def step(self, name: str) -> None: ...
     def note_error(self, msg: str, output: Sequence[str] | None = None) -> None: ...
     def restore_failed(self, msg: str, reason: str, output: Sequence[str] | None = None) -> None: ...
     def cuda_suspender(self) -> cudamod.CudaCheckpointer: ...
@@ -75,6 +78,10 @@ class ProcessEviction:
         each prefixed with what cannot be resumed."""
         return []
 
+    def expected_kind(self) -> str:
+        """What :meth:`resume` will return unless it has to fall back to a cold start."""
+        raise NotImplementedError
+
     async def resume(self) -> str:
         """Bring the model from :attr:`resting` to a serving tree; returns how (``wake``,
         ``resume``, ``restore``, ``cold_start``).  Raises TransitionError when the model cannot
@@ -92,8 +99,12 @@ class Stop(ProcessEviction):
     resting = State.STOPPED
 
     async def evict(self, *, background: bool = False) -> State:
+        self.model.step("stop")
         await self.model.stop_tree()
         return State.STOPPED
+
+    def expected_kind(self) -> str:
+        return "cold_start"
 
     async def resume(self) -> str:
         await self.model.cold_start()
@@ -109,6 +120,9 @@ class KeepRunning(ProcessEviction):
 
     async def evict(self, *, background: bool = False) -> State:
         return self.resting
+
+    def expected_kind(self) -> str:
+        return "wake"
 
     async def resume(self) -> str:
         m = self.model
@@ -146,6 +160,7 @@ class CudaSuspend(KeepRunning):
     async def evict(self, *, background: bool = False) -> State:
         gpu_pids = cudamod.gpu_processes(self.model.backend.pids())
         if gpu_pids:  # no GPU state (CPU backend, no GPU here): nothing to suspend
+            self.model.step("cuda_suspend")
             self._needs = (cudamod.gpu_inventory(), cudamod.gpu_bytes_of(gpu_pids))
             self.suspended = await cudamod.suspend_tree(gpu_pids, self.model.cuda_suspender())
         return self.resting
@@ -157,10 +172,14 @@ class CudaSuspend(KeepRunning):
         problems = cudamod.check_restorable(recorded, needed, cudamod.gpu_inventory())
         return ["cannot resume CUDA state here: " + "; ".join(problems)] if problems else []
 
+    def expected_kind(self) -> str:
+        return "resume" if self.suspended else "wake"
+
     async def resume_process(self) -> str:
         """``resume`` when CUDA state was suspended; ``wake`` when there was none to suspend."""
         if not self.suspended:
             return "wake"
+        self.model.step("cuda_resume")
         await cudamod.resume_tree(self.suspended, self.model.cuda_suspender())
         self.suspended = []
         return "resume"

@@ -7,6 +7,7 @@ escalates to stop.  ``wake`` asks the strategy that owns the resting state to ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..checkpoint.criu import Criu
 from ..checkpoint.store import Settings
 from ..config import CheckpointConfig, Config
 from ..errors import NotSupported
-from ..events import ESCALATED, Events, Listener, State
+from ..events import ESCALATED, Events, Listener, State, Timed, phase
 from ..isolation import procfs
 from ..isolation.cgroups import Cgroup
 from ..logfollow import Source
@@ -56,6 +57,7 @@ class Model:
         self.last_sleep_secs: float | None = None
         self.awake_since: float | None = None  # monotonic
         self._finishing: asyncio.Task | None = None  # an eviction finishing in the background
+        self._waking: Timed | None = None  # the wake in progress (its kind changes if it falls back)
         self._next_config: Config | None = None  # settings a reload changed, for the next tree
         self._build(config, first_pid)
         self.state = self._discover()
@@ -69,7 +71,7 @@ class Model:
         self.backend = VllmBackend(self.name, config, self._backend_exited, self.cgroup, first_pid)
         self.checkpointer = Checkpointer(self.name, config.checkpoint_dir_for(self.name), Criu(ck.criu_path),
                                          self.cgroup, Path(config.log_dir) / "criu" / self.name, cuda=self.cuda,
-                                         settings=Settings.of(config))
+                                         settings=Settings.of(config), on_step=self.step)
         self.checkpoint = Checkpoint(self, self.checkpointer, ck.keep_images, self.link_remaps)
         strategies: list[ProcessEviction] = [KeepRunning(self), Stop(self), CudaSuspend(self), self.checkpoint]
         #: The eviction the config asks for, and the strategy that resumes from each resting state.
@@ -111,10 +113,13 @@ class Model:
             log.info("%s: %s -> %s", self.name, old.value, new.value, extra={"MODEL": self.name, "EVENT": "state"})
             self.events.state_changed(self.name, old, new)
 
-    def _phase(self, phase: str, started: float, kind: str) -> float:
-        secs = time.monotonic() - started
-        self.events.phase_done(self.name, phase, secs, kind)
-        return secs
+    def phase(self, name: str, kind: str) -> contextlib.AbstractContextManager[Timed]:
+        """Run the body as phase ``name`` of a transition (see :mod:`llmuxd.events`)."""
+        return phase(self.events, self.name, name, kind)
+
+    def step(self, name: str) -> None:
+        """The phase in progress reached step ``name``."""
+        self.events.step(self.name, name)
 
     def _backend_exited(self, code: int) -> None:
         msg = f"backend exited unexpectedly with code {code}"
@@ -207,10 +212,12 @@ class Model:
             msg = "; ".join(problems)
             self.last_error = msg
             raise TransitionError(msg)
-        started = time.monotonic()
-        kind = await strategy.resume()
-        self.last_wake_secs = self._phase("wake", started, kind)
-        self.last_wake_kind = kind
+        try:
+            with self.phase("wake", strategy.expected_kind()) as self._waking:
+                self._waking.kind = await strategy.resume()
+            self.last_wake_secs, self.last_wake_kind = self._waking.secs, self._waking.kind
+        finally:
+            self._waking = None
         self.set_state(State.AWAKE)
         return self.last_wake_secs
 
@@ -218,9 +225,14 @@ class Model:
         """Start a new tree and wait until it serves; raises TransitionError (stopped) if not."""
         self.set_state(State.STARTING)
         self.sleep_level = None
+        if self._waking is not None and self._waking.kind != "cold_start":  # another way failed
+            self._waking.kind = "cold_start"
+            self.events.phase_started(self.name, "wake", "cold_start")
         try:
+            self.step("spawn")
             await self.checkpoint.new_tree()
             await self.backend.start()
+            self.step("load")
             await self.backend.wait_ready(self.config.startup_timeout_for(self.name))
         except (BackendError, OSError) as e:
             await self.stop_backend()  # first: all it wrote is in its file then
@@ -232,6 +244,7 @@ class Model:
         from another policy), not by the current policy: after level 2 the weights must be
         reloaded or vLLM answers garbage."""
         if self.sleep_level is not None:
+            self.step("wake_sequence")
             await self.backend.wake_up()
             if self.sleep_level >= 2:
                 await self.backend.reload_weights()
@@ -246,27 +259,29 @@ class Model:
         (a switch lets the next model's restore go first)."""
         if self.state is not State.AWAKE:
             return 0.0
-        started = time.monotonic()
         if self._next_config is not None:
             log.info("%s: evicted by stopping it: a reload changed its settings, its next wake starts it with "
                      "them", self.name, extra={"MODEL": self.name, "EVENT": "evict"})
-            await self._renew()
-            self.last_sleep_secs = self._phase("sleep", started, "stop")  # (the kind of an eviction by stopping)
+            with self.phase("sleep", "stop") as timed:  # (the kind of an eviction by stopping)
+                self.step("stop")
+                await self._renew()
+            self.last_sleep_secs = timed.secs
             return self.last_sleep_secs
         self.set_state(State.SLEEPING)
-        try:
-            await self.process.before_weights()
-            level = self.eviction.weights.sleep_level
-            if level is not None:
-                await self.backend.sleep(level)
-                self.sleep_level = level
-            if not self.backend.running:
-                raise BackendError("backend exited during eviction")
-            resting = await self.process.evict(background=background)
-            kind = self.eviction.process.value
-        except EVICTION_ERRORS as e:
-            resting, kind = await self._escalate(e), ESCALATED
-        self.last_sleep_secs = self._phase("sleep", started, kind)
+        with self.phase("sleep", self.eviction.process.value) as timed:
+            try:
+                await self.process.before_weights()
+                level = self.eviction.weights.sleep_level
+                if level is not None:
+                    self.step("weights")
+                    await self.backend.sleep(level)
+                    self.sleep_level = level
+                if not self.backend.running:
+                    raise BackendError("backend exited during eviction")
+                resting = await self.process.evict(background=background)
+            except EVICTION_ERRORS as e:
+                resting, timed.kind = await self._escalate(e), ESCALATED
+        self.last_sleep_secs = timed.secs
         log.info("%s: evicted (%s) in %.3f s%s", self.name, self.eviction, self.last_sleep_secs,
                  "; the dump goes on in the background" if resting is State.DUMPING else "",
                  extra={"MODEL": self.name, "EVENT": "evict", "DURATION_S": f"{self.last_sleep_secs:.3f}"})
@@ -276,21 +291,22 @@ class Model:
         return self.last_sleep_secs
 
     async def _finish_eviction(self, start_after: asyncio.Event | None) -> None:
-        started = time.monotonic()
         try:
-            if start_after is not None:
-                await start_after.wait()
-            resting = await self.process.finish()
-            kind = self.eviction.process.value
-        except EVICTION_ERRORS as e:
-            resting, kind = await self._escalate(e), ESCALATED
+            with self.phase("dump", self.eviction.process.value) as timed:
+                try:
+                    if start_after is not None and not start_after.is_set():
+                        self.step("wait")  # until the next model's restore has gone first
+                        await start_after.wait()
+                    resting = await self.process.finish()
+                except EVICTION_ERRORS as e:
+                    resting, timed.kind = await self._escalate(e), ESCALATED
         except BaseException as e:  # noqa: BLE001 - never left dumping: the tree goes, the GPU stays free
             self.note_error(f"background dump interrupted ({type(e).__name__}: {e}); stopping the tree")
             await asyncio.shield(self.stop_backend())
             raise
         finally:
             self._finishing = None
-        secs = self._phase("dump", started, kind)
+        secs = timed.secs
         log.info("%s: background dump ended in %.3f s (%s)", self.name, secs, resting.value,
                  extra={"MODEL": self.name, "EVENT": "dump", "DURATION_S": f"{secs:.3f}"})
         self.set_state(resting)
@@ -299,6 +315,7 @@ class Model:
         self.note_error(f"eviction {self.eviction} failed: {e}; escalated to stop to free the GPU")
         self.escalations += 1
         self.events.escalated(self.name, str(e))
+        self.step("stop")
         await self.stop_backend()
         return State.STOPPED
 

@@ -19,7 +19,8 @@ compare it with what this package exports).  In short:
   D-Bus types;
 * ``ModelStateChanged(s model, s old_state, s new_state)``, ``JobNew``, ``JobRemoved``;
   ``PropertiesChanged`` for ``ActiveModel``, ``Switching`` and ``Models`` (changed by a
-  reload); ``QueueDepth`` is read when needed;
+  reload); ``QueueDepth`` and ``Progress`` (the transitions in progress, as
+  ``/control/status``'s ``progress``) are read when needed;
 * errors ``io.llmux.Llmuxd1.Error.<Name>`` for the domain errors (:func:`to_dbus_error`).
 
 Who may call what

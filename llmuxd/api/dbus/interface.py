@@ -194,6 +194,12 @@ class Llmuxd1(ServiceInterface):
     def QueueDepth(self) -> "u":  # noqa: F821, N802
         return self.switcher.queue_depth
 
+    @dbus_property(access=PropertyAccess.READ)
+    def Progress(self) -> "a(sssddsdd)":  # noqa: F821, N802
+        return [[name, p.phase, p.kind, p.elapsed_secs, _secs(p.typical_secs), p.step or "",
+                 _secs(p.step_elapsed_secs), _secs(p.step_typical_secs)]
+                for name, p in self.switcher.progress.current().items()]
+
     # Introspection details busctl/gdbus show: out-argument names, property change semantics.
     for _fn, _names in ((Wake, ("state", "duration_secs")), (Sleep, ("state", "duration_secs")),
                         (StartWake, ("job",)), (StartSleep, ("job",)),
@@ -207,6 +213,7 @@ class Llmuxd1(ServiceInterface):
             _arg.name = _name
     Models.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "true"  # (a reload)
     QueueDepth.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "false"
+    Progress.introspection.annotations["org.freedesktop.DBus.Property.EmitsChangedSignal"] = "false"
     del _fn, _names, _arg, _name
 
 

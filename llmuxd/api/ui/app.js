@@ -48,9 +48,9 @@ function secs(v) {
 
 function clock(unix) { return new Date(unix * 1000).toLocaleTimeString([], { hour12: false }); }
 
-function first(obj, names) {
-  for (const n of names) if (obj && obj[n] !== undefined && obj[n] !== null) return obj[n];
-  return null;
+// A transition in progress as people call it: a wake by its kind, other phases by name; then its step.
+function progressLabel(p) {
+  return (p.phase === "wake" ? p.kind : p.phase) + (p.step ? ": " + p.step : "");
 }
 
 class HttpError extends Error {
@@ -122,11 +122,12 @@ function renderSummary(st) {
   let text = "–";
   if (sw) {
     text = (sw.from || "–") + " → " + sw.to;
-    const phase = first(sw, ["phase"]);
-    const elapsed = first(sw, ["elapsed_secs", "elapsed"]);
-    const typical = first(sw, ["typical_secs", "typical"]);
-    if (phase) text += " · " + phase;
-    if (elapsed !== null) text += " · " + secs(elapsed) + (typical !== null ? " of ~" + secs(typical) : "");
+    const of = (name) => (name && st.models[name] ? st.models[name].progress : null);
+    const p = of(sw.to) || of(sw.from);  // the wake in progress, or the eviction before it
+    if (p) {
+      text += " · " + progressLabel(p);
+      text += " · " + secs(p.elapsed_secs) + (p.typical_secs !== null ? " of ~" + secs(p.typical_secs) : "");
+    }
   }
   $("switching").textContent = text;
 }
@@ -139,12 +140,10 @@ function modelCard(name, m, st, gpu) {
   row("requests", m.in_flight + " in flight, " + m.waiting + " waiting");
   row("last wake", m.last_wake_kind ? m.last_wake_kind + " in " + secs(m.last_wake_secs) : "–");
   row("last sleep", m.last_sleep_secs !== null ? secs(m.last_sleep_secs) : "–");
-  const phase = first(m, ["phase"]);
-  const elapsed = first(m, ["elapsed_secs", "elapsed"]);
-  const typical = first(m, ["typical_secs", "typical"]);
-  if (phase || elapsed !== null) {
-    row("progress", [phase, elapsed !== null ? secs(elapsed) : null,
-                     typical !== null ? "typically " + secs(typical) : null].filter(Boolean).join(" · "));
+  const p = m.progress;  // the transition in progress: phase, kind, step, elapsed and typical times
+  if (p) {
+    row("progress", [progressLabel(p), secs(p.elapsed_secs),
+                     p.typical_secs !== null ? "typically " + secs(p.typical_secs) : null].filter(Boolean).join(" · "));
   }
   row("pids", m.pids.length ? m.pids.join(" ") : "–");
   const held = gpu && gpu.by_model ? gpu.by_model[name] : undefined;
