@@ -206,6 +206,18 @@ def alternating_load(url: str, clients: int, rounds: int, max_tokens: int) -> tu
     return results, errors
 
 
+def dechunk(body: bytes) -> bytes:
+    """The data of a chunked HTTP/1.1 body (as far as it goes)."""
+    out = b""
+    while body:
+        size, _, body = body.partition(b"\r\n")
+        n = int(size.split(b";")[0] or b"0", 16)
+        if n == 0:
+            break
+        out, body = out + body[:n], body[n + 2:]
+    return out
+
+
 class RawResponse:
     """A response read off a raw socket: ``status`` (0: the connection closed with no answer)."""
 
@@ -219,14 +231,7 @@ class RawResponse:
             k, _, v = line.partition(":")
             self.headers[k.strip().lower()] = v.strip()
         if self.headers.get("transfer-encoding") == "chunked":
-            out, rest = b"", body
-            while rest:
-                size, _, rest = rest.partition(b"\r\n")
-                n = int(size.split(b";")[0] or b"0", 16)
-                if n == 0:
-                    break
-                out, rest = out + rest[:n], rest[n + 2:]
-            body = out
+            body = dechunk(body)
         self.body = body
 
     def json(self):

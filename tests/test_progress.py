@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from conftest import model_entry
-from harness import LLMUXD, SIM, free_ports, wait_until
+from harness import LLMUXD, SIM, dechunk, free_ports, wait_until
 from test_switching import metric
 from llmuxd.api.stream import MAX_STREAMS
 
@@ -388,7 +388,7 @@ def test_a_streaming_client_gets_comments_while_its_model_cold_starts(make_daemo
         wait_until(lambda: d.status()["models"]["m1"]["waiting"] == 2, 30, what="the plain request waiting too")
     finally:
         holds.release("m1")
-    stream = _dechunk(raw.rest().partition(b"\r\n\r\n")[2])
+    stream = dechunk(raw.rest().partition(b"\r\n\r\n")[2])
     frames = [f for f in stream.split(b"\n\n") if f.startswith(b"data: ")]
     assert frames[-1] == b"data: [DONE]"
     text = "".join(json.loads(f[6:])["choices"][0]["text"] for f in frames[:-1])
@@ -435,7 +435,7 @@ def test_a_wait_that_fails_after_keep_alives_ends_the_stream_in_openai_shape(mak
     try:
         # The wait ends with the queue timeout: the status line went out, the error is a frame.
         raw = RawStream(d.port, stream_request("m1"))
-        body = _dechunk(raw.rest().partition(b"\r\n\r\n")[2])
+        body = dechunk(raw.rest().partition(b"\r\n\r\n")[2])
         assert raw.data.startswith(b"HTTP/1.1 200") and b": waiting for m1" in body
         err = json.loads(body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1].removeprefix(b"data: "))
         assert err["error"]["code"] == "queue_timeout" and "timed out after 1.5 s" in err["error"]["message"]
@@ -464,14 +464,3 @@ def test_a_backend_error_after_keep_alives_ends_the_stream_in_openai_shape(make_
     finally:
         holds.release("m1")
     assert metric(d, "llmuxd_requests_total", model="m1", status="400") == 1
-
-
-def _dechunk(body: bytes) -> bytes:
-    out = b""
-    while body:
-        size, _, body = body.partition(b"\r\n")
-        n = int(size.split(b";")[0] or b"0", 16)
-        if n == 0:
-            break
-        out, body = out + body[:n], body[n + 2:]
-    return out

@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,14 +214,23 @@ def quarantine(path: Path, settings: Settings) -> Path:
 
 
 def discard(path: Path, settings: Settings) -> bool:
-    """Remove a checkpoint of our own; a folder that fails the rule is left alone."""
+    """Remove a checkpoint of our own; a folder that fails the rule is left alone.  The folder is
+    renamed aside at once (a partial name: no longer a checkpoint, and removed at the next start
+    if this process ends first), then removed on a thread of its own: gigabytes of images are
+    not removed on the way to serving."""
     path = normalized(path)
     try:
         settings.check(path)
     except Untrusted:
         return False
     if _ours(path):
-        shutil.rmtree(path, ignore_errors=True)
+        aside = path.parent / f"{path.name}{PARTIAL}discarded-{secrets.token_hex(8)}"
+        try:
+            os.rename(path, aside)
+        except OSError:
+            aside = path
+        threading.Thread(target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True},
+                         name="llmuxd-discard", daemon=True).start()
     return True
 
 
