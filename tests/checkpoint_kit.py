@@ -88,7 +88,8 @@ def daemon(make_daemon, golden: Golden, tmp_path: Path, extra_models: dict | Non
     m2 (offload + keep_running) and ``extra_models``; checkpoints under tmp_path/ck."""
     models = {"m2": model_entry("m2", free_ports(1)[0])}
     if m1:
-        models["m1"] = model_entry("m1", golden.port, "discard", "checkpoint")
+        # the golden checkpoint's own settings: one made with another command line is not restored
+        models["m1"] = model_entry("m1", golden.port, "discard", "checkpoint", ["--hf-token", SECRET_ARG])
     models.update(extra_models or {})
     ck = {"criu_path": CRIU, "images_dir": str(tmp_path / "ck"), **checkpoint}
     return make_daemon(models=models, env=golden.env, checkpoint=ck, start=start)
