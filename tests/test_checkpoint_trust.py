@@ -118,7 +118,11 @@ def test_untrusted_checkpoint_folders_are_refused_and_left_intact(make_daemon, g
     intact = {k: snapshot(tmp_path / k) for k in REFUSED}
     d = daemon(make_daemon, golden, tmp_path, models)
     st = d.status()["models"]
-    assert st["sticky_root"]["state"] == "checkpointed", st["sticky_root"]
+    # Accepted by the trust rule: found valid (no failure counted, no error), then left for the
+    # next dump only because it was made for another model's command line (port, arguments).
+    sticky = st["sticky_root"]
+    assert sticky["last_error"] is None and sticky["restore_failures"] == 0, sticky
+    assert f"the checkpoint at {paths['sticky_root']} was made with another command line" in d.log()
     for kind, (what, named, fix) in REFUSED.items():
         assert st[kind]["state"] == "stopped", (what, st[kind])
         err = st[kind]["last_error"]
