@@ -173,37 +173,47 @@ class LlmuxdProcess:
         return self.proc.returncode
 
 
-def alternating_load(url: str, clients: int, rounds: int, max_tokens: int) -> tuple[list, list]:
-    """``clients`` concurrent official-openai clients, each alternating between m1 and m2 for
-    ``rounds`` requests, odd clients streaming, greedy.  Returns ([(model, prompt, text)], [errors])."""
+async def greedy_completion(api, model: str, prompt: str, max_tokens: int, stream: bool) -> str:
+    """One greedy completion through the official client, streamed or not: its text."""
+    if stream:
+        chunks = await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
+                                              temperature=0)
+        return "".join([c.choices[0].text async for c in chunks])
+    return (await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                         temperature=0)).choices[0].text
+
+
+def run_clients(url: str, clients: int, client) -> list[BaseException]:
+    """``client(i, api)`` for ``clients`` concurrent official-openai clients sharing one
+    AsyncOpenAI; returns what they raised."""
     import asyncio
 
     import openai
 
-    results: list[tuple[str, str, str]] = []
     errors: list[BaseException] = []
-
-    async def one_client(i: int, api: openai.AsyncOpenAI) -> None:
-        for r in range(rounds):
-            model = ("m1", "m2")[(i + r) % 2]
-            prompt = f"client {i} round {r}"
-            if i % 2:
-                stream = await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
-                                                      temperature=0)
-                text = "".join([c.choices[0].text async for c in stream])
-            else:
-                text = (await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                                     temperature=0)).choices[0].text
-            results.append((model, prompt, text))
 
     async def run() -> None:
         api = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
-        out = await asyncio.gather(*(one_client(i, api) for i in range(clients)), return_exceptions=True)
+        out = await asyncio.gather(*(client(i, api) for i in range(clients)), return_exceptions=True)
         errors.extend(e for e in out if isinstance(e, BaseException))
         await api.close()
 
     asyncio.run(run())
-    return results, errors
+    return errors
+
+
+def alternating_load(url: str, clients: int, rounds: int, max_tokens: int) -> tuple[list, list]:
+    """``clients`` concurrent official-openai clients, each alternating between m1 and m2 for
+    ``rounds`` requests, odd clients streaming, greedy.  Returns ([(model, prompt, text)], [errors])."""
+    results: list[tuple[str, str, str]] = []
+
+    async def one_client(i: int, api) -> None:
+        for r in range(rounds):
+            model = ("m1", "m2")[(i + r) % 2]
+            prompt = f"client {i} round {r}"
+            results.append((model, prompt, await greedy_completion(api, model, prompt, max_tokens, bool(i % 2))))
+
+    return results, run_clients(url, clients, one_client)
 
 
 def dechunk(body: bytes) -> bytes:

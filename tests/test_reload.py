@@ -5,7 +5,6 @@ itself (what a new file changes) is checked on configs alone first."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import os
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import model_entry
-from harness import LLMUXD, free_port, free_ports, wait_until
+from harness import LLMUXD, free_port, free_ports, greedy_completion, run_clients, wait_until
 from llmuxd.config import ConfigError, parse_config
 from llmuxd.reload import ConfigSource, plan
 
@@ -155,29 +154,15 @@ class NotifySocket:
 def run_load(url: str, model: str, clients: int, stop: threading.Event, results: list, errors: list) -> None:
     """``clients`` official-openai clients asking ``model`` one request after another until
     ``stop``; odd clients stream."""
-    import openai
 
-    async def client(i: int, api: openai.AsyncOpenAI) -> None:
+    async def client(i: int, api) -> None:
         n = 0
         while not stop.is_set():
             prompt = f"client {i} request {n}"
-            if i % 2:
-                stream = await api.completions.create(model=model, prompt=prompt, max_tokens=6, stream=True,
-                                                      temperature=0)
-                text = "".join([c.choices[0].text async for c in stream])
-            else:
-                text = (await api.completions.create(model=model, prompt=prompt, max_tokens=6,
-                                                     temperature=0)).choices[0].text
-            results.append((prompt, text))
+            results.append((prompt, await greedy_completion(api, model, prompt, 6, bool(i % 2))))
             n += 1
 
-    async def main() -> None:
-        api = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
-        out = await asyncio.gather(*(client(i, api) for i in range(clients)), return_exceptions=True)
-        errors.extend(e for e in out if isinstance(e, BaseException))
-        await api.close()
-
-    asyncio.run(main())
+    errors.extend(run_clients(url, clients, client))
 
 
 def test_sighup_under_load_keeps_the_unchanged_model_serving(make_daemon, expected, tmp_path):
